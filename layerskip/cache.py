@@ -1,0 +1,65 @@
+"""A key/value cache written by position, one slot per layer.
+
+The caller owns the cache and passes it to the model; the model never advances it on
+its own. Each layer keeps its own valid length, because early-exit decoding fills layers
+unevenly: a self-speculative draft writes only the first E layers, and verification
+fills the rest. Writing T entries at position ``pos`` makes ``pos + T`` that layer's
+length, so anything written beyond it before is discarded, and rolling back drafted
+tokens is just ``truncate(n)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys and values: ``k[layer]`` has shape (B, H_kv, max_len, head_dim)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (num_layers, batch_size, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * num_layers  # valid positions per layer
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, T, D) at positions [pos, pos+T) and return keys/values [0, pos+T)."""
+        t = k.shape[2]
+        if pos > self.lengths[layer]:
+            raise ValueError(
+                f"layer {layer} cache holds {self.lengths[layer]} positions; cannot write at {pos} "
+                "(positions must be written without gaps)"
+            )
+        end = pos + t
+        if end > self.max_len:
+            raise ValueError(f"cache holds at most {self.max_len} positions; cannot write up to {end}")
+        self.k[layer, :, :, pos:end] = k
+        self.v[layer, :, :, pos:end] = v
+        self.lengths[layer] = end
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def truncate(self, length: int, layers: range | None = None) -> None:
+        """Forget every position >= length (in the given layers, default all)."""
+        for layer in layers if layers is not None else range(self.num_layers):
+            self.lengths[layer] = min(self.lengths[layer], length)
+
+    def reset(self) -> None:
+        self.truncate(0)

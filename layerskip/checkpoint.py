@@ -1,0 +1,225 @@
+"""Checkpoints: a directory with weights, config and tokenizer, written atomically.
+
+Layout of a checkpoint directory::
+
+    config.json         schema version, model / tokenizer / training config, metadata
+    model.safetensors   weights (safetensors: loading can never run code)
+    tokenizer.model     the SentencePiece model the weights were trained with
+    trainer_state.pt    optional: optimizer, scheduler, RNG, curriculum and data position,
+                        loaded only with ``torch.load(weights_only=True)``
+
+A run directory holds ``best/`` and ``last/`` checkpoints; wherever the CLI takes a
+checkpoint, a run directory means its best one. Writes go to a temporary sibling that
+is renamed into place, so an interrupted write never leaves a broken checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from layerskip.config import ModelConfig, TokenizerConfig
+from layerskip.errors import CheckpointError, ConfigError
+from layerskip.model import Transformer
+from layerskip.tokenizer import Tokenizer
+
+SCHEMA_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+TRAINER_STATE_FILE = "trainer_state.pt"
+RUN_SUBDIRS = ("best", "last")
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    tokenizer_config: TokenizerConfig
+    train_config: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _weights_state(model: Transformer) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
+    return state
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    *,
+    tokenizer_config: TokenizerConfig,
+    train_config: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (a temporary sibling, then renames)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        config = {
+            "schema_version": SCHEMA_VERSION,
+            "format": "layerskip-checkpoint",
+            "model": model.config.to_dict(),
+            "tokenizer": tokenizer_config.to_dict(),
+            "train": train_config or {},
+            "meta": meta or {},
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(_weights_state(model), tmp / WEIGHTS_FILE)
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+        for child in tmp.iterdir():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_interrupted_swap(path: Path) -> None:
+    """If a write died between its two renames, the previous checkpoint is at .NAME.old."""
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (meaning its best, else last, checkpoint)."""
+    path = Path(path)
+    _recover_interrupted_swap(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a run directory or a checkpoint directory")
+    if path.is_file():
+        raise CheckpointError(
+            f"{path} is a file, but a layerskip checkpoint is a directory holding {CONFIG_FILE} and "
+            f"{WEIGHTS_FILE}; pass that directory (or a run directory)"
+        )
+    if (path / CONFIG_FILE).is_file():
+        return path
+    for sub in RUN_SUBDIRS:
+        _recover_interrupted_swap(path / sub)
+        if (path / sub / CONFIG_FILE).is_file():
+            return path / sub
+    raise CheckpointError(
+        f"{path} is neither a checkpoint directory (no {CONFIG_FILE}) nor a run directory "
+        f"(no {'/ or '.join(RUN_SUBDIRS)}/ checkpoint)"
+    )
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{directory / CONFIG_FILE} must hold a JSON object")
+    version = config.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{directory} has checkpoint schema version {version!r}; this layerskip reads version "
+            f"{SCHEMA_VERSION}. Upgrade layerskip, or re-create the checkpoint"
+        )
+    return config
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load weights, config and tokenizer; every problem becomes a CheckpointError."""
+    directory = resolve_checkpoint_dir(path)
+    config = read_config(directory)
+    try:
+        model_config = ModelConfig.from_dict(config.get("model", {}))
+        tokenizer_config = TokenizerConfig.from_dict(config.get("tokenizer", {}))
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
+    tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+            f"{model_config.vocab_size}; the tokenizer does not belong to these weights"
+        )
+    model = Transformer(model_config)
+    load_weights(model, directory / WEIGHTS_FILE)
+    model.to(device).eval()
+    return Checkpoint(
+        model=model,
+        tokenizer=tokenizer,
+        model_config=model_config,
+        tokenizer_config=tokenizer_config,
+        train_config=config.get("train", {}),
+        meta=config.get("meta", {}),
+        path=directory,
+    )
+
+
+def load_weights(model: Transformer, weights_path: Path) -> None:
+    """Load safetensors weights, checking names and shapes against the model's config."""
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} is missing; the checkpoint has no weights")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights_path} is truncated or corrupt ({exc}); use another checkpoint") from None
+    expected = _weights_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:4]}" if missing else "",
+                f"unexpected {unexpected[:4]}" if unexpected else "",
+                f"shape mismatch {wrong_shape[:4]} (weights vs config)" if wrong_shape else "",
+            )
+            if part
+        )
+        raise CheckpointError(f"{weights_path}: the config does not match the weights ({details})")
+    model.load_state_dict(state, strict=False)  # tied lm_head.weight is absent on purpose
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any] | None:
+    """Training state for --resume, loaded in a mode that cannot execute code."""
+    state_path = resolve_checkpoint_dir(path) / TRAINER_STATE_FILE
+    if not state_path.is_file():
+        return None
+    try:
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refusal, truncation: all mean "unusable"
+        raise CheckpointError(
+            f"{state_path} cannot be loaded safely ({type(exc).__name__}); it is corrupt or holds "
+            "code-running objects. Resume from another checkpoint"
+        ) from None

@@ -1,0 +1,42 @@
+"""Argument helpers shared by the subcommands (argparse only: no torch import here)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_flag(parser: argparse._ActionsContainer, name: str, **kwargs: Any) -> argparse.Action:
+    """Add --name accepting both the seed study's underscores and dashes (--max_skip_prob, --max-skip-prob)."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    kwargs.setdefault("dest", name)
+    return parser.add_argument(*spellings, **kwargs)
+
+
+def add_checkpoint_arg(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        required=required,
+        help="a checkpoint directory, or a run directory (meaning its best checkpoint)",
+    )
+
+
+def add_data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    add_flag(
+        parser,
+        "data_dir",
+        default=None,
+        help="directory with wiki.{train,valid,test}.tokens (default: $LAYERSKIP_DATA_DIR, "
+        "then the per-user cache, then a download from the Hugging Face hub)",
+    )
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to run (auto: CUDA when present, else CPU)",
+    )
