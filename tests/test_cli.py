@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from layerskip.cli import COMMANDS, main
+from layerskip.cli import COMMANDS, load_command, main
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -24,7 +24,7 @@ def test_every_subcommand_has_help(name, capsys):
 
 
 def test_subcommands_not_built_yet_say_so_and_fail(capsys):
-    pending = [name for name, module in COMMANDS.items() if module is None]
+    pending = [name for name, module in COMMANDS.items() if load_command(module) is None]
     for name in pending:
         assert main([name]) == 2
         assert capsys.readouterr().err.strip() == f"layerskip {name}: not built yet"
