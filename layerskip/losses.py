@@ -1,0 +1,221 @@
+"""LayerSkip's training-time pieces, as pure functions of (config, step).
+
+- Layer dropout: block l (0-indexed) is skipped for a sample with probability
+  ``p_l = max_skip_prob * D(l) * S(t)``: ``D`` grows with depth (``linear``: l/(L-1), the seed
+  study's; ``exp``: 2^(l/(L-1)) - 1, the paper's), ``S`` over training time (``constant``: 1;
+  ``exp``: 2^(t/(T-1)) - 1, the paper's ramp for training from scratch). The first block is
+  never skipped. The keep mask (L, B) is drawn from an explicit ``torch.Generator``.
+- Early-exit loss: cross-entropy at the exits enabled by a curriculum, through the one
+  shared final norm + head, weighted by ``e_scale * k(k+1)/2`` for exit k (after k blocks)
+  and 1 * L(L+1)/2 for the last exit, normalised over the enabled exits (the paper's
+  ``sum_{i<=l} i`` weighting; ``e_scale = 0`` is plain training).
+- Curricula (which exits get a loss at step t): ``none`` (all), ``rotational`` (every R-th
+  exit, rotating by one each step), ``gradual`` (from the last exit down to the first over
+  ``T_grad`` steps). The last exit is always included.
+- ``exit_loss``: the weighted loss of all enabled exits in one vectorised, chunked pass
+  that never materialises the (E, B, T, V) logits: each chunk's gradient is computed in the
+  forward pass (the scalar loss is the only output that needs one), so memory stays
+  O(chunk * V) and the work is the same three matmuls as a plain head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+LAYER_DROPOUT_SCHEDULES = ("linear", "exp")
+TIME_RAMPS = ("constant", "exp")
+CURRICULA = ("none", "rotational", "gradual")
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- layer dropout
+
+
+def depth_shape(layer: int, num_layers: int, schedule: str) -> float:
+    """D(l) in [0, 1] for 0-indexed block `layer`: 0 for the first block, 1 for the last."""
+    if schedule not in LAYER_DROPOUT_SCHEDULES:
+        raise ValueError(f"layer dropout schedule must be one of {LAYER_DROPOUT_SCHEDULES}, got {schedule!r}")
+    if num_layers == 1:
+        return 0.0
+    x = layer / (num_layers - 1)
+    return x if schedule == "linear" else 2.0**x - 1.0
+
+
+def time_ramp(step: int, total_steps: int, ramp: str) -> float:
+    """S(t) in [0, 1]: 1 throughout (`constant`) or 2^(t/(T-1)) - 1 (`exp`, the paper's ramp)."""
+    if ramp not in TIME_RAMPS:
+        raise ValueError(f"time ramp must be one of {TIME_RAMPS}, got {ramp!r}")
+    if ramp == "constant":
+        return 1.0
+    frac = min(max(step, 0), max(total_steps - 1, 1)) / max(total_steps - 1, 1)
+    return 2.0**frac - 1.0
+
+
+def layer_dropout_probs(
+    num_layers: int,
+    max_skip_prob: float,
+    schedule: str = "linear",
+    *,
+    step: int = 0,
+    total_steps: int = 1,
+    ramp: str = "constant",
+) -> list[float]:
+    """Skip probability of each block at training step `step`."""
+    scale = max_skip_prob * time_ramp(step, total_steps, ramp)
+    return [scale * depth_shape(layer, num_layers, schedule) for layer in range(num_layers)]
+
+
+def sample_layer_keep(probs: Sequence[float], batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(L, B) bool: True keeps block l for sample b. p=0 always keeps, p=1 always skips.
+
+    Always draws L*B numbers, so the generator advances the same whatever the probabilities.
+    """
+    p = torch.tensor(list(probs), dtype=torch.float64).unsqueeze(1)  # (L, 1)
+    u = torch.rand(len(probs), batch_size, generator=generator, dtype=torch.float64)  # in [0, 1)
+    return u >= p
+
+
+# ----------------------------------------------------------------------------- curricula
+
+
+def enabled_exits(
+    curriculum: str,
+    step: int,
+    num_layers: int,
+    *,
+    rotation: int = 2,
+    gradual_steps: int = 1,
+) -> list[int]:
+    """Exits (1..L, 'after k blocks') that get a loss at `step`; L is always among them."""
+    L = num_layers
+    if curriculum == "none":
+        exits = set(range(1, L + 1))
+    elif curriculum == "rotational":
+        if rotation < 1:
+            raise ValueError(f"rotation must be >= 1, got {rotation}")
+        exits = {k for k in range(1, L + 1) if (k - 1 - step) % rotation == 0}
+    elif curriculum == "gradual":
+        # Exit k is on once (L-1) * (1 - t/T) < k, i.e. k*T > (L-1)*(T - t): at t=0 only L,
+        # by t=T every exit. Integer arithmetic, so the boundary never wobbles.
+        t, T = min(max(step, 0), gradual_steps), max(gradual_steps, 1)
+        exits = {k for k in range(1, L + 1) if k * T > (L - 1) * (T - t)}
+    else:
+        raise ValueError(f"early-exit curriculum must be one of {CURRICULA}, got {curriculum!r}")
+    exits.add(L)
+    return sorted(exits)
+
+
+def exit_weights(exits: Sequence[int], num_layers: int, e_scale: float) -> list[float]:
+    """Normalised loss weight of each exit: e_scale * k(k+1)/2 for k < L, L(L+1)/2 for L."""
+    raw = [(1.0 if k == num_layers else e_scale) * k * (k + 1) / 2 for k in exits]
+    total = sum(raw)
+    if total <= 0:
+        raise ValueError(f"exit weights sum to {total}; include the last exit or use e_scale > 0")
+    return [w / total for w in raw]
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def _chunk_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (x @ weight.t()).float()  # (E, n, V) in fp32
+
+
+def exit_nll_sums(
+    normed: torch.Tensor,  # (E, N, C) final-normed hidden states of E exits
+    weight: torch.Tensor,  # (V, C) the LM head
+    targets: torch.Tensor,  # (N,) token ids, IGNORE_INDEX for none
+    chunk_size: int = 2048,
+) -> torch.Tensor:
+    """Summed NLL of each exit over the non-ignored targets, (E,) fp32; no gradient."""
+    E, N, _ = normed.shape
+    sums = torch.zeros(E, dtype=torch.float32, device=normed.device)
+    with torch.no_grad():
+        for s in range(0, N, chunk_size):
+            t = targets[s : s + chunk_size]
+            logits = _chunk_logits(normed[:, s : s + chunk_size], weight)
+            nll = F.cross_entropy(logits.transpose(1, 2), t.expand(E, -1), ignore_index=IGNORE_INDEX, reduction="none")
+            sums += nll.sum(-1)
+    return sums
+
+
+class _ChunkedExitLoss(torch.autograd.Function):
+    """sum_e scales[e] * NLL_e for exits sharing one head; gradients computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, normed, weight, targets, scales, chunk_size):  # type: ignore[override]
+        E, N, _ = normed.shape
+        valid = (targets != IGNORE_INDEX).float()  # (N,)
+        safe = targets.clamp(min=0)
+        grad_x = torch.empty_like(normed)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        nll_sums = torch.zeros(E, dtype=torch.float32, device=normed.device)
+        for s in range(0, N, chunk_size):
+            x = normed[:, s : s + chunk_size]  # (E, n, C)
+            logits = _chunk_logits(x, weight)  # (E, n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (E, n)
+            idx = safe[s : s + chunk_size].view(1, -1, 1).expand(E, -1, 1)
+            target_logit = logits.gather(-1, idx).squeeze(-1)
+            v = valid[s : s + chunk_size]
+            nll_sums += ((lse - target_logit) * v).sum(-1)
+            # d(scaled NLL)/d(logits) = (softmax - onehot) * v * scale, written into `logits`.
+            grad = logits.sub_(lse.unsqueeze(-1)).exp_()
+            grad.scatter_add_(-1, idx, torch.full_like(target_logit, -1.0).unsqueeze(-1))
+            grad.mul_((v.view(1, -1) * scales.view(-1, 1)).unsqueeze(-1))
+            grad = grad.to(x.dtype)
+            grad_x[:, s : s + chunk_size] = grad @ weight
+            grad_w += (grad.flatten(0, 1).t() @ x.flatten(0, 1)).float()
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(nll_sums)
+        return (nll_sums * scales).sum(), nll_sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sums):  # type: ignore[override]
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+
+
+def exit_loss(
+    normed: torch.Tensor,  # (E, N, C) final-normed hidden states of the enabled exits
+    weight: torch.Tensor,  # (V, C) the shared LM head
+    targets: torch.Tensor,  # (N,)
+    weights: Sequence[float],  # (E,) exit weights, normally from `exit_weights`
+    *,
+    chunk_size: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted mean-NLL loss, per-exit mean NLL (E,) detached) of E exits in one pass.
+
+    The loss is sum_e weights[e] * mean NLL of exit e over the non-ignored targets; with
+    every target ignored it is 0 (and so are its gradients), never NaN.
+    """
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+    scales = torch.tensor(list(weights), dtype=torch.float32, device=normed.device) / count
+    loss, sums = _ChunkedExitLoss.apply(normed, weight, targets, scales, chunk_size)
+    return loss, sums / count
+
+
+def exit_loss_reference(
+    hidden: dict[int, torch.Tensor],  # exit k -> (B, T, C)
+    unembed,
+    targets: torch.Tensor,  # (B, T)
+    weights: Sequence[float],
+) -> torch.Tensor:
+    """The plain loop the vectorised loss must equal (used by the tests)."""
+    total = torch.zeros((), dtype=torch.float32)
+    for (k, h), w in zip(sorted(hidden.items()), weights):
+        logits = unembed(h).float()
+        total = total + w * F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return total
+
+
+def lr_at(step: int, *, base_lr: float, warmup: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up for `warmup` steps, then cosine decay to min_ratio * base_lr at total_steps."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = max(total_steps - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

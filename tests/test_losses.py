@@ -1,0 +1,209 @@
+"""Layer dropout, exit weights, curricula and the vectorised early-exit loss against plain loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from layerskip.losses import (
+    CURRICULA,
+    IGNORE_INDEX,
+    enabled_exits,
+    exit_loss,
+    exit_loss_reference,
+    exit_nll_sums,
+    exit_weights,
+    layer_dropout_probs,
+    lr_at,
+    sample_layer_keep,
+    time_ramp,
+)
+
+# ----------------------------------------------------------------------------- layer dropout
+
+
+def test_schedule_values_linear_and_exp():
+    lin = layer_dropout_probs(5, 0.2, "linear")
+    assert lin == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2], abs=1e-12)
+    ex = layer_dropout_probs(5, 0.2, "exp")
+    assert ex == pytest.approx([0.2 * (2 ** (l / 4) - 1) for l in range(5)], abs=1e-12)
+    assert ex[0] == 0.0 and ex[-1] == pytest.approx(0.2)
+    assert all(a < b for a, b in zip(ex[1:], lin[1:-1]))  # exp stays below linear in between
+    assert layer_dropout_probs(1, 0.5, "linear") == [0.0]
+    with pytest.raises(ValueError):
+        layer_dropout_probs(4, 0.1, "cosine")
+
+
+def test_time_ramp_constant_and_paper_exp():
+    assert [time_ramp(t, 11, "constant") for t in (0, 5, 10)] == [1.0, 1.0, 1.0]
+    assert time_ramp(0, 11, "exp") == 0.0
+    assert time_ramp(5, 11, "exp") == pytest.approx(math.sqrt(2) - 1)
+    assert time_ramp(10, 11, "exp") == pytest.approx(1.0)
+    assert time_ramp(50, 11, "exp") == pytest.approx(1.0)  # clamped after the end
+    probs = layer_dropout_probs(3, 0.4, "linear", step=5, total_steps=11, ramp="exp")
+    assert probs == pytest.approx([0.0, 0.2 * (math.sqrt(2) - 1), 0.4 * (math.sqrt(2) - 1)])
+
+
+def test_keep_mask_extremes_and_per_sample_independence():
+    g = torch.Generator().manual_seed(0)
+    keep = sample_layer_keep([0.0, 1.0, 0.5], 4000, g)
+    assert keep.shape == (3, 4000) and keep.dtype == torch.bool
+    assert keep[0].all() and not keep[1].any()
+    frac = keep[2].float().mean().item()
+    assert 0.47 < frac < 0.53
+    # per sample, not per batch: samples differ within one step
+    assert 0 < keep[2, :10].sum() < 10
+    # independence between samples: P(both kept) ~ P(kept)^2 for neighbouring samples
+    both = (keep[2, :-1] & keep[2, 1:]).float().mean().item()
+    assert abs(both - frac * frac) < 0.03
+    # deterministic from the generator
+    assert torch.equal(sample_layer_keep([0.0, 1.0, 0.5], 4000, torch.Generator().manual_seed(0)), keep)
+
+
+def test_layer_dropout_p0_equals_no_dropout_exactly():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    keep = sample_layer_keep(layer_dropout_probs(4, 0.0, "linear"), 3, torch.Generator().manual_seed(0))
+    assert keep.all()
+    with torch.no_grad():
+        a = model(idx, layer_keep=keep).logits
+        b = model(idx).logits
+    assert torch.equal(a, b)
+
+
+def test_layer_dropout_p1_skips_every_droppable_block():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    L = model.num_layers
+    keep = sample_layer_keep([1.0] * L, 3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(idx, layer_keep=keep)
+        assert torch.equal(out.hidden, model.embed(idx))  # every block skipped
+        # schedule with max_skip_prob=1: the last block is always skipped, the first never
+        probs = layer_dropout_probs(L, 1.0, "linear")
+        keep = sample_layer_keep(probs, 64, torch.Generator().manual_seed(0))
+        assert keep[0].all() and not keep[-1].any()
+        idx2 = idx[:1]
+        mask = torch.tensor([[True]] * (L - 1) + [[False]])
+        out = model(idx2, layer_keep=mask, exits=[L - 1])
+        assert torch.equal(out.hidden, out.exit_hidden[L - 1])
+
+
+def test_skipped_sample_is_untouched_and_kept_sample_matches_full():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    L = model.num_layers
+    keep = torch.ones(L, 2, dtype=torch.bool)
+    keep[2, 1] = False  # skip block 2 for sample 1 only
+    with torch.no_grad():
+        out = model(idx, layer_keep=keep, exits=[2])
+        full = model(idx[:1])
+        torch.testing.assert_close(out.logits[0], full.logits[0], rtol=1e-5, atol=1e-5)
+        h = model.run_blocks(out.exit_hidden[2][1:], 3, L)  # sample 1 skipped block 2
+        torch.testing.assert_close(out.hidden[1:], h, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- weights, curricula
+
+
+def test_exit_weights_normalised_and_shaped():
+    w = exit_weights([1, 2, 3, 4], 4, 1.0)
+    assert sum(w) == pytest.approx(1.0)
+    assert w == pytest.approx([1 / 20, 3 / 20, 6 / 20, 10 / 20])
+    w = exit_weights([2, 4], 4, 0.5)
+    assert w == pytest.approx([1.5 / 11.5, 10 / 11.5]) and sum(w) == pytest.approx(1.0)
+    assert exit_weights([1, 2, 3, 4], 4, 0.0) == pytest.approx([0, 0, 0, 1])
+    with pytest.raises(ValueError):
+        exit_weights([1, 2], 4, 0.0)
+
+
+@pytest.mark.parametrize("curriculum", CURRICULA)
+def test_curricula_always_include_the_last_exit(curriculum):
+    for step in range(12):
+        exits = enabled_exits(curriculum, step, 6, rotation=3, gradual_steps=10)
+        assert exits[-1] == 6 and exits == sorted(set(exits)) and all(1 <= k <= 6 for k in exits)
+
+
+def test_curricula_enable_the_right_exits():
+    assert enabled_exits("none", 17, 6) == [1, 2, 3, 4, 5, 6]
+    rot = [enabled_exits("rotational", t, 6, rotation=3) for t in range(4)]
+    assert rot == [[1, 4, 6], [2, 5, 6], [3, 6], [1, 4, 6]]
+    assert enabled_exits("rotational", 1, 6, rotation=2) == [2, 4, 6]
+    assert enabled_exits("rotational", 5, 6, rotation=1) == [1, 2, 3, 4, 5, 6]
+    grad = [enabled_exits("gradual", t, 6, gradual_steps=10) for t in (0, 1, 2, 4, 5, 6, 8, 9, 10, 99)]
+    assert grad == [
+        [6],
+        [5, 6],  # 5*10 > 5*9
+        [5, 6],  # 4*10 > 5*8 is false
+        [4, 5, 6],
+        [3, 4, 5, 6],
+        [3, 4, 5, 6],
+        [2, 3, 4, 5, 6],  # 2*10 > 5*2 but 1*10 > 5*2 is false
+        [1, 2, 3, 4, 5, 6],
+        [1, 2, 3, 4, 5, 6],
+        [1, 2, 3, 4, 5, 6],
+    ]
+    with pytest.raises(ValueError):
+        enabled_exits("random", 0, 6)
+
+
+def test_lr_warmup_then_cosine():
+    lrs = [lr_at(s, base_lr=1.0, warmup=4, total_steps=14) for s in range(16)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55)
+    assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def _hidden_and_targets(seed=0, ignore_some=True):
+    model = tiny_model(seed).train()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 97, (3, 20), generator=g)
+    targets = torch.randint(0, 97, (3, 20), generator=g)
+    if ignore_some:
+        targets[0, :5] = IGNORE_INDEX
+    return model, idx, targets
+
+
+@pytest.mark.parametrize("exits,chunk", [([1, 2, 3, 4], 7), ([2, 4], 1000), ([4], 16)])
+def test_vectorised_exit_loss_equals_plain_loop(exits, chunk):
+    model, idx, targets = _hidden_and_targets()
+    weights = exit_weights(exits, 4, 0.7)
+
+    out = model(idx, exits=exits, compute_logits=False)
+    ref = exit_loss_reference(out.exit_hidden, model.unembed, targets, weights)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    out = model(idx, exits=exits, compute_logits=False)
+    stacked = torch.stack([out.exit_hidden[k] for k in exits])  # (E, B, T, C)
+    normed = model.norm(stacked).flatten(1, 2)  # (E, N, C)
+    loss, per_exit = exit_loss(normed, model.lm_head.weight, targets.flatten(), weights, chunk_size=chunk)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    for e, k in enumerate(exits):
+        logits = model.unembed(out.exit_hidden[k]).detach()
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        torch.testing.assert_close(per_exit[e], expected, rtol=1e-5, atol=1e-6)
+    sums = exit_nll_sums(normed.detach(), model.lm_head.weight.detach(), targets.flatten(), chunk_size=chunk)
+    torch.testing.assert_close(sums / (targets != IGNORE_INDEX).sum(), per_exit, rtol=1e-5, atol=1e-6)
+
+
+def test_exit_loss_with_every_target_ignored_is_zero_not_nan():
+    model, idx, targets = _hidden_and_targets()
+    targets[:] = IGNORE_INDEX
+    out = model(idx, exits=[2, 4], compute_logits=False)
+    normed = model.norm(torch.stack([out.exit_hidden[2], out.exit_hidden[4]])).flatten(1, 2)
+    loss, per_exit = exit_loss(normed, model.lm_head.weight, targets.flatten(), [0.5, 0.5], chunk_size=8)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(per_exit, torch.zeros(2))
+    assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters() if p.grad is not None)
