@@ -1,0 +1,686 @@
+"""Benchmark the decoding strategies of one or two checkpoints -> one results.json document.
+
+For each model (the LayerSkip checkpoint and an optional plain baseline), the same fixed,
+seeded prompts (the first ``prompt_tokens`` tokens of randomly chosen paragraphs of the
+WikiText-2 test split) are decoded by:
+
+- ``ar``: autoregressive greedy, the reference every other config is compared with, and
+  autoregressive sampling at ``temperature`` (the reference for sampled SSD's speed-up);
+- ``dee``: dynamic early exit with calibrated thresholds (``--thresholds``) and a sweep of
+  global thresholds for each confidence measure;
+- ``ssd``: self-speculative decoding for every draft layer E and draft length k (greedy),
+  and one sampled config.
+
+Honest timing: every config is warmed up first; configs are interleaved (for each prompt,
+every config in a rotating order) so drift hits them alike; each generation is timed with
+``time.perf_counter`` (synchronising the GPU); reports are medians over prompts. Speed-up is
+the median of paired per-prompt ratios ``AR ms/token / config ms/token`` against the same
+model's AR at the same temperature, so AR's own speed-up is exactly 1.
+
+The results document (``format: "layerskip-bench"``, ``schema_version: 1``)::
+
+    command, created, machine{cpu, cores, torch_threads, device, gpu, platform},
+    versions{python, torch, layerskip, numpy}, settings{...}, process_peak_rss_bytes,
+    prompts[{paragraph, text}],
+    models[{name, role, checkpoint, num_layers, num_parameters, train, peak_rss_bytes,
+            per_layer[{exit_layer, loss, token_ppl, word_ppl}] | null, per_layer_split,
+            configs[{id, label, strategy, options, temperature, greedy,
+                     tokens_per_second, ms_per_token, time_to_first_token (s), speedup,
+                     new_tokens, acceptance_rate, mean_accepted_length,
+                     accepted_length_histogram [count of rounds accepting 0, 1, ... drafts],
+                     mean_exit_layer, exit_layer_counts [tokens exiting after 1..L blocks],
+                     blocks_per_token, head_evals_per_token,
+                     token_agreement (pooled over tokens), rouge_l (mean over prompts),
+                     exact_match (share of prompts) against AR greedy, greedy configs only,
+                     perplexity (of the generated tokens under the full model),
+                     peak_memory_bytes (GPU only), runs[{prompt, repeat, new_tokens,
+                     seconds, time_to_first_token, speedup}]}],
+            samples[{config, prompt_index, prompt_text, tokens, pieces, token_info, text}]}]
+
+Values that do not apply to a config (acceptance for DEE, ...) are null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerskip import __version__
+from layerskip.errors import ConfigError, DataError
+from layerskip.tokenizer import Tokenizer
+
+RESULTS_FORMAT = "layerskip-bench"
+SCHEMA_VERSION = 1
+DEE_MEASURES = ("softmax", "margin", "saturation")
+# Global thresholds swept per measure, from permissive (early exits) to strict (near full depth).
+DEFAULT_DEE_THRESHOLDS = {
+    "softmax": (0.5, 0.7, 0.9, 0.97),
+    "margin": (0.3, 0.5, 0.8, 0.95),
+    "saturation": (0.8, 0.9, 0.95, 0.99),
+}
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    num_prompts: int = 16
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    seed: int = 0
+    repeats: int = 1
+    warmup: int = 1
+    draft_layers: tuple[int, ...] | None = None  # None: a spread over 1..L-1
+    ks: tuple[int, ...] = (2, 4, 6)
+    dee_measures: tuple[str, ...] = DEE_MEASURES
+    dee_thresholds: tuple[float, ...] | None = None  # None: DEFAULT_DEE_THRESHOLDS per measure
+    temperature: float = 0.8  # for the sampled AR and SSD configs; 0 skips them
+    sample_draft_layer: int | None = None  # None: the middle of the draft layers
+    sample_k: int | None = None  # None: the middle of ks
+    num_samples: int = 3  # prompts whose generations are stored for the report
+    eval_tokens: int | None = None  # per-layer evaluation on this many test tokens (None: all, 0: skip)
+    device: str = "cpu"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "prompt_tokens", "new_tokens", "repeats"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.warmup, int) and self.warmup >= 0):
+            raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if not self.ks or any(not (isinstance(k, int) and k >= 1) for k in self.ks):
+            raise ConfigError(f"ks (draft lengths) must be integers >= 1, got {self.ks!r}")
+        bad = [m for m in self.dee_measures if m not in DEE_MEASURES]
+        if bad:
+            raise ConfigError(f"unknown DEE measure(s) {bad}; choose from {list(DEE_MEASURES)}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature must be >= 0 (0 skips the sampled configs), got {self.temperature!r}")
+        if self.eval_tokens is not None and not (isinstance(self.eval_tokens, int) and self.eval_tokens >= 0):
+            raise ConfigError(
+                f"eval_tokens must be an integer >= 0 (0 skips the per-layer evaluation, None reads the whole "
+                f"test split), got {self.eval_tokens!r}"
+            )
+
+    def draft_layers_for(self, num_layers: int) -> list[int]:
+        if self.draft_layers is None:
+            spread = {1, num_layers // 3, num_layers // 2, (2 * num_layers) // 3}
+            return sorted(e for e in spread if 1 <= e < num_layers)
+        bad = [e for e in self.draft_layers if not 1 <= e < num_layers]
+        if bad:
+            raise ConfigError(f"draft layers {bad} are outside 1..{num_layers - 1} for a {num_layers}-layer model")
+        return sorted(set(self.draft_layers))
+
+
+@dataclass
+class BenchConfig:
+    """One decoding configuration: how to build its strategy and how to label it."""
+
+    id: str
+    strategy: str  # "ar" | "dee" | "ssd"
+    label: str
+    options: dict[str, Any]
+    temperature: float = 0.0
+    make: Callable[[], Any] | None = field(default=None, repr=False)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Run:
+    """One timed generation."""
+
+    prompt: int
+    repeat: int
+    tokens: list[int]
+    seconds: float
+    time_to_first_token: float
+    stats: dict[str, Any]
+    token_info: list[dict[str, Any]]
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 * self.seconds / max(len(self.tokens), 1)
+
+
+@dataclass
+class Prompt:
+    paragraph: int  # line number in the test split
+    text: str  # the paragraph line, as in the file
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def is_paragraph(line: str) -> bool:
+    s = line.strip()
+    return bool(s) and not (s.startswith("=") and s.endswith("="))
+
+
+def select_prompts(lines: Sequence[str], tokenizer, settings: BenchSettings) -> list[Prompt]:
+    """Seeded random paragraphs of the test split long enough for a prompt plus one token."""
+    candidates = [
+        i for i, line in enumerate(lines)
+        if is_paragraph(line) and len(tokenizer.encode(line)) > settings.prompt_tokens
+    ]
+    if not candidates:
+        raise DataError(
+            f"no paragraph of the test split has more than {settings.prompt_tokens} tokens; "
+            "lower --prompt_tokens"
+        )
+    rng = random.Random(settings.seed)
+    chosen = rng.sample(candidates, min(settings.num_prompts, len(candidates)))
+    return [Prompt(paragraph=i, text=lines[i]) for i in chosen]
+
+
+def prompt_ids(prompt: Prompt, tokenizer, prompt_tokens: int) -> list[int]:
+    return tokenizer.encode(prompt.text)[:prompt_tokens]
+
+
+# ----------------------------------------------------------------------------- fidelity
+
+
+def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common subsequence (dynamic programming, O(len(a) * len(b)))."""
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: Sequence[int], reference: Sequence[int]) -> float:
+    """ROUGE-L F1 over tokens: the harmonic mean of LCS precision and recall."""
+    if not candidate and not reference:
+        return 1.0
+    lcs = lcs_length(candidate, reference)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(candidate), lcs / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def build_configs(num_layers: int, settings: BenchSettings, thresholds_path: str | Path | None) -> list[BenchConfig]:
+    """AR, DEE (calibrated + sweep) and SSD (greedy sweep + sampled) for a num_layers model."""
+    from layerskip.generate.autoregressive import Autoregressive
+    from layerskip.generate.dee import DynamicEarlyExit
+    from layerskip.generate.ssd import SelfSpeculative
+
+    configs = [BenchConfig("ar", "ar", "AR greedy", {}, 0.0, Autoregressive)]
+    t = settings.temperature
+    if t > 0:
+        configs.append(BenchConfig(f"ar-t{t:g}", "ar", f"AR sampled T={t:g}", {}, t, Autoregressive))
+    if thresholds_path is not None:
+        measure, thresholds = load_calibrated(thresholds_path, num_layers)
+        configs.append(BenchConfig(
+            "dee-calibrated", "dee", f"DEE calibrated ({measure})",
+            {"measure": measure, "thresholds": thresholds, "calibrated": True, "source": str(thresholds_path)},
+            0.0, lambda m=measure, th=thresholds: DynamicEarlyExit(thresholds=th, measure=m),
+        ))
+    for measure in settings.dee_measures:
+        for th in settings.dee_thresholds or DEFAULT_DEE_THRESHOLDS[measure]:
+            configs.append(BenchConfig(
+                f"dee-{measure}-{th:g}", "dee", f"DEE {measure} ≥ {th:g}",
+                {"measure": measure, "thresholds": th, "calibrated": False},
+                0.0, lambda m=measure, th=th: DynamicEarlyExit(thresholds=th, measure=m),
+            ))
+    draft_layers = settings.draft_layers_for(num_layers)
+    for e in draft_layers:
+        for k in settings.ks:
+            configs.append(BenchConfig(
+                f"ssd-E{e}-k{k}", "ssd", f"SSD E={e} k={k}", {"draft_layer": e, "k": k},
+                0.0, lambda e=e, k=k: SelfSpeculative(draft_layer=e, k=k),
+            ))
+    if t > 0 and draft_layers:
+        e = settings.sample_draft_layer or draft_layers[len(draft_layers) // 2]
+        k = settings.sample_k or settings.ks[len(settings.ks) // 2]
+        if not 1 <= e < num_layers:
+            raise ConfigError(f"sample draft layer {e} is outside 1..{num_layers - 1}")
+        configs.append(BenchConfig(
+            f"ssd-E{e}-k{k}-t{t:g}", "ssd", f"SSD E={e} k={k} sampled T={t:g}", {"draft_layer": e, "k": k},
+            t, lambda e=e, k=k: SelfSpeculative(draft_layer=e, k=k),
+        ))
+    return configs
+
+
+def load_calibrated(path: str | Path, num_layers: int) -> tuple[str, list[float]]:
+    """(measure, per-layer thresholds) from a thresholds.json written by `layerskip calibrate`."""
+    from layerskip.calibrate import load_thresholds
+
+    try:
+        measure = json.loads(Path(path).read_text()).get("measure", "softmax")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"cannot read thresholds file {path} ({exc}); write one with `layerskip calibrate`") from None
+    thresholds = load_thresholds(path, num_layers, measure)
+    return measure, [float(x) for x in thresholds]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_generate(strategy, model, ids: list[int], cfg: BenchConfig, settings: BenchSettings, seed: int) -> Run:
+    """One generation, timed from the call to the return with the device synchronised."""
+    from layerskip.generate.base import SamplingConfig
+
+    device = next(model.parameters()).device
+    generator = None
+    if not cfg.greedy:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    sampling = SamplingConfig(temperature=cfg.temperature)
+    synchronize(device)
+    start = time.perf_counter()
+    result = strategy.generate(model, ids, settings.new_tokens, sampling=sampling, eos_id=None, generator=generator)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return Run(
+        prompt=-1, repeat=-1, tokens=list(result.tokens), seconds=seconds,
+        time_to_first_token=float(result.time_to_first_token), stats=dict(result.stats),
+        token_info=list(result.token_info),
+    )
+
+
+def measure_configs(model, prompts: list[list[int]], configs: list[BenchConfig], settings: BenchSettings,
+                    progress) -> tuple[dict[str, list[Run]], dict[str, int]]:
+    """Warm every config up, then time every (repeat, prompt, config), interleaving configs.
+
+    Returns the runs per config id and, on CUDA, each config's peak allocated memory.
+    """
+    strategies = {c.id: c.make() for c in configs}
+    device = next(model.parameters()).device
+    peaks: dict[str, int] = {}
+    for c in configs:
+        for _ in range(settings.warmup):
+            timed_generate(strategies[c.id], model, prompts[0], c, settings, seed=settings.seed)
+            progress.update(1)
+    runs: dict[str, list[Run]] = {c.id: [] for c in configs}
+    for repeat in range(settings.repeats):
+        for p, ids in enumerate(prompts):
+            shift = (p + repeat) % len(configs)
+            for c in configs[shift:] + configs[:shift]:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                run = timed_generate(strategies[c.id], model, ids, c, settings, seed=settings.seed + 1000 * repeat + p)
+                if device.type == "cuda":
+                    peaks[c.id] = max(peaks.get(c.id, 0), torch.cuda.max_memory_allocated(device))
+                run.prompt, run.repeat = p, repeat
+                runs[c.id].append(run)
+                progress.update(1)
+    return runs, peaks
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def median(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+def add_histograms(total: list[int], hist: Any) -> list[int]:
+    """Sum a histogram given as a list (index = value) or a {value: count} dict into total."""
+    if isinstance(hist, dict):
+        items = [(int(k), int(v)) for k, v in hist.items()]
+    elif isinstance(hist, (list, tuple)):
+        items = [(i, int(v)) for i, v in enumerate(hist)]
+    else:
+        return total
+    for value, count in items:
+        if value >= len(total):
+            total.extend([0] * (value + 1 - len(total)))
+        total[value] += count
+    return total
+
+
+def weighted_stat(runs: list[Run], key: str) -> float | None:
+    """A per-run statistic averaged over runs, weighted by each run's new tokens."""
+    pairs = [(r.stats[key], len(r.tokens)) for r in runs if isinstance(r.stats.get(key), (int, float))]
+    weight = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / weight if weight else None
+
+
+def ssd_summary(runs: list[Run], num_layers: int) -> dict[str, Any]:
+    """Acceptance pooled over all rounds of all runs, and the work SSD does per new token.
+
+    Every round runs all L blocks (E drafting, L-E verifying) on drafted + 1 positions and
+    evaluates the head on each draft and on each verified position, so per new token:
+    blocks = L (drafted + rounds) / tokens and heads = (2 drafted + rounds) / tokens.
+    """
+    hist: list[int] = []
+    for r in runs:
+        add_histograms(hist, r.stats.get("accepted_length_histogram"))
+    drafted = sum(r.stats.get("drafted_tokens", 0) for r in runs)
+    accepted = sum(r.stats.get("accepted_tokens", 0) for r in runs)
+    rounds = sum(r.stats.get("rounds", 0) for r in runs)
+    new = sum(len(r.tokens) for r in runs)
+    return {
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_accepted_length": accepted / rounds if rounds else None,
+        "accepted_length_histogram": hist or None,
+        "rounds": rounds,
+        "tokens_per_round": new / rounds if rounds else None,
+        "blocks_per_token": num_layers * (drafted + rounds) / new if new else None,
+        "head_evals_per_token": (2 * drafted + rounds) / new if new else None,
+    }
+
+
+def dee_summary(runs: list[Run], num_layers: int) -> dict[str, Any]:
+    counts = [0] * num_layers
+    for r in runs:
+        for info in r.token_info:
+            if "exit_layer" in info:
+                counts[int(info["exit_layer"]) - 1] += 1
+    total = sum(counts)
+    return {
+        "mean_exit_layer": sum((i + 1) * n for i, n in enumerate(counts)) / total if total else None,
+        "exit_layer_counts": counts if total else None,
+    }
+
+
+def config_summary(cfg: BenchConfig, runs: list[Run], ref_runs: list[Run], greedy_ref: list[Run],
+                   num_layers: int, perplexity: float | None, peak: int | None) -> dict[str, Any]:
+    ref_by_key = {(r.prompt, r.repeat): r for r in ref_runs}
+    greedy_by_prompt = {r.prompt: r.tokens for r in greedy_ref if r.repeat == 0}
+    speedups = []
+    for r in runs:
+        ref = ref_by_key.get((r.prompt, r.repeat))
+        speedups.append(ref.ms_per_token / r.ms_per_token if ref and r.ms_per_token > 0 else None)
+    first = [r for r in runs if r.repeat == 0]
+    summary: dict[str, Any] = {
+        "id": cfg.id, "label": cfg.label, "strategy": cfg.strategy, "options": cfg.options,
+        "temperature": cfg.temperature, "greedy": cfg.greedy,
+        "tokens_per_second": median([len(r.tokens) / r.seconds for r in runs if r.seconds > 0]),
+        "ms_per_token": median([r.ms_per_token for r in runs]),
+        "time_to_first_token": median([r.time_to_first_token for r in runs]),
+        "speedup": median(speedups),
+        "new_tokens": sum(len(r.tokens) for r in runs),
+        "acceptance_rate": None, "mean_accepted_length": None, "accepted_length_histogram": None,
+        "mean_exit_layer": None, "exit_layer_counts": None,
+        "blocks_per_token": weighted_stat(runs, "blocks_per_token"),
+        "head_evals_per_token": weighted_stat(runs, "head_evals_per_token"),
+        **(fidelity(first, greedy_by_prompt) if cfg.greedy else {"token_agreement": None, "rouge_l": None,
+                                                                   "exact_match": None}),
+        "perplexity": perplexity,
+        "peak_memory_bytes": peak,
+    }
+    if cfg.strategy == "ar":
+        summary["blocks_per_token"] = summary["blocks_per_token"] or float(num_layers)
+        summary["head_evals_per_token"] = summary["head_evals_per_token"] or 1.0
+        summary["mean_exit_layer"] = float(num_layers)
+    elif cfg.strategy == "ssd":
+        summary.update(ssd_summary(runs, num_layers))
+    elif cfg.strategy == "dee":
+        summary.update(dee_summary(runs, num_layers))
+        summary["mean_exit_layer"] = summary["mean_exit_layer"] or weighted_stat(runs, "mean_exit_layer")
+    summary["runs"] = [
+        {"prompt": r.prompt, "repeat": r.repeat, "new_tokens": len(r.tokens), "seconds": r.seconds,
+         "time_to_first_token": r.time_to_first_token, "speedup": s}
+        for r, s in zip(runs, speedups)
+    ]
+    return summary
+
+
+def fidelity(runs: list[Run], reference: dict[int, list[int]]) -> dict[str, float | None]:
+    """Agreement with AR greedy: token agreement pooled over all tokens, mean ROUGE-L, exact-match rate."""
+    if not runs:
+        return {"token_agreement": None, "rouge_l": None, "exact_match": None}
+    positions = sum(max(len(r.tokens), len(reference[r.prompt])) for r in runs)
+    same = sum(sum(a == b for a, b in zip(r.tokens, reference[r.prompt])) for r in runs)
+    return {
+        "token_agreement": same / positions if positions else 1.0,
+        "rouge_l": statistics.fmean(rouge_l(r.tokens, reference[r.prompt]) for r in runs),
+        "exact_match": sum(r.tokens == reference[r.prompt] for r in runs) / len(runs),
+    }
+
+
+@torch.no_grad()
+def generated_perplexity(model, prompts: list[list[int]], runs: list[Run]) -> float | None:
+    """exp(mean NLL) of the generated tokens (first repeat) under the full model, given their prompt."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for r in runs:
+        if r.repeat != 0 or not r.tokens:
+            continue
+        ids = prompts[r.prompt] + r.tokens
+        x = torch.tensor([ids[:-1]], device=device)
+        logits = model(x).logits[0, len(prompts[r.prompt]) - 1 :].float()  # (new, V)
+        target = torch.tensor(r.tokens, device=device)
+        nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        count += len(r.tokens)
+    return math.exp(nll / count) if count else None
+
+
+# ----------------------------------------------------------------------------- per-layer eval
+
+
+def per_layer_eval(model, tokens, words: int | None, seq_len: int, settings: BenchSettings) -> list[dict[str, Any]] | None:
+    """Loss and token/word perplexity of every exit on the test split (or its first eval_tokens)."""
+    from layerskip.evaluate import evaluate_model
+
+    if settings.eval_tokens == 0:
+        return None
+    result = evaluate_model(model, tokens, split="test", words=words, seq_len=seq_len, max_tokens=settings.eval_tokens)
+    return [
+        {"exit_layer": r.layer, "loss": r.loss, "token_ppl": r.token_ppl, "word_ppl": r.word_ppl}
+        for r in result.layers
+    ]
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was asked for but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "platform": platform.platform(),
+    }
+    return info
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "layerskip": __version__,
+            "numpy": numpy.__version__}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], corpus_lines_words, settings: BenchSettings,
+                thresholds: str | Path | None, device: torch.device, progress) -> dict[str, Any]:
+    """Every config on one model: timings, fidelity, perplexity, samples and per-layer eval."""
+    from layerskip.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, device=device)
+    model, tok = ckpt.model, ckpt.tokenizer
+    num_layers = model.num_layers
+    ids = [prompt_ids(p, tok, settings.prompt_tokens) for p in prompts]
+    configs = build_configs(num_layers, settings, thresholds)
+    progress.total = (progress.total or 0) + len(configs) * (settings.warmup + settings.repeats * len(ids))
+    progress.refresh()
+    with torch.inference_mode():
+        runs, peaks = measure_configs(model, ids, configs, settings, progress)
+    ar_greedy = runs["ar"]
+    summaries = []
+    for c in configs:
+        ref = next((r for r in configs if r.strategy == "ar" and r.temperature == c.temperature), configs[0])
+        summary = config_summary(c, runs[c.id], runs[ref.id], ar_greedy, num_layers,
+                                 generated_perplexity(model, ids, runs[c.id]), peaks.get(c.id))
+        if c.id == ref.id:
+            summary["speedup"] = 1.0  # by definition; the paired ratios are all exactly 1 too
+        summaries.append(summary)
+    samples = [
+        {"config": c.id, "prompt_index": r.prompt, "prompt_text": tok.decode(ids[r.prompt]), "tokens": r.tokens,
+         "pieces": [tok.id_to_piece(t) for t in r.tokens], "token_info": r.token_info, "text": tok.decode(r.tokens)}
+        for c in configs for r in runs[c.id] if r.repeat == 0 and r.prompt < settings.num_samples
+    ]
+    tokens, words = corpus_lines_words(tok)
+    seq_len = int(ckpt.train_config.get("seq_len", ckpt.model_config.max_seq_len))
+    return {
+        "name": name, "role": role, "checkpoint": str(ckpt.path), "num_layers": num_layers,
+        "num_parameters": model.num_parameters(), "train": ckpt.train_config,
+        "per_layer": per_layer_eval(model, tokens, words, seq_len, settings), "per_layer_split": "test",
+        "per_layer_tokens": None if settings.eval_tokens == 0 else min(len(tokens) - 1, settings.eval_tokens or len(tokens)),
+        "configs": summaries, "samples": samples, "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def run_bench(
+    checkpoint: str | Path,
+    *,
+    baseline: str | Path | None = None,
+    thresholds: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    settings: BenchSettings = BenchSettings(),
+    command: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Benchmark checkpoint (and baseline) and return the results document (JSON-serialisable).
+
+    settings.threads sets torch's CPU threads for the run only; the previous value is restored.
+    """
+    device = resolve_device(settings.device)
+    threads_before = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _run_bench(checkpoint, baseline, thresholds, data_dir, settings, command, progress, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettings, command, progress: bool,
+               device: torch.device) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from layerskip.checkpoint import TOKENIZER_FILE, resolve_checkpoint_dir
+    from layerskip.data import encode_splits, find_split_files, read_lines, resolve_data_dir
+
+    main_tok = Tokenizer.load(resolve_checkpoint_dir(checkpoint) / TOKENIZER_FILE)  # bad paths fail first
+    if baseline is not None:
+        resolve_checkpoint_dir(baseline)
+    files = find_split_files(resolve_data_dir(data_dir))
+    test_lines = read_lines(files["test"])
+    prompts = select_prompts(test_lines, main_tok, settings)
+
+    def corpus_lines_words(tok):
+        splits = encode_splits(tok, files)
+        return splits.tokens["test"], splits.words["test"]
+
+    models = [("layerskip", "main", checkpoint, thresholds)]
+    if baseline is not None:
+        models.append(("baseline", "baseline", baseline, None))
+    bar = tqdm(total=0, desc="bench", unit="gen", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    with bar:
+        results_models = [
+            bench_model(name, role, path, prompts, corpus_lines_words, settings, th, device, bar)
+            for name, role, path, th in models
+        ]
+    settings_dict = asdict(settings)
+    settings_dict.update({
+        "device": str(device), "eos_id": None,
+        "timing": "time.perf_counter around each generate() call, device synchronised; warm-up runs "
+                  "discarded; configs interleaved per prompt in rotating order; medians over prompts",
+    })
+    return sanitize({
+        "format": RESULTS_FORMAT, "schema_version": SCHEMA_VERSION,
+        "command": list(sys.argv if command is None else command),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": time.perf_counter() - started,
+        "machine": machine_info(device), "versions": versions(), "settings": settings_dict,
+        "prompts": [{"paragraph": p.paragraph, "text": p.text} for p in prompts],
+        "models": results_models, "process_peak_rss_bytes": peak_rss_bytes(),
+    })
+
+
+def sanitize(value: Any) -> Any:
+    """Make a value strict-JSON-safe: non-finite floats become null, tuples lists, tensors numbers."""
+    if isinstance(value, dict):
+        return {str(k): sanitize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [sanitize(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return sanitize(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return sanitize(value.item())
+    return str(value)
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    """Write one strict JSON document atomically (a temporary sibling, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=1, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+    return path
