@@ -218,6 +218,7 @@ def plot_per_layer(results: dict[str, Any], path: Path) -> str | None:
         layers = [e["exit_layer"] for e in m["per_layer"]]
         ax.plot(layers, [e[key] for e in m["per_layer"]], marker="o", label=m["name"])
     ax.set_yscale("log")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("exit layer (blocks run)")
     ax.set_ylabel(("word" if use_word else "token") + "-level perplexity (log scale)")
     ax.set_title("Perplexity of every exit")

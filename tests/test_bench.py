@@ -47,9 +47,19 @@ def make_tiny_results(directory: Path, corpus_dir: Path, tokenizer, settings: Be
                          command=["layerskip", "bench", "(test)"], progress=False)
 
 
+_SHARED: dict[Path, dict] = {}
+
+
+def shared_tiny_results(tmp_path_factory, corpus_dir: Path, tokenizer) -> dict:
+    """One tiny bench per test session, shared by the bench, report and browser tests (read-only)."""
+    if corpus_dir not in _SHARED:
+        _SHARED[corpus_dir] = make_tiny_results(tmp_path_factory.mktemp("bench"), corpus_dir, tokenizer)
+    return _SHARED[corpus_dir]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, tiny_corpus_dir, tiny_tokenizer) -> dict:
-    return make_tiny_results(tmp_path_factory.mktemp("bench"), tiny_corpus_dir, tiny_tokenizer)
+    return shared_tiny_results(tmp_path_factory, tiny_corpus_dir, tiny_tokenizer)
 
 
 def configs_of(results: dict, model: int = 0) -> dict[str, dict]:
