@@ -1,0 +1,116 @@
+"""Calibrate dynamic-early-exit thresholds on the validation split, with a stated guarantee.
+
+One teacher-forced pass with every exit over validation windows (never the test split)
+gives each layer's confidence and top-1 for every token. Learn-then-Test with
+fixed-sequence testing then picks the lowest thresholds whose per-token disagreement with
+the full model's top-1 is <= delta with probability >= 1 - epsilon (binomial tail bound),
+controlled over the whole exit policy. The file records the per-layer thresholds, the
+measure, delta, epsilon, the data used, the measured risk (teacher-forced on the held-out
+half, and on DEE's own generations) and the model's fingerprint.
+
+example:
+  layerskip calibrate --checkpoint runs/layerskip --output runs/layerskip/thresholds.json \\
+      --delta 0.01 --epsilon 0.05 --measure softmax
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_flag
+
+MEASURES = ("softmax", "margin", "saturation")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arg(parser)
+    add_flag(parser, "output", required=True, help="where to write thresholds.json")
+    add_flag(parser, "delta", type=float, default=0.01,
+             help="risk bound: tolerated per-token disagreement with the full model (default 0.01)")
+    add_flag(parser, "epsilon", type=float, default=0.05,
+             help="the guarantee holds with probability >= 1 - epsilon (default 0.05)")
+    add_flag(parser, "measure", choices=MEASURES, default="softmax",
+             help="confidence measure: softmax maximum, top-1 minus top-2 margin, or hidden-state "
+             "saturation (cosine of consecutive layers; needs no LM head) (default softmax)")
+    add_flag(parser, "method", choices=("per-layer", "global"), default="per-layer",
+             help="per-layer: thresholds from one parameter t (learned per layer on half the windows); "
+             "global: one shared threshold (default per-layer)")
+    add_flag(parser, "min_exit_layer", type=int, default=1, help="first layer allowed to exit (default 1)")
+    add_flag(parser, "check_every", type=int, default=1,
+             help="check every k-th layer from min_exit_layer, to save LM-head evaluations (default 1)")
+    add_data_dir_arg(parser)
+    add_flag(parser, "max_tokens", type=int, default=None,
+             help="use at most this many validation tokens (default: the whole split)")
+    add_flag(parser, "seq_len", type=int, default=None, help="window length (default: the model's context)")
+    add_flag(parser, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
+    add_flag(parser, "gen_prompts", type=int, default=8,
+             help="validation prompts for the generated-text disagreement check (0: skip; default 8)")
+    add_flag(parser, "gen_tokens", type=int, default=32, help="new tokens per check prompt (default 32)")
+    add_flag(parser, "seed", type=int, default=0, help="seed of the learn/test split of windows (default 0)")
+    add_device_arg(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerskip import calibrate as cal
+    from layerskip.checkpoint import load_checkpoint
+    from layerskip.data import load_corpus
+    from layerskip.errors import ConfigError
+    from layerskip.generate.dee import DynamicEarlyExit
+    from layerskip.train import resolve_device
+
+    cal.check_risk_settings(args.delta, args.epsilon)
+    for name in ("max_tokens", "seq_len", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=device)
+    model = ckpt.model
+    DynamicEarlyExit(0.0, args.measure, args.min_exit_layer, args.check_every).checked_layers(model.num_layers)
+    corpus = load_corpus(args.data_dir, tokenizer=ckpt.tokenizer)
+    valid = corpus.tokens["valid"]  # calibration never reads the test split
+    cal.log(f"calibrate: {min(len(valid), args.max_tokens or len(valid)):,} validation tokens, "
+            f"{model.num_layers} layers, measure {args.measure}, delta {args.delta:g}, epsilon {args.epsilon:g}")
+    scores = cal.exit_scores(model, valid, args.measure, seq_len=args.seq_len, batch_size=args.batch_size,
+                             max_tokens=args.max_tokens, progress=_progress)
+    result = cal.calibrate_scores(scores, delta=args.delta, epsilon=args.epsilon, method=args.method,
+                                  min_exit_layer=args.min_exit_layer, check_every=args.check_every, seed=args.seed)
+    dee = DynamicEarlyExit(result.thresholds, result.measure)
+    generated = cal.generated_disagreement(model, dee, valid, num_prompts=args.gen_prompts,
+                                           new_tokens=args.gen_tokens) if args.gen_prompts > 0 else {}
+    data = {"split": "valid", "data_dir": str(corpus.data_dir), "tokens": scores.num_tokens,
+            "windows": scores.num_windows, "seq_len": scores.seq_len, "max_tokens": args.max_tokens}
+    model_info = {"fingerprint": cal.model_fingerprint(model), "num_layers": model.num_layers,
+                  "checkpoint": str(ckpt.path), "device": str(device)}
+    command = _command(args)
+    record = cal.thresholds_record(result, data=data, model_info=model_info, generated=generated, command=command)
+    path = cal.write_json_atomic(args.output, record)
+    shown = ", ".join("-" if t is None else f"{t:.4g}" for t in record["thresholds"])
+    cal.log(f"thresholds (layers 1..{model.num_layers - 1}): {shown}")
+    cal.log(f"held-out teacher-forced disagreement {result.test_risk:.4%} on {result.test_tokens:,} tokens "
+            f"(bound {args.delta:g} at 1-epsilon {1 - args.epsilon:g}); mean exit layer {result.mean_exit_layer:.2f}")
+    if generated.get("new_tokens"):
+        cal.log(f"on DEE's own generations: disagreement {generated['disagreement']:.2%}, mean exit layer "
+                f"{generated['mean_exit_layer']:.2f} ({generated['new_tokens']} tokens; not covered by the guarantee)")
+    if result.chosen_index < 0:
+        cal.log("no exit threshold passed the test: every threshold is null, so DEE equals the full model")
+    print(path)
+    return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this calibration (every setting spelled out)."""
+    parts = ["layerskip", "calibrate"]
+    for name in ("checkpoint", "output", "delta", "epsilon", "measure", "method", "min_exit_layer", "check_every",
+                 "data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts", "gen_tokens", "seed", "device"):
+        value = getattr(args, name, None)
+        if value is not None:
+            parts += [f"--{name}", str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _progress(done: int, total: int) -> None:
+    if done == total or done % 10 == 0:
+        print(f"\r  exit scores: {done}/{total} batches", end="\n" if done == total else "", file=sys.stderr, flush=True)

@@ -1,0 +1,288 @@
+"""Calibration: the statistics, the Learn-then-Test choice, the thresholds file and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+from math import comb
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from layerskip import calibrate as cal
+from layerskip.checkpoint import save_checkpoint
+from layerskip.cli import main
+from layerskip.config import TokenizerConfig
+from layerskip.errors import ConfigError
+from layerskip.generate.dee import MEASURES, DynamicEarlyExit
+
+NUM_LAYERS = 4  # tiny_model's
+
+
+def random_text(n: int, seed: int) -> np.ndarray:
+    """Independent uniform tokens: calibration and held-out sets from one distribution."""
+    return np.random.default_rng(seed).integers(0, 97, n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="module")
+def scores(model):
+    return cal.exit_scores(model, random_text(12800, 1), "softmax", batch_size=50)
+
+
+@pytest.fixture(scope="module")
+def held_out(model):
+    return cal.exit_scores(model, random_text(12800, 2), "softmax", batch_size=50)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("n,p", [(1, 0.3), (10, 0.05), (37, 0.5), (200, 0.01)])
+def test_binomial_cdf_equals_exact_sum(n, p):
+    q = Fraction(str(p))
+    for k in range(-1, n + 1):
+        exact = sum(comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(0, k + 1))
+        assert cal.binomial_cdf(k, n, p) == pytest.approx(float(exact), rel=1e-9, abs=1e-300)
+
+
+def test_fixed_sequence_stops_at_the_first_failure():
+    # n = 1000, delta = 0.1: 50 losses rejects "risk > 0.1", 150 does not; member 3 would
+    # pass again but is never reached.
+    losses = [0, 50, 150, 0]
+    result = cal.fixed_sequence_test(lambda i: losses[i], len(losses), 1000, 0.1, 0.05)
+    assert result.chosen == 1
+    assert [t["index"] for t in result.tested] == [0, 1, 2]
+    assert result.tested[1]["p_value"] <= 0.05 < result.tested[2]["p_value"]
+    none = cal.fixed_sequence_test(lambda i: 500, 3, 1000, 0.1, 0.05)
+    assert none.chosen == -1 and len(none.tested) == 1
+
+
+def test_isotonic_fit_is_monotone_and_preserves_mass():
+    values = np.array([0.1, 0.5, 0.2, 0.4, 0.3, 0.9])
+    weights = np.array([1.0, 2.0, 1.0, 3.0, 1.0, 1.0])
+    fit = cal.isotonic_increasing(values, weights)
+    assert np.all(np.diff(fit) >= 0)
+    assert (fit * weights).sum() == pytest.approx((values * weights).sum())
+    assert np.array_equal(cal.isotonic_increasing(np.sort(values), weights), np.sort(values))
+
+
+# ----------------------------------------------------------------------------- scores and the policy
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_exit_scores_for_every_measure(model, measure):
+    s = cal.exit_scores(model, random_text(640, 3), measure, seq_len=32, batch_size=8)
+    assert s.confidence.shape == (NUM_LAYERS - 1, 640) and s.agree.shape == (NUM_LAYERS - 1, 640)
+    assert np.all((s.confidence >= 0) & (s.confidence <= 1))
+    assert 0 < s.agree.mean() < 1  # the exits agree only partly: calibration has work to do
+    out = cal.calibrate_scores(s, delta=0.3, epsilon=0.1)
+    assert len(out.thresholds) == NUM_LAYERS - 1
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_offline_policy_matches_dee_first_token(model, measure):
+    """The calibrated policy is the one DEE runs: for a prompt, DEE's first token (exact
+    context) exits where the teacher-forced scores say, with the same top-1."""
+    text = random_text(24 * 6, 4)
+    s = cal.exit_scores(model, text, measure, seq_len=24, batch_size=6)
+    lam = float(np.median(s.confidence))
+    thresholds = [lam, math.inf, lam]  # layer 2 never exits
+    exits = cal.policy_exit_layers(s.confidence, thresholds)
+    dee = DynamicEarlyExit(thresholds, measure=measure)
+    seen = set()
+    for w in range(6):
+        prompt = [int(t) for t in text[w * 24 : (w + 1) * 24]]
+        result = dee.generate(model, prompt, 1)
+        last = w * 24 + 23
+        assert result.token_info[0]["exit_layer"] == exits[last]
+        full = model(torch.tensor([prompt])).logits[0, -1].argmax()
+        agrees = exits[last] == NUM_LAYERS or bool(s.agree[exits[last] - 1, last])
+        assert (result.tokens[0] == int(full)) == agrees
+        seen.add(int(exits[last]))
+    assert 2 not in seen
+
+
+# ----------------------------------------------------------------------------- the guarantee
+
+
+def held_out_rejects(wrong: int, n: int, delta: float) -> bool:
+    """Does the held-out set give strong evidence (p < 0.001) that the risk exceeds delta?"""
+    return 1 - cal.binomial_cdf(wrong - 1, n, delta) < 1e-3
+
+
+@pytest.mark.parametrize("method", cal.METHODS)
+@pytest.mark.parametrize("delta", [0.05, 0.2])
+def test_calibrated_thresholds_meet_the_bound_on_held_out_text(scores, held_out, method, delta):
+    out = cal.calibrate_scores(scores, delta=delta, epsilon=0.05, method=method)
+    assert out.chosen_index >= 0 and any(math.isfinite(t) for t in out.thresholds)
+    assert out.test_risk <= delta and out.p_value <= 0.05
+    wrong, exits = cal.policy_disagreements(held_out, out.thresholds)
+    assert exits.mean() < NUM_LAYERS - 0.1, "thresholds too conservative to mean anything"
+    assert not held_out_rejects(wrong, held_out.num_tokens, delta), (wrong / held_out.num_tokens, delta)
+    # The check can fail: uncalibrated thresholds (the seed study's 0.0) are far off the bound.
+    zero_wrong, _ = cal.policy_disagreements(held_out, [0.0] * (NUM_LAYERS - 1))
+    assert held_out_rejects(zero_wrong, held_out.num_tokens, delta)
+
+
+@pytest.mark.parametrize("method", cal.METHODS)
+def test_thresholds_rise_as_delta_falls(scores, method):
+    deltas = [0.4, 0.2, 0.1, 0.05, 0.02]
+    runs = [cal.calibrate_scores(scores, delta=d, epsilon=0.05, method=method).thresholds for d in deltas]
+    for looser, tighter in zip(runs, runs[1:]):
+        assert all(b >= a for a, b in zip(looser, tighter)), (looser, tighter)
+    assert any(b > a for a, b in zip(runs[0], runs[-1]))
+
+
+def test_nothing_passes_means_the_full_model(scores):
+    out = cal.calibrate_scores(scores, delta=1e-4, epsilon=0.01, method="global")
+    assert out.chosen_index == -1 and all(t == math.inf for t in out.thresholds)
+    assert out.test_disagreements == 0 and out.mean_exit_layer == NUM_LAYERS
+
+
+def test_min_exit_layer_and_check_every_are_respected(scores):
+    out = cal.calibrate_scores(scores, delta=0.3, min_exit_layer=2, check_every=2, method="global")
+    assert out.thresholds[0] == math.inf and out.thresholds[2] == math.inf
+    assert math.isfinite(out.thresholds[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(delta=0.0), "delta"), (dict(epsilon=1.0), "epsilon"), (dict(method="best"), "method"),
+     (dict(min_exit_layer=0), "min_exit_layer")],
+)
+def test_bad_calibration_settings(scores, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        cal.calibrate_scores(scores, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+def write_file(tmp_path, scores, model, delta=0.2):
+    out = cal.calibrate_scores(scores, delta=delta)
+    record = cal.thresholds_record(out, data={"split": "valid", "tokens": scores.num_tokens},
+                                   model_info={"fingerprint": cal.model_fingerprint(model), "num_layers": 4})
+    return out, cal.write_json_atomic(tmp_path / "thresholds.json", record)
+
+
+def test_thresholds_file_round_trip(tmp_path, scores, model):
+    out, path = write_file(tmp_path, scores, model)
+    record = json.loads(path.read_text())
+    for key in ("thresholds", "measure", "delta", "epsilon", "data", "risk", "model", "method", "guarantee"):
+        assert key in record
+    assert record["data"]["split"] == "valid" and record["risk"]["test_tokens"] == out.test_tokens
+    loaded = cal.load_thresholds(path, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(model))
+    assert loaded.thresholds == out.thresholds and list(loaded) == out.thresholds
+    assert loaded.delta == 0.2 and loaded.measure == "softmax"
+    dee = loaded.strategy()
+    assert dee.layer_thresholds(NUM_LAYERS) == out.thresholds
+
+
+def edit(record, **changes):
+    record = json.loads(json.dumps(record))
+    for key, value in changes.items():
+        if value is KeyError:
+            record.pop(key)
+        else:
+            record[key] = value
+    return record
+
+
+BAD_FILES = {
+    "wrong number of layers": (lambda r: edit(r, num_layers=6), "6-layer model"),
+    "wrong number of thresholds": (lambda r: edit(r, thresholds=[0.5, 0.5]), "list of 3"),
+    "NaN": (lambda r: edit(r, thresholds=[0.5, float("nan"), 0.5]), "nan"),
+    "above the range": (lambda r: edit(r, thresholds=[0.5, 1.5, 0.5]), "outside"),
+    "below the range": (lambda r: edit(r, thresholds=[-0.1, 0.5, 0.5]), "outside"),
+    "not a number": (lambda r: edit(r, thresholds=[0.5, "high", 0.5]), "must be a number"),
+    "wrong measure": (lambda r: edit(r, measure="margin"), "calibrated for the 'margin' measure"),
+    "unknown measure": (lambda r: edit(r, measure="entropy"), "unknown measure"),
+    "missing thresholds": (lambda r: edit(r, thresholds=KeyError), "missing thresholds"),
+    "not an object": (lambda r: [0.5, 0.5, 0.5], "JSON object"),
+    "other format": (lambda r: edit(r, format="layerskip-bench"), "format"),
+    "bad delta": (lambda r: edit(r, delta=2.0), "delta"),
+    "bad check_every": (lambda r: edit(r, check_every=0), "check_every"),
+    "another model": (lambda r: edit(r, model={"fingerprint": "0123456789abcdef"}), "another model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_malformed_or_mismatched_thresholds_file_is_refused(tmp_path, scores, model, case):
+    _, path = write_file(tmp_path, scores, model)
+    make, match = BAD_FILES[case]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(make(json.loads(path.read_text()))))  # json writes NaN as NaN
+    with pytest.raises(ConfigError, match=match):
+        cal.load_thresholds(bad, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(model))
+
+
+def test_unreadable_thresholds_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        cal.load_thresholds(tmp_path / "missing.json", NUM_LAYERS)
+    (tmp_path / "t.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        cal.load_thresholds(tmp_path / "t.json", NUM_LAYERS)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
+    model = tiny_model(seed=1, vocab_size=tiny_tokenizer.vocab_size)
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    return save_checkpoint(path, model, tiny_tokenizer, tokenizer_config=TokenizerConfig(vocab_size=400))
+
+
+def test_cli_calibrate_end_to_end(tmp_path, tiny_checkpoint, tiny_corpus_dir, capsys):
+    out = tmp_path / "thresholds.json"
+    rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--data-dir",
+               str(tiny_corpus_dir), "--delta", "0.3", "--epsilon", "0.1", "--seq_len", "16",
+               "--gen_prompts", "2", "--gen-tokens", "6", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip() == str(out)
+    record = json.loads(out.read_text())
+    assert record["data"]["split"] == "valid" and record["data"]["tokens"] > 0
+    assert record["delta"] == 0.3 and record["epsilon"] == 0.1 and record["num_layers"] == NUM_LAYERS
+    assert record["risk"]["generated_text"]["new_tokens"] == 12
+    assert "--delta 0.3" in record["command"]
+    from layerskip.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    loaded = cal.load_thresholds(out, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(ckpt.model))
+    assert len(loaded.thresholds) == NUM_LAYERS - 1
+
+
+def test_cli_calibrate_errors_are_one_line(tmp_path, tiny_checkpoint, tiny_corpus_dir, capsys):
+    rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "t.json"),
+               "--data-dir", str(tiny_corpus_dir), "--delta", "1.5"])
+    assert rc == 2 and "delta must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_dee_args_build_the_strategy(tmp_path, scores, model):
+    import argparse
+
+    from layerskip.cli.dee_args import add_dee_arguments, build_dee
+
+    parser = argparse.ArgumentParser()
+    add_dee_arguments(parser)
+    dee = build_dee(parser.parse_args(["--conf", "0.7", "--measure", "margin", "--min-exit-layer", "2"]), model)
+    assert (dee.thresholds, dee.measure, dee.min_exit_layer, dee.check_every) == (0.7, "margin", 2, 1)
+    assert build_dee(parser.parse_args([]), model).thresholds == 0.9
+    out, path = write_file(tmp_path, scores, model)
+    dee = build_dee(parser.parse_args(["--lam_file", str(path)]), model)
+    assert dee.layer_thresholds(NUM_LAYERS) == out.thresholds
+    with pytest.raises(ConfigError, match="not both"):
+        build_dee(parser.parse_args(["--conf", "0.5", "--thresholds", str(path)]), model)
+    with pytest.raises(ConfigError, match="measure"):
+        build_dee(parser.parse_args(["--thresholds", str(path), "--measure", "saturation"]), model)
+    with pytest.raises(ConfigError, match="another model"):
+        build_dee(parser.parse_args(["--thresholds", str(path)]), tiny_model(seed=5))
