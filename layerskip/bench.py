@@ -224,8 +224,13 @@ def rouge_l(candidate: Sequence[int], reference: Sequence[int]) -> float:
 # ----------------------------------------------------------------------------- configs
 
 
-def build_configs(num_layers: int, settings: BenchSettings, thresholds_path: str | Path | None) -> list[BenchConfig]:
-    """AR, DEE (calibrated + sweep) and SSD (greedy sweep + sampled) for a num_layers model."""
+def build_configs(num_layers: int, settings: BenchSettings, thresholds_path: str | Path | None,
+                  fingerprint: str | None = None) -> list[BenchConfig]:
+    """AR, DEE (calibrated + sweep) and SSD (greedy sweep + sampled) for a num_layers model.
+
+    fingerprint: the model's (calibrate.model_fingerprint); a thresholds file calibrated for
+    other weights is refused, since its guarantee would not carry over.
+    """
     from layerskip.generate.autoregressive import Autoregressive
     from layerskip.generate.dee import DynamicEarlyExit
     from layerskip.generate.ssd import SelfSpeculative
@@ -235,12 +240,7 @@ def build_configs(num_layers: int, settings: BenchSettings, thresholds_path: str
     if t > 0:
         configs.append(BenchConfig(f"ar-t{t:g}", "ar", f"AR sampled T={t:g}", {}, t, Autoregressive))
     if thresholds_path is not None:
-        measure, thresholds = load_calibrated(thresholds_path, num_layers)
-        configs.append(BenchConfig(
-            "dee-calibrated", "dee", f"DEE calibrated ({measure})",
-            {"measure": measure, "thresholds": thresholds, "calibrated": True, "source": str(thresholds_path)},
-            0.0, lambda m=measure, th=thresholds: DynamicEarlyExit(thresholds=th, measure=m),
-        ))
+        configs.append(calibrated_config(thresholds_path, num_layers, fingerprint))
     for measure in settings.dee_measures:
         for th in settings.dee_thresholds or DEFAULT_DEE_THRESHOLDS[measure]:
             configs.append(BenchConfig(
@@ -267,16 +267,19 @@ def build_configs(num_layers: int, settings: BenchSettings, thresholds_path: str
     return configs
 
 
-def load_calibrated(path: str | Path, num_layers: int) -> tuple[str, list[float]]:
-    """(measure, per-layer thresholds) from a thresholds.json written by `layerskip calibrate`."""
+def calibrated_config(path: str | Path, num_layers: int, fingerprint: str | None) -> BenchConfig:
+    """The DEE config of a thresholds.json written by `layerskip calibrate`."""
     from layerskip.calibrate import load_thresholds
 
-    try:
-        measure = json.loads(Path(path).read_text()).get("measure", "softmax")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(f"cannot read thresholds file {path} ({exc}); write one with `layerskip calibrate`") from None
-    thresholds = load_thresholds(path, num_layers, measure)
-    return measure, [float(x) for x in thresholds]
+    th = load_thresholds(path, num_layers, fingerprint=fingerprint)
+    risk = th.record.get("risk") or {}
+    options = {
+        "measure": th.measure, "thresholds": list(th.thresholds), "min_exit_layer": th.min_exit_layer,
+        "check_every": th.check_every, "calibrated": True, "source": str(path), "delta": th.delta,
+        "epsilon": th.epsilon, "calibration_test_disagreement": risk.get("test_disagreement"),
+    }
+    label = f"DEE calibrated ({th.measure}" + (f", δ={th.delta:g}" if th.delta is not None else "") + ")"
+    return BenchConfig("dee-calibrated", "dee", label, options, 0.0, th.strategy)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -558,7 +561,12 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], corpus_
     model, tok = ckpt.model, ckpt.tokenizer
     num_layers = model.num_layers
     ids = [prompt_ids(p, tok, settings.prompt_tokens) for p in prompts]
-    configs = build_configs(num_layers, settings, thresholds)
+    fingerprint = None
+    if thresholds is not None:
+        from layerskip.calibrate import model_fingerprint
+
+        fingerprint = model_fingerprint(model)
+    configs = build_configs(num_layers, settings, thresholds, fingerprint)
     progress.total = (progress.total or 0) + len(configs) * (settings.warmup + settings.repeats * len(ids))
     progress.refresh()
     with torch.inference_mode():

@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_model
 
 from layerskip.bench import BenchSettings, lcs_length, rouge_l, run_bench, select_prompts, write_results
-from layerskip.checkpoint import save_checkpoint
+from layerskip.calibrate import model_fingerprint
+from layerskip.checkpoint import load_checkpoint, save_checkpoint
 from layerskip.cli import main
 from layerskip.config import TokenizerConfig
 from layerskip.errors import ConfigError
@@ -38,13 +39,27 @@ def save_tiny_checkpoints(directory: Path, tokenizer) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def write_thresholds(path: Path, checkpoint: Path, thresholds: list[float | None], measure: str = "softmax",
+                     fingerprint: str | None = None) -> Path:
+    """A thresholds.json as `layerskip calibrate` writes it (the fields load_thresholds reads)."""
+    record = {
+        "format": "layerskip-thresholds", "version": 1, "measure": measure, "num_layers": NUM_LAYERS,
+        "thresholds": thresholds, "min_exit_layer": 1, "check_every": 1, "delta": 0.1, "epsilon": 0.05,
+        "risk": {"test_disagreement": 0.05},
+        "model": {"fingerprint": fingerprint or model_fingerprint(load_checkpoint(checkpoint).model)},
+    }
+    path.write_text(json.dumps(record))
+    return path
+
+
 def make_tiny_results(directory: Path, corpus_dir: Path, tokenizer, settings: BenchSettings = TINY_SETTINGS) -> dict:
-    """Bench both tiny checkpoints, with every cache under `directory`."""
+    """Bench both tiny checkpoints (the first with calibrated thresholds), caches under `directory`."""
     main_ckpt, baseline = save_tiny_checkpoints(directory, tokenizer)
+    thresholds = write_thresholds(directory / "thresholds.json", main_ckpt, [None, 0.8, 0.8], measure="saturation")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAYERSKIP_CACHE_DIR", str(directory / "cache"))
-        return run_bench(main_ckpt, baseline=baseline, data_dir=corpus_dir, settings=settings,
-                         command=["layerskip", "bench", "(test)"], progress=False)
+        return run_bench(main_ckpt, baseline=baseline, thresholds=thresholds, data_dir=corpus_dir,
+                         settings=settings, command=["layerskip", "bench", "(test)"], progress=False)
 
 
 _SHARED: dict[Path, dict] = {}
@@ -90,7 +105,28 @@ def test_both_models_have_every_config(results):
         expected |= {f"dee-{m}-{t:g}" for m in ("softmax", "margin", "saturation") for t in (0.3, 2.0)}
         expected |= {f"ssd-E{e}-k{k}" for e in (1, 2) for k in (2, 3)}  # default spread of E for L=4
         expected |= {"ssd-E2-k3-t0.8"}
+        if index == 0:
+            expected.add("dee-calibrated")  # --thresholds belong to the LayerSkip model only
         assert ids == expected
+
+
+def test_calibrated_dee_follows_its_thresholds(results):
+    c = configs_of(results)["dee-calibrated"]
+    opts = c["options"]
+    assert opts["calibrated"] and opts["measure"] == "saturation" and opts["delta"] == 0.1
+    assert opts["thresholds"] == [None, 0.8, 0.8]  # null: never exit at layer 1
+    assert c["exit_layer_counts"][0] == 0 and sum(c["exit_layer_counts"]) == c["new_tokens"]
+    assert c["label"] == "DEE calibrated (saturation, δ=0.1)"
+    assert c["mean_exit_layer"] < NUM_LAYERS  # the random tiny model's hidden states saturate early
+
+
+def test_thresholds_for_other_weights_are_refused(tmp_path, tiny_corpus_dir, tiny_tokenizer, capsys):
+    main_ckpt, _ = save_tiny_checkpoints(tmp_path, tiny_tokenizer)
+    thresholds = write_thresholds(tmp_path / "t.json", main_ckpt, [0.5, 0.5, 0.5], fingerprint="0123456789abcdef")
+    code = main(["bench", "--checkpoint", str(main_ckpt), "--thresholds", str(thresholds), "--data-dir",
+                 str(tiny_corpus_dir), "--out", str(tmp_path / "r.json"), "--quiet"])
+    assert code == 2 and "calibrated for another model" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_every_config_has_its_measurements(results):
