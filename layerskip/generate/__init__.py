@@ -1,0 +1,50 @@
+"""Decoding strategies behind one interface (see base.py): autoregressive, self-speculative, early exit.
+
+    strategy = make_strategy("ssd", draft_layer=3, k=4)
+    result = strategy.generate(model, prompt_ids, 100, sampling=SamplingConfig(temperature=0.8),
+                               generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from layerskip.errors import ConfigError
+from layerskip.generate.autoregressive import Autoregressive
+from layerskip.generate.base import GenerationResult, SamplingConfig, Strategy, check_prompt, sampling_probs
+from layerskip.generate.ssd import SelfSpeculative
+
+MODES = ("ar", "ssd", "dee")
+
+__all__ = [
+    "MODES",
+    "Autoregressive",
+    "GenerationResult",
+    "SamplingConfig",
+    "SelfSpeculative",
+    "Strategy",
+    "check_prompt",
+    "make_strategy",
+    "sampling_probs",
+]
+
+
+def make_strategy(mode: str, **options: Any) -> Strategy:
+    """A strategy by name: "ar" (no options), "ssd" (draft_layer, k, adaptive_threshold), "dee" (its own).
+
+    Unknown modes and options are ConfigErrors naming what is valid.
+    """
+    if mode == "ar":
+        factory: Any = Autoregressive
+    elif mode == "ssd":
+        factory = SelfSpeculative
+    elif mode == "dee":
+        from layerskip.generate.dee import DynamicEarlyExit  # written separately; imported when asked for
+
+        factory = DynamicEarlyExit
+    else:
+        raise ConfigError(f"unknown generation mode {mode!r}; choose one of {', '.join(MODES)}")
+    try:
+        return factory(**options)
+    except TypeError as exc:  # an unknown or missing keyword
+        raise ConfigError(f"bad options for mode {mode!r}: {exc}") from None

@@ -1,0 +1,218 @@
+"""Self-speculative decoding: the first E blocks draft, the full model verifies, one KV cache.
+
+One round, with n the position of the newest committed token (not yet in the cache):
+
+1. Draft: for i = 0, 1, ..., run blocks [0, E) on the token at position n + i, writing
+   their keys/values into the shared cache, unembed through the shared head and propose
+   the next token. Keep every exit hidden state. Drafting stops after ``k`` tokens, at an
+   end-of-sequence draft, when only one more token fits, or (adaptive) when the draft's top
+   probability falls below ``adaptive_threshold`` (that draft is dropped; its input's exit
+   hidden state is kept).
+2. The last draft token still needs blocks [0, E) (the *tail*: no head), unless the round
+   ended on a dropped draft or an end-of-sequence draft.
+3. Verify: ONE ``run_blocks(kept_hidden, E, L)`` over all those positions, reusing the
+   draft's work in [0, E) (never recomputed), then one unembed: the full model's logits at
+   positions n .. n + m.
+4. Accept the longest prefix of drafts the full model agrees with (greedy: equal to its
+   argmax; sampling: speculative rejection sampling, accept with probability min(1, p/q),
+   else resample from normalize(max(p - q, 0))), then add one token from the full model (the
+   correction, or the bonus after an all-accepted draft), and roll the cache back to the
+   committed tokens with ``cache.truncate``.
+
+Greedy output is token-for-token the greedy autoregressive output; sampled output follows
+the full model's distribution exactly (the draft only changes the speed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from layerskip.cache import KVCache
+from layerskip.errors import ConfigError
+from layerskip.generate.autoregressive import Decoding, prefill, token_buffer
+from layerskip.generate.base import GenerationResult, OnTokens, SamplingConfig, sample_token, sampling_probs
+from layerskip.model import Transformer
+
+
+@dataclass
+class Draft:
+    """What one drafting pass leaves for the verifier."""
+
+    tokens: list[int]  # proposed tokens d_1 .. d_m
+    probs: list[torch.Tensor]  # q_i (V,) each, only when sampling
+    hidden: torch.Tensor  # (1, T, C) exit hidden states after E blocks, positions n .. n+T-1, T in {m, m+1}
+
+
+@dataclass
+class Verdict:
+    """The outcome of verifying one draft."""
+
+    tokens: list[int]  # accepted drafts, then the full model's token (if any)
+    accepted: int  # how many drafts were accepted
+
+
+@dataclass
+class SpecStats:
+    """Acceptance counters over one generation."""
+
+    k: int
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    histogram: list[int] | None = None  # rounds by number of accepted drafts, index 0..k
+
+    def __post_init__(self) -> None:
+        self.histogram = [0] * (self.k + 1)
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.histogram[accepted] += 1
+
+    def as_dict(self, new_tokens: int) -> dict:
+        return {
+            "rounds": self.rounds,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "mean_accepted_length": self.accepted / self.rounds if self.rounds else 0.0,
+            "tokens_per_round": new_tokens / self.rounds if self.rounds else 0.0,
+            "accepted_length_histogram": list(self.histogram),
+        }
+
+
+class SelfSpeculative:
+    """Draft with blocks [0, draft_layer) + the shared head, verify with the rest."""
+
+    name = "ssd"
+
+    def __init__(self, draft_layer: int, k: int = 4, *, adaptive_threshold: float | None = None) -> None:
+        if not (isinstance(draft_layer, int) and draft_layer >= 1):
+            raise ConfigError(f"draft_layer must be an integer >= 1 (blocks the draft runs), got {draft_layer!r}")
+        if not (isinstance(k, int) and k >= 1):
+            raise ConfigError(f"k (tokens drafted per round) must be an integer >= 1, got {k!r}")
+        t = adaptive_threshold
+        if t is not None and not (isinstance(t, (int, float)) and 0 < t < 1):
+            raise ConfigError(f"adaptive_threshold must be in (0, 1) (or None for a fixed k), got {t!r}")
+        self.draft_layer, self.k, self.adaptive_threshold = draft_layer, k, t
+
+    def __repr__(self) -> str:
+        return f"SelfSpeculative(draft_layer={self.draft_layer}, k={self.k}, adaptive_threshold={self.adaptive_threshold})"
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        model: Transformer,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        sampling: SamplingConfig = SamplingConfig(),
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+        on_tokens: OnTokens | None = None,
+    ) -> GenerationResult:
+        if self.draft_layer >= model.num_layers:
+            raise ConfigError(
+                f"draft_layer must be in 1..{model.num_layers - 1} for this {model.num_layers}-layer model, "
+                f"got {self.draft_layer}"
+            )
+        run = Decoding.begin(model, prompt_ids, max_new_tokens, eos_id, on_tokens)
+        buf = token_buffer(model, prompt_ids, run.budget)
+        cache = model.new_cache(max_len=len(prompt_ids) + run.budget)
+        if len(prompt_ids) > 1:  # everything but the newest token goes in the cache
+            prefill(model, buf[:, : len(prompt_ids) - 1], cache)
+        stats, token_info = SpecStats(self.k), []
+        while run.stop_reason is None:
+            n = len(prompt_ids) - 1 + len(run.tokens)  # position of the newest token
+            draft = self.draft(model, buf, n, cache, min(self.k, run.remaining - 1), sampling, eos_id, generator)
+            verdict = self.verify(model, draft, n, cache, sampling, generator)
+            kept = run.commit(verdict.tokens)
+            buf[0, n + 1 : n + 1 + kept] = torch.as_tensor(verdict.tokens[:kept])
+            cache.truncate(n + kept)  # the newest committed token is not in the cache
+            stats.add(len(draft.tokens), verdict.accepted)
+            token_info += [{"accepted": i < verdict.accepted} for i in range(kept)]
+        summary = {"draft_layer": self.draft_layer, "k": self.k, "adaptive_threshold": self.adaptive_threshold}
+        return run.result(self.name, {**summary, **stats.as_dict(len(run.tokens))}, token_info)
+
+    def draft(
+        self,
+        model: Transformer,
+        buf: torch.Tensor,  # (1, S) tokens; drafts are written after position n
+        n: int,
+        cache: KVCache,
+        max_drafts: int,
+        sampling: SamplingConfig,
+        eos_id: int | None,
+        generator: torch.Generator | None,
+    ) -> Draft:
+        """Propose up to max_drafts tokens with blocks [0, E), keeping their exit hidden states."""
+        embed, run_blocks, unembed, e = model.embed_tokens, model.run_blocks, model.unembed, self.draft_layer
+        hidden: list[torch.Tensor] = []
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        for i in range(max_drafts):
+            h = run_blocks(embed(buf[:, n + i : n + i + 1]), 0, e, cache=cache, pos=n + i)  # (1, 1, C)
+            hidden.append(h)
+            token, q = self.propose(unembed(h)[0, -1], sampling, generator)
+            if token is None:  # not confident: drop it; this input's hidden state is already kept
+                return Draft(tokens, probs, torch.cat(hidden, dim=1))
+            tokens.append(token)
+            if q is not None:
+                probs.append(q)
+            buf[0, n + i + 1] = token
+            if token == eos_id:  # nothing to verify after it, and no bonus token needed
+                return Draft(tokens, probs, torch.cat(hidden, dim=1))
+        m = len(tokens)  # the tail: the last draft (or the newest token) through [0, E), no head
+        hidden.append(run_blocks(embed(buf[:, n + m : n + m + 1]), 0, e, cache=cache, pos=n + m))
+        return Draft(tokens, probs, torch.cat(hidden, dim=1))
+
+    def propose(
+        self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> tuple[int | None, torch.Tensor | None]:
+        """The draft's token for logits (V,) and its distribution q (None when greedy); None if unsure."""
+        threshold = self.adaptive_threshold
+        if sampling.greedy:
+            if threshold is not None:
+                top, lse = logits.max(), torch.logsumexp(logits.float(), dim=-1)
+                if float(torch.exp(top.float() - lse)) < threshold:
+                    return None, None
+            return int(logits.argmax()), None
+        q = sampling_probs(logits, sampling)
+        if threshold is not None and float(q.max()) < threshold:
+            return None, None
+        return sample_token(q, generator), q
+
+    def verify(
+        self,
+        model: Transformer,
+        draft: Draft,
+        n: int,
+        cache: KVCache,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> Verdict:
+        """One pass of blocks [E, L) over the kept hidden states; accept a prefix + one full-model token."""
+        h = model.run_blocks(draft.hidden, self.draft_layer, model.num_layers, cache=cache, pos=n)
+        logits = model.unembed(h)[0]  # (T, V): row j predicts the token after position n + j
+        m, positions = len(draft.tokens), h.shape[1]
+        if sampling.greedy:
+            targets = logits.argmax(-1).tolist()
+            a = 0
+            while a < m and draft.tokens[a] == targets[a]:
+                a += 1
+            return Verdict(draft.tokens[:a] + targets[a : a + 1], a)
+        p = sampling_probs(logits, sampling)  # (T, V)
+        u = torch.rand(m, generator=generator, device=p.device) if m else None
+        for j, (token, q) in enumerate(zip(draft.tokens, draft.probs)):
+            if u[j] * q[token] < p[j, token]:  # accept with probability min(1, p/q)
+                continue
+            residual = (p[j] - q).clamp_min_(0.0)
+            if float(residual.sum()) <= 0.0:  # p == q up to rounding: nothing to correct
+                residual = p[j]
+            return Verdict(draft.tokens[:j] + [sample_token(residual / residual.sum(), generator)], j)
+        bonus = [sample_token(p[m], generator)] if positions > m else []
+        return Verdict(draft.tokens + bonus, m)
