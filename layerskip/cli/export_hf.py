@@ -68,7 +68,7 @@ def _check(checkpoint: str, out) -> float:
     except ImportError:
         raise ConfigError('--check needs transformers: pip install -e ".[hf]"') from None
     ours = load_checkpoint(checkpoint).model
-    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(out).float().eval()
     cfg = ours.config
     idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.max_seq_len, 64)), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
