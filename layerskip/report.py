@@ -174,6 +174,46 @@ def per_layer_table(models: list[dict[str, Any]]) -> tuple[list[str], list[list[
     return header, rows
 
 
+HEADLINE_HEADER = ["model", "final word ppl", "AR tokens/s", "fastest greedy SSD", "SSD speed-up",
+                   "SSD acceptance", "featured DEE", "DEE speed-up", "DEE ROUGE-L", "DEE mean exit"]
+
+
+def headline_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per model: the numbers a README quotes."""
+    rows = []
+    for m in results["models"]:
+        ar = next((c for c in m["configs"] if c["id"] == "ar"), {})
+        ssd, dee = featured_ssd(m) or {}, featured_dee(m) or {}
+        final = (m.get("per_layer") or [{}])[-1]
+        rows.append([
+            m["name"], fmt(final.get("word_ppl") or final.get("token_ppl"), 2), fmt(ar.get("tokens_per_second"), 1),
+            ssd.get("label", "–"), fmt(ssd.get("speedup"), 2) + ("×" if ssd else ""), fmt(ssd.get("acceptance_rate"), 3),
+            dee.get("label", "–"), fmt(dee.get("speedup"), 2) + ("×" if dee else ""), fmt(dee.get("rouge_l"), 3),
+            fmt(dee.get("mean_exit_layer"), 2),
+        ])
+    return rows
+
+
+GLOSSARY = [
+    ("tokens/s, ms/token", "median over prompts of new tokens / wall time of the whole generate() call "
+     "(prefill included)"),
+    ("TTFT", "time to first token (median), from the call to the first committed token"),
+    ("speed-up", "median over prompts of (same model's AR ms/token) / (this config's ms/token), AR at the "
+     "same temperature, so AR is 1.00× by definition"),
+    ("accept rate, mean accepted", "SSD: accepted / drafted tokens over all rounds; accepted drafts per round"),
+    ("mean exit layer", "DEE: blocks run per generated token, on average (AR: all L)"),
+    ("blocks/token", "block evaluations per new token (SSD counts drafted and verified positions: "
+     "L × (drafted + rounds) / tokens)"),
+    ("head evals/token", "LM-head evaluations per new token (DEE's confidence checks, SSD's drafts and "
+     "verified positions)"),
+    ("token agreement, ROUGE-L", "greedy configs only: against the same model's AR greedy output on the "
+     "same prompt (agreement pooled over tokens; ROUGE-L F1 over tokens, mean over prompts)"),
+    ("gen. ppl", "perplexity of the generated tokens under the full model, given their prompt"),
+    ("peak memory", "GPU: torch.cuda.max_memory_allocated during the config's runs; on CPU only the "
+     "process's peak RSS is measurable (shown above)"),
+]
+
+
 def run_rows(results: dict[str, Any]) -> list[list[str]]:
     machine, versions, settings = results.get("machine", {}), results.get("versions", {}), results.get("settings", {})
     rows = [
@@ -426,7 +466,10 @@ def featured_samples(model: dict[str, Any]) -> list[tuple[dict[str, Any], list[d
 
 
 def write_markdown(results: dict[str, Any], files: ReportFiles) -> str:
-    parts = ["# layerskip benchmark report", "", markdown_table(["", ""], run_rows(results)), ""]
+    parts = ["# layerskip benchmark report", "", markdown_table(["", ""], run_rows(results)), "",
+             "## Headline", "", markdown_table(HEADLINE_HEADER, headline_rows(results)), "",
+             "Featured DEE: the calibrated thresholds if benchmarked, else the fastest sweep config with "
+             "ROUGE-L ≥ 0.9. Column definitions are at the end.", ""]
     table = per_layer_table(results["models"])
     parts += ["## Per-layer evaluation", ""]
     if table:
@@ -446,6 +489,7 @@ def write_markdown(results: dict[str, Any], files: ReportFiles) -> str:
         parts += [f"![{PLOT_TITLES[name]}]({path.name})", ""]
     for name, why in files.missing_plots.items():
         parts += [f"- {PLOT_TITLES[name]}: not drawn ({why}).", ""]
+    parts += ["## Columns", ""] + [f"- **{term}**: {text}." for term, text in GLOSSARY] + [""]
     return "\n".join(parts)
 
 
@@ -489,7 +533,8 @@ window.addEventListener("error", function (e) { window.__reportErrors.push(Strin
 
 
 def write_html(results: dict[str, Any], files: ReportFiles) -> str:
-    body = ["<h1>layerskip benchmark report</h1>", html_table(["", ""], run_rows(results), "run")]
+    body = ["<h1>layerskip benchmark report</h1>", html_table(["", ""], run_rows(results), "run"),
+            "<h2>Headline</h2>", html_table(HEADLINE_HEADER, headline_rows(results), "headline")]
     body.append("<h2>Plots</h2>")
     for name, path in files.plots.items():
         data = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -509,6 +554,8 @@ def write_html(results: dict[str, Any], files: ReportFiles) -> str:
             body += [f"<h4>{html.escape(config.get('label') or config['id'])}</h4>",
                      legend_html(config["strategy"], m.get("num_layers", 1))]
             body += [sample_html(s, config["strategy"], m.get("num_layers", 1)) for s in samples]
+    body.append("<h2>Columns</h2><ul>" + "".join(
+        f"<li><b>{html.escape(term)}</b>: {html.escape(text)}.</li>" for term, text in GLOSSARY) + "</ul>")
     body.append('<p id="status">not rendered</p>')
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -71,6 +71,10 @@ def test_markdown_tables_have_the_right_rows(report, results):
         assert ar[4] == "1.00×"  # AR's speed-up column
         ssd = [row for row, c in zip(rows, model["configs"]) if c["strategy"] == "ssd" and c["greedy"]]
         assert ssd and all(row[11] == "1.000" for row in ssd)  # greedy SSD's ROUGE-L
+    headline = markdown_section_rows(md, "## Headline")
+    assert [row[0] for row in headline] == ["layerskip", "baseline"]
+    assert headline[0][6] == "DEE calibrated (saturation, δ=0.1)"  # calibrated DEE is featured when run
+    assert headline[0][3].startswith("SSD E=") and headline[0][4].endswith("×")
     run = markdown_section_rows(md, "# layerskip benchmark report")
     assert run[0] == ["command", "layerskip bench (test)"]
     for name in PLOT_FILES.values():
