@@ -1,0 +1,192 @@
+"""Generate text from a checkpoint: autoregressive (ar), self-speculative (ssd) or dynamic early exit (dee).
+
+  layerskip generate --checkpoint runs/layerskip --prompt " = Robert Boulter = " --max_length 100
+  layerskip generate --checkpoint runs/layerskip --prompt "The game" --mode ssd --draft_layer 3 --k 4
+  layerskip generate --checkpoint runs/layerskip --prompt "The game" --temperature 0.8 --top_p 0.9 --seed 1
+
+The prompt and then the new text stream to stdout as they are produced; statistics (tokens/s,
+ms/token, acceptance rate, mean accepted length, exit layers) go to stderr and, with --json
+OUT, to one JSON document. Temperature 0 (the default) or --greedy means greedy decoding;
+greedy ssd prints exactly what greedy ar prints, only faster.
+
+Prompts: an empty prompt, or one that fills the model's context, is an error. When the prompt
+plus --max_length new tokens would not fit in the context, generation stops when the context
+is full and the statistics say stop_reason "context".
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from typing import Any
+
+from layerskip.cli.common import add_checkpoint_arg, add_device_arg, add_flag
+
+HAS_DEE_ARGS = importlib.util.find_spec("layerskip.cli.dee_args") is not None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arg(parser)
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    add_flag(parser, "max_length", type=int, default=100, help="new tokens to generate at most (default 100)")
+    add_flag(parser, "mode", choices=("ar", "ssd", "dee"), default="ar",
+             help="ar: autoregressive; ssd: self-speculative; dee: dynamic early exit (default ar)")
+    sampling = parser.add_argument_group("sampling")
+    add_flag(sampling, "temperature", type=float, default=0.0, help="0 (default) means greedy")
+    add_flag(sampling, "greedy", action="store_true", help="greedy decoding, whatever --temperature says")
+    add_flag(sampling, "top_k", type=int, default=None, help="sample only among the K most likely tokens")
+    add_flag(sampling, "top_p", type=float, default=None, help="sample only from the smallest set holding mass P")
+    add_flag(sampling, "seed", type=int, default=0, help="random seed of the sampler (default 0)")
+    add_flag(sampling, "stop_at_eol", action="store_true", help="stop at the first end of line")
+    ssd = parser.add_argument_group("self-speculative decoding (--mode ssd)")
+    add_flag(ssd, "draft_layer", type=int, default=None,
+             help="E: the draft runs the first E blocks and the shared head (default: half the layers)")
+    add_flag(ssd, "k", type=int, default=4, help="tokens drafted per round (the most, with --adaptive_threshold)")
+    add_flag(ssd, "adaptive_threshold", type=float, default=None,
+             help="stop drafting when the draft's top probability falls below this (default: always draft k)")
+    if HAS_DEE_ARGS:
+        from layerskip.cli.dee_args import add_dee_arguments
+
+        add_dee_arguments(parser)
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write text and statistics as JSON to OUT")
+    add_flag(parser, "threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_arg(parser)
+
+
+class TextStream:
+    """Prints the decoded sequence as it grows: decode everything, print the new suffix.
+
+    Decoding the whole sequence (not token by token) keeps SentencePiece's spacing and
+    multi-byte characters right; text is held back while it ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], out: Any) -> None:
+        self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out
+        self.printed = ""
+
+    def write(self, new_ids: list[int]) -> None:
+        self.ids.extend(new_ids)
+        self.flush(final=False)
+
+    def flush(self, final: bool = True) -> None:
+        text = self.tokenizer.decode(self.ids)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            self.out.write(text[len(self.printed) :])
+            self.out.flush()
+            self.printed = text
+
+
+def build_strategy(args: argparse.Namespace, model: Any):
+    from layerskip.errors import ConfigError
+    from layerskip.generate import make_strategy
+
+    if args.mode == "dee":
+        if not HAS_DEE_ARGS:
+            raise ConfigError("--mode dee is not built yet; use --mode ar or --mode ssd")
+        from layerskip.cli.dee_args import build_dee
+
+        return build_dee(args, model)
+    if args.mode == "ssd":
+        draft_layer = args.draft_layer if args.draft_layer is not None else max(1, model.num_layers // 2)
+        return make_strategy("ssd", draft_layer=draft_layer, k=args.k, adaptive_threshold=args.adaptive_threshold)
+    return make_strategy("ar")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line of statistics for stderr."""
+    parts = [
+        f"{summary['strategy']}: {summary['new_tokens']} tokens in {summary['seconds']:.3f} s",
+        f"{summary['tokens_per_second']:.1f} tokens/s",
+        f"{summary['ms_per_token']:.2f} ms/token",
+        f"first token {1000 * summary['time_to_first_token']:.1f} ms",
+        f"stop: {summary['stop_reason']}",
+    ]
+    if "acceptance_rate" in summary:
+        parts.append(
+            f"acceptance {summary['acceptance_rate']:.3f}, mean accepted length "
+            f"{summary['mean_accepted_length']:.2f} (E={summary['draft_layer']}, k={summary['k']})"
+        )
+    for key in ("mean_exit_layer",):
+        if key in summary:
+            parts.append(f"{key.replace('_', ' ')} {summary[key]:.2f}")
+    return ", ".join(parts)
+
+
+def continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The new text as it reads after the prompt (decoding it alone would drop its leading space)."""
+    before, after = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
+    return after[len(before) :] if after.startswith(before) else tokenizer.decode(new_ids)
+
+
+def write_json(document: dict[str, Any], path: str) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    from layerskip.errors import ConfigError
+
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json {target} is a directory; give a file name")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, target)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from layerskip.bench import resolve_device
+    from layerskip.checkpoint import load_checkpoint
+    from layerskip.errors import ConfigError
+    from layerskip.generate import SamplingConfig
+
+    if args.max_length < 1:
+        raise ConfigError(f"--max_length must be >= 1, got {args.max_length}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    sampling = SamplingConfig(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    model, tokenizer = ckpt.model, ckpt.tokenizer
+    strategy = build_strategy(args, model)
+    prompt_ids = tokenizer.encode(args.prompt)
+    stream = TextStream(tokenizer, prompt_ids, sys.stdout)
+    stream.flush(final=False)  # the prompt, as the model sees it
+    result = strategy.generate(
+        model,
+        prompt_ids,
+        args.max_length,
+        sampling=sampling,
+        eos_id=tokenizer.eol_id if args.stop_at_eol else None,
+        generator=torch.Generator(device=model.embed_tokens.weight.device).manual_seed(args.seed),
+        on_tokens=stream.write,
+    )
+    stream.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    summary = result.summary()
+    print(describe(summary), file=sys.stderr)
+    if args.json:
+        write_json(
+            {
+                "command": ["layerskip", *sys.argv[1:]],
+                "checkpoint": str(ckpt.path),
+                "mode": args.mode,
+                "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                             "seed": args.seed},
+                "prompt": args.prompt,
+                "prompt_ids": prompt_ids,
+                "text": continuation(tokenizer, prompt_ids, result.tokens),
+                "tokens": result.tokens,
+                "summary": summary,
+                "token_info": result.token_info,
+            },
+            args.json,
+        )
+    return 0
