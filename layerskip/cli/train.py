@@ -1,0 +1,117 @@
+"""Train a model on WikiText-2, with LayerSkip (the default) or plain (the baseline).
+
+LayerSkip (per-sample layer dropout growing with depth + early-exit loss with a curriculum):
+  layerskip train --out runs/layerskip --time_budget 18 --eval
+
+Plain training, the baseline:
+  layerskip train --out runs/plain --max_skip_prob 0 --early_exit_scale 0 --time_budget 18 --eval
+
+The seed study's spellings work too (--d_model or --d-model, ...), and so does its
+"--train --eval" form: train, then evaluate every layer of the best checkpoint on the test
+split. --eval alone evaluates the run already in --out. The run directory gets best/ and
+last/ checkpoints and metrics.jsonl; --resume continues a stopped run exactly where it was,
+--overwrite replaces one. Under torchrun every process trains its share of each batch
+(DistributedDataParallel) and only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from layerskip.cli.common import add_data_dir_arg, add_device_arg, add_flag
+
+# (flag, type, help); every flag's default is None: "not given", so the config's default
+# (or, with --resume, the saved run's value) applies.
+TRAIN_FLAGS: list[tuple[str, type, str]] = [
+    ("d_model", int, "model width (default 128)"),
+    ("num_layers", int, "number of blocks (default 6)"),
+    ("num_heads", int, "attention heads (default 8)"),
+    ("d_ff", int, "SwiGLU hidden size (default 512)"),
+    ("dropout", float, "dropout (default 0.1)"),
+    ("vocab_size", int, "tokenizer vocabulary; the model's vocabulary is the tokenizer's (default 8192)"),
+    ("seq_len", int, "training context in tokens (default 256)"),
+    ("batch_size", int, "sequences per step, across all processes (default 32)"),
+    ("lr", float, "peak learning rate (default 2e-3)"),
+    ("warmup", int, "linear warm-up steps before cosine decay (default 100)"),
+    ("weight_decay", float, "AdamW weight decay of matrices (default 0.1)"),
+    ("grad_clip", float, "gradient-norm clipping, 0 for none (default 1.0)"),
+    ("epochs", int, "stop after this many epochs"),
+    ("max_steps", int, "stop after this many steps"),
+    ("time_budget", float, "stop after this many minutes (validation included); the LR schedule fits it"),
+    ("seed", int, "random seed (default 0)"),
+    ("max_skip_prob", float, "layer dropout of the last block; 0 turns layer dropout off (default 0.1)"),
+    ("early_exit_scale", float, "early-exit loss scale; 0 trains the last layer only (default 1.0)"),
+    ("early_exit_rotation", int, "rotational curriculum: every R-th exit each step (default 2)"),
+    ("early_exit_gradual_steps", int, "gradual curriculum: steps to enable every exit (default: the run)"),
+    ("val_every", int, "also validate every N steps (default: each epoch only)"),
+    ("val_tokens", int, "validate on the first N valid tokens only (default: all)"),
+    ("eval_batch_size", int, "sequences per evaluation batch (default 16)"),
+    ("save_every", int, "steps between last/ checkpoints (default 100)"),
+    ("log_every", int, "steps between metrics.jsonl records (default 1)"),
+    ("loss_chunk", int, "tokens per chunk of the head + loss (default 4096)"),
+]
+CHOICE_FLAGS: list[tuple[str, list[str], str]] = [
+    ("early_exit_curriculum", ["none", "rotational", "gradual"], "which exits get a loss each step (default rotational)"),
+    ("layer_dropout_schedule", ["linear", "exp"], "how skip probability grows with depth (default linear)"),
+    ("layer_dropout_ramp", ["constant", "exp"], "how it grows over training time (default constant)"),
+    ("precision", ["fp32", "bf16"], "bf16 autocast or full fp32 (default bf16)"),
+    ("tokenizer_type", ["bpe", "unigram"], "SentencePiece model type (default bpe)"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
+    add_data_dir_arg(parser)
+    add_device_arg(parser)
+    parser.add_argument("--train", action="store_true", help="train (the default unless only --eval is given)")
+    parser.add_argument("--eval", action="store_true", help="then evaluate every layer of the best checkpoint")
+    parser.add_argument("--eval_split", "--eval-split", dest="eval_split", default="test", choices=["valid", "test"])
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("model and training settings")
+    for name, kind, help_text in TRAIN_FLAGS:
+        add_flag(group, name, type=kind, default=None, help=help_text)
+    for name, choices, help_text in CHOICE_FLAGS:
+        add_flag(group, name, choices=choices, default=None, help=help_text)
+    add_flag(group, "compile", action=argparse.BooleanOptionalAction, default=None,
+             help="torch.compile each block separately (default on)")
+
+
+def explicit_settings(args: argparse.Namespace) -> dict:
+    names = [n for n, _, _ in TRAIN_FLAGS] + [n for n, _, _ in CHOICE_FLAGS] + ["compile"]
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from layerskip.train import TrainConfig, resume_config, train
+
+    out = Path(args.out)
+    do_train = args.train or not args.eval
+    if do_train:
+        settings = explicit_settings(args)
+        cfg = resume_config(out, settings) if args.resume else TrainConfig(**settings)
+        result = train(cfg, out, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
+                       device=args.device, progress=not args.quiet)
+        if result.val is not None:
+            print(result.val.table())
+        print(f"trained {result.step} steps (stopped: {result.stopped}); best checkpoint {result.best}")
+    if args.eval:
+        return evaluate_run(out, args)
+    return 0
+
+
+def evaluate_run(out, args: argparse.Namespace) -> int:
+    from layerskip.cli.evaluate import write_json
+    from layerskip.evaluate import evaluate_checkpoint
+    from layerskip.train import init_distributed, resolve_device
+
+    if not init_distributed(resolve_device(args.device)).main:
+        return 0  # under torchrun, rank 0 evaluates
+
+    result = evaluate_checkpoint(out, split=args.eval_split, data_dir=args.data_dir, device=args.device)
+    print(result.table())
+    write_json(result, out / f"eval_{args.eval_split}.json")
+    return 0

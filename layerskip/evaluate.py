@@ -1,0 +1,150 @@
+"""Per-layer evaluation: every exit 1..L from one pass through the trunk.
+
+Each exit's loss is the mean NLL per token over non-overlapping windows that cover the
+split once (``layerskip.data.eval_windows``); token-level perplexity is exp(loss) and
+word-level perplexity is exp(total NLL / words), the literature's number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from layerskip.data import eval_windows
+from layerskip.losses import exit_nll_sums
+from layerskip.model import Transformer
+
+
+@dataclass
+class LayerEval:
+    layer: int  # exit after this many blocks
+    loss: float  # mean NLL per token (nats)
+    token_ppl: float
+    word_ppl: float | None  # None when only part of the split was read
+
+
+@dataclass
+class EvalResult:
+    split: str
+    tokens: int  # predicted tokens
+    words: int | None  # words of the whole split (None if unknown or partial)
+    layers: list[LayerEval]
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> LayerEval:
+        return self.layers[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable per-layer table."""
+        lines = [f"{self.split}: {self.tokens:,} tokens" + (f", {self.words:,} words" if self.words else ""),
+                 f"{'exit':>5} {'loss':>8} {'token ppl':>10} {'word ppl':>10}"]
+        for r in self.layers:
+            word = f"{r.word_ppl:10.2f}" if r.word_ppl is not None else f"{'-':>10}"
+            lines.append(f"{r.layer:>5} {r.loss:8.4f} {r.token_ppl:10.2f} {word}")
+        return "\n".join(lines)
+
+
+def _ppl(nats: float) -> float:
+    return math.exp(nats) if nats < 700 else math.inf
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Transformer,
+    tokens: np.ndarray,
+    *,
+    split: str = "valid",
+    words: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_size: int = 2048,
+) -> EvalResult:
+    """Loss and perplexity of every exit 1..L on `tokens` (one trunk pass per window).
+
+    max_tokens: read only the first max_tokens + 1 tokens (word perplexity is then omitted).
+    """
+    import time
+
+    start = time.perf_counter()
+    seq_len = seq_len or model.config.max_seq_len
+    L = model.num_layers
+    partial = max_tokens is not None and max_tokens + 1 < len(tokens)
+    if partial:
+        tokens = tokens[: max_tokens + 1]
+    device = model.embed_tokens.weight.device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(L, dtype=torch.float64)
+    count = 0
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
+    try:
+        with autocast:
+            for x, y in eval_windows(tokens, seq_len, batch_size):
+                x, y = x.to(device), y.to(device)
+                out = model(x, exits=range(1, L + 1), compute_logits=False)
+                hidden = torch.stack([out.exit_hidden[k] for k in range(1, L + 1)])  # (L, B, T, C)
+                normed = model.norm(hidden).flatten(1, 2)  # (L, N, C)
+                sums += exit_nll_sums(normed, model.lm_head.weight, y.flatten(), chunk_size).double().cpu()
+                count += y.numel()
+    finally:
+        model.train(was_training)
+    layers = []
+    for k in range(1, L + 1):
+        total = sums[k - 1].item()
+        loss = total / max(count, 1)
+        word_ppl = _ppl(total / words) if words and not partial else None
+        layers.append(LayerEval(layer=k, loss=loss, token_ppl=_ppl(loss), word_ppl=word_ppl))
+    return EvalResult(
+        split=split,
+        tokens=count,
+        words=None if partial else words,
+        layers=layers,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    split: str = "test",
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+) -> EvalResult:
+    """Evaluate a checkpoint (or a run directory's best one) on a WikiText-2 split."""
+    from layerskip.checkpoint import load_checkpoint
+    from layerskip.data import load_corpus
+    from layerskip.train import resolve_device
+
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, device=dev)
+    corpus = load_corpus(data_dir, tokenizer=ckpt.tokenizer)
+    seq_len = int(ckpt.train_config.get("seq_len", ckpt.model_config.max_seq_len))
+    result = evaluate_model(
+        ckpt.model,
+        corpus.tokens[split],
+        split=split,
+        words=corpus.words[split],
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+    )
+    result.meta = {"checkpoint": str(ckpt.path), "parameters": ckpt.model.num_parameters(),
+                   "model": ckpt.model_config.to_dict(), "step": ckpt.meta.get("step")}
+    return result

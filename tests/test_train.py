@@ -1,0 +1,197 @@
+"""The training loop on a tiny corpus: learning, exact resume, compile == eager, refusals, NaN stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from layerskip.checkpoint import load_checkpoint, load_trainer_state
+from layerskip.cli import main
+from layerskip.data import load_corpus
+from layerskip.errors import ConfigError
+from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS
+from layerskip.train import TrainConfig, TrainingDiverged, resume_config, step_plan, train
+
+TINY = dict(d_model=32, num_layers=4, num_heads=4, d_ff=64, dropout=0.1, vocab_size=400, seq_len=32,
+            batch_size=8, warmup=3, lr=3e-3, precision="fp32", compile=False, eval_batch_size=8, loss_chunk=64)
+
+
+def tiny_cfg(**overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_corpus_dir, tmp_path_factory):
+    import os
+
+    old = os.environ.get("LAYERSKIP_CACHE_DIR")
+    os.environ["LAYERSKIP_CACHE_DIR"] = str(tmp_path_factory.mktemp("train-cache"))
+    try:
+        return load_corpus(tiny_corpus_dir, tiny_cfg().tokenizer_config())
+    finally:
+        if old is None:
+            del os.environ["LAYERSKIP_CACHE_DIR"]
+        else:
+            os.environ["LAYERSKIP_CACHE_DIR"] = old
+
+
+def weights(run_dir, which="last"):
+    return load_checkpoint(run_dir / which).model.state_dict()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_train_config_refuses_unknown_and_impossible_settings():
+    with pytest.raises(ConfigError, match="unknown"):
+        TrainConfig.from_dict({"max_skip_prop": 0.1})
+    for bad in (dict(max_skip_prob=1.5), dict(lr=0.0), dict(batch_size=0), dict(num_heads=5),
+                dict(early_exit_curriculum="random"), dict(precision="fp16"), dict(time_budget=-1.0),
+                dict(early_exit_scale=-1.0), dict(layer_dropout_schedule="cosine"), dict(max_steps=0)):
+        with pytest.raises(ConfigError):
+            tiny_cfg(**bad)
+    assert tiny_cfg(max_skip_prob=0, early_exit_scale=0).plain and not tiny_cfg().plain
+
+
+@pytest.mark.parametrize("curriculum", CURRICULA)
+@pytest.mark.parametrize("schedule", LAYER_DROPOUT_SCHEDULES)
+@pytest.mark.parametrize("ramp", TIME_RAMPS)
+def test_every_schedule_and_curriculum_is_reachable(curriculum, schedule, ramp):
+    cfg = tiny_cfg(early_exit_curriculum=curriculum, layer_dropout_schedule=schedule, layer_dropout_ramp=ramp,
+                   max_skip_prob=0.4)
+    plans = [step_plan(cfg, s, 10) for s in range(10)]
+    assert all(exits[-1] == 4 and sum(w) == pytest.approx(1.0) for exits, w, _ in plans)
+    assert all(p[0] == 0.0 and max(p) <= 0.4 + 1e-12 for _, _, p in plans)
+    assert plans[-1][2][-1] == pytest.approx(0.4)
+    if ramp == "exp":
+        assert plans[0][2] == [0.0] * 4  # the paper's ramp starts with no skipping
+    if curriculum == "none":
+        assert all(exits == [1, 2, 3, 4] for exits, _, _ in plans)
+    plain = step_plan(tiny_cfg(early_exit_curriculum=curriculum, early_exit_scale=0, max_skip_prob=0), 3, 10)
+    assert plain == ([4], [1.0], [0.0] * 4)
+
+
+# ----------------------------------------------------------------------------- learning, resume
+
+
+def test_tiny_model_loss_decreases_and_run_dir_is_complete(tmp_path, corpus):
+    result = train(tiny_cfg(max_steps=40, val_every=20), tmp_path / "run", corpus=corpus, progress=False)
+    assert result.step == 40 and result.stopped == "max_steps"
+    first, last = result.losses[0], sum(result.losses[-5:]) / 5
+    assert first > 5.5 and last < first - 1.0, (first, last)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r["type"] == "val"]
+    assert [v["step"] for v in vals] == [20, 40] and len(vals[0]["layers"]) == 4
+    assert vals[1]["layers"][-1]["loss"] < vals[0]["layers"][-1]["loss"]
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 41))
+    best = load_checkpoint(tmp_path / "run")  # a run directory means its best checkpoint
+    assert best.path.name == "best" and best.meta["val_loss"] == pytest.approx(vals[1]["layers"][-1]["loss"])
+    assert best.train_config["max_steps"] == 40
+    assert load_trainer_state(tmp_path / "run" / "last")["step"] == 40
+
+
+@pytest.mark.parametrize("curriculum,ramp", [("rotational", "exp"), ("gradual", "constant")])
+def test_resume_after_stopping_gives_the_same_losses(tmp_path, corpus, curriculum, ramp):
+    cfg = tiny_cfg(max_steps=12, max_skip_prob=0.5, early_exit_curriculum=curriculum, layer_dropout_ramp=ramp,
+                   early_exit_rotation=3, val_every=4, save_every=3)
+    whole = train(cfg, tmp_path / "whole", corpus=corpus, progress=False)
+    first = train(cfg, tmp_path / "split", corpus=corpus, progress=False, stop_at_step=7)
+    assert first.stopped == "stop_at_step" and first.step == 7
+    state = load_trainer_state(tmp_path / "split" / "last")
+    assert state["step"] == 7 and state["total_steps"] == 12
+    assert state["curriculum"]["next_exits"] == step_plan(cfg, 7, 12)[0]
+    second = train(resume_config(tmp_path / "split"), tmp_path / "split", corpus=corpus, progress=False, resume=True)
+    assert first.losses + second.losses == whole.losses  # exactly, step for step
+    for name, w in weights(tmp_path / "whole").items():
+        assert torch.equal(w, weights(tmp_path / "split")[name]), name
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    exits = [json.loads(x)["exits"] for x in lines if json.loads(x)["type"] == "train"]
+    assert exits == [step_plan(cfg, s, 12)[0] for s in range(12)]
+
+
+def test_compiled_blocks_match_eager_while_the_exit_set_changes(tmp_path, corpus):
+    cfg = tiny_cfg(max_steps=4, dropout=0.0, max_skip_prob=0.0, early_exit_rotation=2, val_every=100)
+    eager = train(cfg, tmp_path / "eager", corpus=corpus, progress=False)
+    compiled = train(cfg.replace(compile=True), tmp_path / "compiled", corpus=corpus, progress=False)
+    assert [step_plan(cfg, s, 4)[0] for s in range(4)] == [[1, 3, 4], [2, 4], [1, 3, 4], [2, 4]]
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled.val.final.loss, eager.val.final.loss, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_trains(tmp_path, corpus):
+    result = train(tiny_cfg(max_steps=6, precision="bf16"), tmp_path / "run", corpus=corpus, progress=False)
+    fp32 = train(tiny_cfg(max_steps=6), tmp_path / "run32", corpus=corpus, progress=False)
+    assert all(abs(a - b) < 0.05 for a, b in zip(result.losses, fp32.losses))
+
+
+def test_time_budget_stops_the_run(tmp_path, corpus):
+    result = train(tiny_cfg(time_budget=0.05, epochs=1000), tmp_path / "run", corpus=corpus, progress=False)
+    assert result.stopped == "time_budget" and 13 <= result.step < 1000 * 56
+    assert (tmp_path / "run" / "best").is_dir()
+
+
+# ----------------------------------------------------------------------------- refusals, failures
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, corpus):
+    out = tmp_path / "run"
+    train(tiny_cfg(max_steps=2), out, corpus=corpus, progress=False)
+    before = (out / "last" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="--resume .* or --overwrite"):
+        train(tiny_cfg(max_steps=2), out, corpus=corpus, progress=False)
+    assert (out / "last" / "model.safetensors").read_bytes() == before
+    with pytest.raises(ConfigError, match="contradict"):
+        train(tiny_cfg(max_steps=2), out, corpus=corpus, progress=False, resume=True, overwrite=True)
+    with pytest.raises(ConfigError, match="differ"):
+        resume_config(out, {"d_model": 64})
+    assert resume_config(out, {"max_steps": 3}).max_steps == 3
+    result = train(tiny_cfg(max_steps=3), out, corpus=corpus, progress=False, resume=True)
+    assert result.step == 3 and len(result.losses) == 1
+    result = train(tiny_cfg(max_steps=1), out, corpus=corpus, progress=False, overwrite=True)
+    assert result.step == 1
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        train(tiny_cfg(max_steps=1), tmp_path / "file", corpus=corpus, progress=False)
+    with pytest.raises(ConfigError, match="no resumable run"):
+        train(tiny_cfg(max_steps=1), tmp_path / "new", corpus=corpus, progress=False, resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
+    import layerskip.train as train_module
+
+    real = train_module.exit_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, per_exit = real(*args, **kwargs)
+        return (loss * float("nan"), per_exit) if calls["n"] > 4 else (loss, per_exit)
+
+    monkeypatch.setattr(train_module, "exit_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="step 5: the loss became nan.*last good checkpoint"):
+        train(tiny_cfg(max_steps=10, save_every=2), out, corpus=corpus, progress=False)
+    assert load_trainer_state(out / "last")["step"] == 4
+    for w in weights(out).values():
+        assert torch.isfinite(w).all()
+
+
+def test_cli_train_then_eval_seed_form(tmp_path, tiny_corpus_dir, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--train", "--eval", "--out", str(out), "--data-dir", str(tiny_corpus_dir), "--quiet",
+            "--d_model", "32", "--num-layers", "2", "--num_heads", "4", "--d-ff", "64", "--vocab_size", "400",
+            "--seq_len", "32", "--batch_size", "8", "--max_steps", "3", "--max_skip_prob", "0.2",
+            "--precision", "fp32", "--no-compile", "--early_exit_curriculum", "none"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "word ppl" in printed and "trained 3 steps" in printed
+    report = json.loads((out / "eval_test.json").read_text())
+    assert report["split"] == "test" and [r["layer"] for r in report["layers"]] == [1, 2]
+    assert main(args) == 2  # the run exists: refused
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--max_steps", "4", "--quiet",
+                 "--data-dir", str(tiny_corpus_dir)]) == 0
+    assert load_trainer_state(out / "last")["step"] == 4
+    assert main(["train", "--out", str(out), "--resume", "--d_model", "64", "--data-dir", str(tiny_corpus_dir)]) == 2
