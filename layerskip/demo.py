@@ -1,0 +1,162 @@
+"""The whole study in one command: a fixed sequence of ordinary `layerskip` commands.
+
+Each stage is exactly a subcommand a user could type (and the demo prints it, and records
+it in DIR/demo.json), run in-process through the same CLI. Finished stages are recorded
+as they finish, so re-running the demo skips them; an interrupted training stage resumes
+from its last checkpoint. Both models get the same share of the time budget, so the
+LayerSkip-vs-plain comparison is at equal wall-clock training time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerskip.errors import ConfigError, LayerskipError
+
+STATE_FILE = "demo.json"
+# Shares of the budget: the two trainings get most of it, equally.
+TRAIN_SHARE = 0.36
+# LayerSkip recipe of the demo (the seed study's layer dropout, the paper's exit loss).
+LAYERSKIP_FLAGS = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational"]
+PLAIN_FLAGS = ["--max_skip_prob", "0", "--early_exit_scale", "0"]
+# --smoke: check the pipeline in seconds (compilation alone would take a minute).
+SMOKE_TRAIN_FLAGS = ["--no-compile", "--precision", "fp32"]
+SMOKE_BENCH_FLAGS = ["--draft_layers", "1", "--ks", "2", "--dee_measures", "softmax", "--dee_thresholds", "0.5",
+                     "--warmup", "0", "--eval_tokens", "1000", "--num_samples", "1"]
+
+
+@dataclass
+class DemoSettings:
+    out: Path
+    budget_minutes: float = 20.0
+    data_dir: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    model_flags: list[str] = field(default_factory=list)  # passed to both trainings, e.g. ["--d_model", "64"]
+    max_steps: int | None = None  # cap each training (tiny runs); the time budget still applies
+    delta: float = 0.05
+    num_prompts: int = 16
+    new_tokens: int = 64
+    bench_flags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not (self.budget_minutes > 0):
+            raise ConfigError(f"--budget must be a positive number of minutes, got {self.budget_minutes}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file; give a directory for the demo's runs and report")
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]  # after `layerskip`
+    done_when: Path  # the file that exists once the stage has finished
+
+    @property
+    def command(self) -> str:
+        import shlex
+
+        return "layerskip " + " ".join(shlex.quote(a) for a in self.argv)
+
+
+def plan_stages(s: DemoSettings) -> list[Stage]:
+    out = s.out
+    common = (["--data-dir", s.data_dir] if s.data_dir else []) + ["--device", s.device]
+    train_minutes = f"{s.budget_minutes * TRAIN_SHARE:.3g}"
+    steps = ["--max_steps", str(s.max_steps)] if s.max_steps else []
+
+    def train(name: str, recipe: list[str]) -> Stage:
+        argv = ["train", "--out", str(out / name), "--time_budget", train_minutes, "--seed", str(s.seed),
+                *steps, *recipe, *s.model_flags, *common]
+        return Stage(f"train-{name}", argv, out / name / "best" / "config.json")
+
+    thresholds = out / "thresholds.json"
+    results = out / "results.json"
+    report = out / "report"
+    return [
+        train("layerskip", LAYERSKIP_FLAGS),
+        train("plain", PLAIN_FLAGS),
+        Stage("calibrate", ["calibrate", "--checkpoint", str(out / "layerskip"), "--output", str(thresholds),
+                            "--delta", str(s.delta), *common], thresholds),
+        Stage("bench", ["bench", "--checkpoint", str(out / "layerskip"), "--baseline", str(out / "plain"),
+                        "--thresholds", str(thresholds), "--out", str(results), "--num_prompts", str(s.num_prompts),
+                        "--new_tokens", str(s.new_tokens), "--seed", str(s.seed), *s.bench_flags, *common], results),
+        Stage("report", ["report", str(results), "--out", str(report)], report / "index.html"),
+    ]
+
+
+def load_state(out: Path) -> dict[str, Any]:
+    path = out / STATE_FILE
+    if not path.is_file():
+        return {"stages": {}}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"stages": {}}  # a damaged state file only costs re-running stages
+    return state if isinstance(state.get("stages"), dict) else {"stages": {}}
+
+
+def save_state(out: Path, state: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".demo-", dir=out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, out / STATE_FILE)
+
+
+def stage_finished(stage: Stage, state: dict[str, Any]) -> bool:
+    record = state["stages"].get(stage.name, {})
+    return record.get("status") == "done" and record.get("command") == stage.command and stage.done_when.exists()
+
+
+def with_resume(stage: Stage) -> Stage:
+    """A training stage whose run directory already holds a checkpoint continues it."""
+    if stage.name.startswith("train-"):
+        run_dir = Path(stage.argv[stage.argv.index("--out") + 1])
+        if (run_dir / "last" / "config.json").is_file():
+            return Stage(stage.name, [*stage.argv, "--resume"], stage.done_when)
+        if run_dir.exists():
+            return Stage(stage.name, [*stage.argv, "--overwrite"], stage.done_when)  # a run that never saved
+    return stage
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_demo(settings: DemoSettings) -> Path:
+    """Run every unfinished stage; return the report's index.html."""
+    from layerskip.cli import main as cli_main
+
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_state(out)
+    state["settings"] = {"budget_minutes": settings.budget_minutes, "seed": settings.seed}
+    stages = plan_stages(settings)
+    start = time.perf_counter()
+    for number, stage in enumerate(stages, 1):
+        if stage_finished(stage, state):
+            log(f"[{number}/{len(stages)}] {stage.name}: done before, skipped")
+            continue
+        to_run = with_resume(stage)
+        log(f"[{number}/{len(stages)}] {stage.name}\n$ {to_run.command}")
+        stage_start = time.perf_counter()
+        status = cli_main(to_run.argv)
+        if status != 0:
+            raise LayerskipError(
+                f"stage {stage.name} failed (exit status {status}); fix the problem above and re-run the demo, "
+                "which resumes from this stage"
+            )
+        state["stages"][stage.name] = {"status": "done", "command": stage.command,
+                                       "seconds": round(time.perf_counter() - stage_start, 1)}
+        save_state(out, state)
+    state["total_seconds_this_run"] = round(time.perf_counter() - start, 1)
+    save_state(out, state)
+    return stages[-1].done_when

@@ -1,0 +1,59 @@
+"""`layerskip demo` end to end on a tiny configuration, and its resume behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from layerskip.cli import main
+from layerskip.demo import DemoSettings, plan_stages
+
+TINY = ["--d_model", "32", "--num_layers", "3", "--num_heads", "2", "--d_ff", "64", "--seq_len", "64",
+        "--vocab_size", "400", "--batch_size", "4"]
+
+
+def demo_argv(out, data_dir) -> list[str]:
+    return ["demo", "--out", str(out), "--data-dir", str(data_dir), "--budget", "2", "--max_steps", "4",
+            "--num_prompts", "2", "--new_tokens", "6", "--device", "cpu", "--smoke", *TINY]
+
+
+def test_demo_runs_every_stage_then_skips_them(tmp_path, tiny_corpus_dir, capsys):
+    out = tmp_path / "demo"
+    assert main(demo_argv(out, tiny_corpus_dir)) == 0
+    report = out / "report" / "index.html"
+    assert report.is_file() and "<img" in report.read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["layerskip", "baseline"]
+    state = json.loads((out / "demo.json").read_text())
+    names = [s.name for s in plan_stages(DemoSettings(out=out))]
+    assert set(state["stages"]) == set(names)
+    assert all(state["stages"][n]["command"].startswith("layerskip ") for n in names)
+    # Equal training time for both models.
+    budgets = {n: state["stages"][n]["command"].split("--time_budget ")[1].split()[0] for n in names if n.startswith("train-")}
+    assert len(set(budgets.values())) == 1
+
+    # Re-running skips every finished stage.
+    capsys.readouterr()
+    assert main(demo_argv(out, tiny_corpus_dir)) == 0
+    err = capsys.readouterr().err
+    assert err.count("done before, skipped") == len(names)
+
+    # A stage whose output disappeared runs again; the others stay skipped.
+    (out / "report" / "index.html").unlink()
+    assert main(demo_argv(out, tiny_corpus_dir)) == 0
+    err = capsys.readouterr().err
+    assert err.count("done before, skipped") == len(names) - 1 and "$ layerskip report" in err
+    assert report.is_file()
+
+
+def test_demo_refuses_an_output_path_that_is_a_file(tmp_path, tiny_corpus_dir, capsys):
+    out = tmp_path / "afile"
+    out.write_text("x")
+    assert main(demo_argv(out, tiny_corpus_dir)) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_non_positive_budget(tmp_path):
+    with pytest.raises(Exception, match="--budget must be a positive"):
+        DemoSettings(out=tmp_path, budget_minutes=0)
