@@ -484,17 +484,43 @@ def generated_perplexity(model, prompts: list[list[int]], runs: list[Run]) -> fl
 # ----------------------------------------------------------------------------- per-layer eval
 
 
-def per_layer_eval(model, tokens, words: int | None, seq_len: int, settings: BenchSettings) -> list[dict[str, Any]] | None:
+def per_layer_eval(checkpoint, files: dict[str, Path], settings: BenchSettings, device: torch.device,
+                   name: str) -> dict[str, Any]:
     """Loss and token/word perplexity of every exit on the test split (or its first eval_tokens)."""
+    from layerskip.checkpoint import load_checkpoint
+    from layerskip.data import encode_splits
     from layerskip.evaluate import evaluate_model
 
     if settings.eval_tokens == 0:
-        return None
-    result = evaluate_model(model, tokens, split="test", words=words, seq_len=seq_len, max_tokens=settings.eval_tokens)
-    return [
-        {"exit_layer": r.layer, "loss": r.loss, "token_ppl": r.token_ppl, "word_ppl": r.word_ppl}
-        for r in result.layers
-    ]
+        return {"per_layer": None, "per_layer_split": None, "per_layer_tokens": None}
+    ckpt = load_checkpoint(checkpoint, device=device)
+    splits = encode_splits(ckpt.tokenizer, files)
+    tokens, words = splits.tokens["test"], splits.words["test"]
+    seq_len = int(ckpt.train_config.get("seq_len", ckpt.model_config.max_seq_len))
+    n = len(tokens) - 1 if settings.eval_tokens is None else min(len(tokens) - 1, settings.eval_tokens)
+    log(f"bench: evaluating every exit of {name} on {n:,} test tokens ...")
+    result = evaluate_model(ckpt.model, tokens, split="test", words=words, seq_len=seq_len,
+                            max_tokens=settings.eval_tokens)
+    log(f"bench: evaluated {name} in {result.seconds:.1f} s")
+    rows = [{"exit_layer": r.layer, "loss": r.loss, "token_ppl": r.token_ppl, "word_ppl": r.word_ppl}
+            for r in result.layers]
+    return {"per_layer": rows, "per_layer_split": "test", "per_layer_tokens": result.tokens}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def planned_generations(checkpoints: list[tuple[Any, Any]], settings: BenchSettings, num_prompts: int) -> int:
+    """How many generate() calls the benchmark will make (for the progress bar)."""
+    from layerskip.checkpoint import read_config, resolve_checkpoint_dir
+
+    total = 0
+    for path, thresholds in checkpoints:
+        num_layers = read_config(resolve_checkpoint_dir(path))["model"]["num_layers"]
+        configs = len(build_configs(num_layers, settings, None)) + (thresholds is not None)
+        total += configs * (settings.warmup + settings.repeats * num_prompts)
+    return total
 
 
 # ----------------------------------------------------------------------------- machine
@@ -552,9 +578,9 @@ def versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], corpus_lines_words, settings: BenchSettings,
+def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], settings: BenchSettings,
                 thresholds: str | Path | None, device: torch.device, progress) -> dict[str, Any]:
-    """Every config on one model: timings, fidelity, perplexity, samples and per-layer eval."""
+    """Every config on one model: timings, fidelity, perplexity and samples."""
     from layerskip.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint, device=device)
@@ -567,8 +593,6 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], corpus_
 
         fingerprint = model_fingerprint(model)
     configs = build_configs(num_layers, settings, thresholds, fingerprint)
-    progress.total = (progress.total or 0) + len(configs) * (settings.warmup + settings.repeats * len(ids))
-    progress.refresh()
     with torch.inference_mode():
         runs, peaks = measure_configs(model, ids, configs, settings, progress)
     ar_greedy = runs["ar"]
@@ -585,13 +609,9 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], corpus_
          "pieces": [tok.id_to_piece(t) for t in r.tokens], "token_info": r.token_info, "text": tok.decode(r.tokens)}
         for c in configs for r in runs[c.id] if r.repeat == 0 and r.prompt < settings.num_samples
     ]
-    tokens, words = corpus_lines_words(tok)
-    seq_len = int(ckpt.train_config.get("seq_len", ckpt.model_config.max_seq_len))
     return {
         "name": name, "role": role, "checkpoint": str(ckpt.path), "num_layers": num_layers,
         "num_parameters": model.num_parameters(), "train": ckpt.train_config,
-        "per_layer": per_layer_eval(model, tokens, words, seq_len, settings), "per_layer_split": "test",
-        "per_layer_tokens": None if settings.eval_tokens == 0 else min(len(tokens) - 1, settings.eval_tokens or len(tokens)),
         "configs": summaries, "samples": samples, "peak_rss_bytes": peak_rss_bytes(),
     }
 
@@ -625,7 +645,7 @@ def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettin
     from tqdm import tqdm
 
     from layerskip.checkpoint import TOKENIZER_FILE, resolve_checkpoint_dir
-    from layerskip.data import encode_splits, find_split_files, read_lines, resolve_data_dir
+    from layerskip.data import find_split_files, read_lines, resolve_data_dir
 
     main_tok = Tokenizer.load(resolve_checkpoint_dir(checkpoint) / TOKENIZER_FILE)  # bad paths fail first
     if baseline is not None:
@@ -634,20 +654,17 @@ def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettin
     test_lines = read_lines(files["test"])
     prompts = select_prompts(test_lines, main_tok, settings)
 
-    def corpus_lines_words(tok):
-        splits = encode_splits(tok, files)
-        return splits.tokens["test"], splits.words["test"]
-
     models = [("layerskip", "main", checkpoint, thresholds)]
     if baseline is not None:
         models.append(("baseline", "baseline", baseline, None))
-    bar = tqdm(total=0, desc="bench", unit="gen", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    total = planned_generations([(path, th) for _, _, path, th in models], settings, len(prompts))
     started = time.perf_counter()
-    with bar:
+    with tqdm(total=total, desc="bench", unit="gen", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
         results_models = [
-            bench_model(name, role, path, prompts, corpus_lines_words, settings, th, device, bar)
-            for name, role, path, th in models
+            bench_model(name, role, path, prompts, settings, th, device, bar) for name, role, path, th in models
         ]
+    for record, (name, _, path, _) in zip(results_models, models):
+        record.update(per_layer_eval(path, files, settings, device, name))
     settings_dict = asdict(settings)
     settings_dict.update({
         "device": str(device), "eos_id": None,
