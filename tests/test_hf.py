@@ -270,3 +270,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("layerskip export-hf: error:") and "not a directory" in err and "\n" not in err
     with pytest.raises(SystemExit):  # exactly one of --checkpoint / --import-from
         main(["export-hf", "--out", str(tmp_path / "x")])
+
+
+def test_peer_benchmark_runs_and_checks_tokens(tmp_path, tiny_tokenizer):
+    transformers_or_skip()
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_hf.py"
+    spec = importlib.util.spec_from_file_location("peer_hf", script)
+    peer_hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_hf)
+    save_tiny(tmp_path / "ckpt", tiny_tokenizer)
+    out = tmp_path / "peer.json"
+    threads = torch.get_num_threads()
+    try:
+            assert peer_hf.main(["--checkpoint", str(tmp_path / "ckpt"), "--draft-layer", "2", "--k", "3",
+                             "--max-new-tokens", "6", "--prompt-tokens", "8", "--prompts", "1", "--repeats", "1",
+                             "--num-assistant-tokens", "2", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script sets it for the whole process
+    doc = json.loads(out.read_text())
+    assert doc["versions"]["transformers"] == __import__("transformers").__version__
+    assert all(doc["same_tokens_as_plain_greedy"].values())  # greedy SSD / early exit == greedy
+    assert doc["ours_ar_equals_hf_greedy_prompts"] == 1
+    assert set(doc["ratios"]) >= {"hf_greedy_over_ours_ar", "hf_early_exit_best_over_ours_ssd"}
