@@ -17,16 +17,23 @@ disagreement on generated text is also *measured* and written to the file; it is
 measurement, not covered by the guarantee.
 
 **Global risk, per-layer thresholds.** The risk is controlled for the whole exit policy,
-never layer by layer, so delta is not split across layers. Per-layer thresholds come from a
-one-parameter family lambda(t), ordered from the most conservative member to the least:
+never layer by layer, so delta is not split across layers. The calibration windows are
+split at random (seeded) into a *learn* half and a *test* half. From the learn half only, a
+one-parameter family of whole policies lambda(t) is built, ordered from the most
+conservative member to the least:
 
-- ``per-layer`` (default): on a *learn* half of the calibration windows, lambda_l(t) is the
-  lowest confidence c such that, among learn tokens with c_l >= c, exit l's top-1
-  disagrees with the final top-1 for at most a fraction t of them (infinite: never exit at
-  l, when no such c exists). t runs over 0, then a geometric grid from delta/100 to 1.
-  Every lambda_l(t) is non-increasing in t.
-- ``global``: the same threshold on every checked layer, descending over a grid (0..1 in
+- ``per-layer``: lambda_l(t) is the lowest confidence at which exit l's disagreement
+  *at that confidence* (an isotonic fit of disagreement against falling c_l on the learn
+  half) is still <= t; t runs over 0, then 400 geometric steps from 1e-5 to 1. Layers whose
+  confidence means less get higher thresholds.
+- ``global``: one shared threshold on every checked layer, descending over a grid (0..1 in
   steps of 0.005 plus quantiles of the learn half's confidences).
+- ``auto`` (default): whichever of the two has the lower learn-half mean exit layer,
+  averaged over fixed risk levels 0.5%..20%. The choice uses the learn half only and does
+  not depend on delta.
+
+Every lambda_l(t) is non-increasing along the family, and the family does not depend on
+delta.
 
 **Learn-then-Test with fixed-sequence testing.** On the other, *test* half (disjoint
 windows; n tokens), for each family member in order, count its disagreements k and compute
@@ -530,7 +537,7 @@ def thresholds_record(cal: Calibration, *, data: dict[str, Any], model_info: dic
     """The JSON document written to thresholds.json (null threshold: never exit at that layer)."""
     method_names = {
         "per-layer": "learn-then-test, fixed-sequence, binomial tail; per-layer thresholds from one "
-        "parameter t (learn-half conditional disagreement <= t per layer)",
+        "parameter t (each layer exits where its learn-half isotonic disagreement at that confidence is <= t)",
         "global": "learn-then-test, fixed-sequence, binomial tail; one shared threshold on every checked layer",
     }
     return {

@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "measure", choices=MEASURES, default="softmax",
              help="confidence measure: softmax maximum, top-1 minus top-2 margin, or hidden-state "
              "saturation (cosine of consecutive layers; needs no LM head) (default softmax)")
-    add_flag(parser, "method", choices=("per-layer", "global"), default="per-layer",
-             help="per-layer: thresholds from one parameter t (learned per layer on half the windows); "
-             "global: one shared threshold (default per-layer)")
+    add_flag(parser, "method", choices=("auto", "per-layer", "global"), default="auto",
+             help="the family of policies tested: per-layer thresholds learnt on half the windows, one "
+             "global threshold, or auto: whichever exits earlier on the learn half (default auto)")
     add_flag(parser, "min_exit_layer", type=int, default=1, help="first layer allowed to exit (default 1)")
     add_flag(parser, "check_every", type=int, default=1,
              help="check every k-th layer from min_exit_layer, to save LM-head evaluations (default 1)")

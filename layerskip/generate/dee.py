@@ -199,6 +199,8 @@ class DynamicEarlyExit:
         cache: KVCache | None = None,
     ) -> GenerationResult:
         """Generate up to max_new_tokens; `cache` (empty) may be passed in to inspect it afterwards."""
+        if model.training:
+            raise ValueError("generation needs the model in eval mode (dropout off); call model.eval() first")
         num_layers = model.num_layers
         n = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len)
         checks = self.checked_layers(num_layers)
