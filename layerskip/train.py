@@ -345,6 +345,16 @@ def _mean_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world
 
 
+def _from_rank0(value: int, info: DistInfo) -> int:
+    if info.world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def _barrier(info: DistInfo) -> None:
     if info.world > 1:
         import torch.distributed as dist
@@ -373,7 +383,10 @@ def prepare_run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> bool:
     if resume:
         from layerskip.checkpoint import _recover_interrupted_swap
 
-        _recover_interrupted_swap(out_dir / "last")
+        for name in ("last", "best"):
+            _recover_interrupted_swap(out_dir / name)
+        for stale in out_dir.glob(".*.tmp-*"):  # a checkpoint write cut short by a kill
+            shutil.rmtree(stale, ignore_errors=True)
         if not (out_dir / "last" / "trainer_state.pt").is_file():
             raise ConfigError(f"--resume: {out_dir} holds no resumable run (no last/trainer_state.pt); "
                               "drop --resume to start a new run")
@@ -710,7 +723,8 @@ class Trainer:
         validations = 1 + steps_left / self.order.steps_per_epoch + (steps_left / cfg.val_every if cfg.val_every else 0)
         fit = int((remaining - validations * val_cost) / step_seconds)
         self.val_estimate = val_cost
-        self.total_steps = max(self.step + 1, min(self.total_steps, self.step + fit))
+        total = max(self.step + 1, min(self.total_steps, self.step + fit))
+        self.total_steps = _from_rank0(total, self.dist)  # every rank must run the same schedule
         self.total_fixed = True
 
     def _validate_and_save(self, metrics: _Metrics) -> Any:

@@ -8,7 +8,7 @@ Plain training, the baseline:
 
 The seed study's spellings work too (--d_model or --d-model, ...), and so does its
 "--train --eval" form: train, then evaluate every layer of the best checkpoint on the test
-split. --eval alone evaluates the run already in --out. The run directory gets best/ and
+split. --eval alone evaluates the run already in --out (or --checkpoint CKPT). The run directory gets best/ and
 last/ checkpoints and metrics.jsonl; --resume continues a stopped run exactly where it was,
 --overwrite replaces one. Under torchrun every process trains its share of each batch
 (DistributedDataParallel) and only rank 0 prints and writes.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from layerskip.cli.common import add_data_dir_arg, add_device_arg, add_flag
+from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_flag
 
 # (flag, type, help); every flag's default is None: "not given", so the config's default
 # (or, with --resume, the saved run's value) applies.
@@ -65,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arg(parser)
     parser.add_argument("--train", action="store_true", help="train (the default unless only --eval is given)")
     parser.add_argument("--eval", action="store_true", help="then evaluate every layer of the best checkpoint")
+    add_checkpoint_arg(parser, required=False)
     parser.add_argument("--eval_split", "--eval-split", dest="eval_split", default="test", choices=["valid", "test"])
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
@@ -111,7 +112,9 @@ def evaluate_run(out, args: argparse.Namespace) -> int:
     if not init_distributed(resolve_device(args.device)).main:
         return 0  # under torchrun, rank 0 evaluates
 
-    result = evaluate_checkpoint(out, split=args.eval_split, data_dir=args.data_dir, device=args.device)
+    target = args.checkpoint if args.checkpoint and not args.train else out  # seed form: --eval --checkpoint
+    result = evaluate_checkpoint(target, split=args.eval_split, data_dir=args.data_dir, device=args.device)
     print(result.table())
-    write_json(result, out / f"eval_{args.eval_split}.json")
+    if target == out:
+        write_json(result, out / f"eval_{args.eval_split}.json")
     return 0
