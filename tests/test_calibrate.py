@@ -259,12 +259,21 @@ def test_cli_calibrate_end_to_end(tmp_path, tiny_checkpoint, tiny_corpus_dir, ca
     ckpt = load_checkpoint(tiny_checkpoint)
     loaded = cal.load_thresholds(out, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(ckpt.model))
     assert len(loaded.thresholds) == NUM_LAYERS - 1
+    # The file, measured afterwards on the test split.
+    rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--evaluate", str(out), "--split", "test",
+               "--data-dir", str(tiny_corpus_dir), "--seq_len", "16", "--gen_prompts", "0", "--device", "cpu"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["split"] == "test" and report["tokens"] > 0
+    assert 0 <= report["teacher_forced_disagreement"] <= 1
+    assert sum(report["exit_layer_counts"]) == report["tokens"]
 
 
 def test_cli_calibrate_errors_are_one_line(tmp_path, tiny_checkpoint, tiny_corpus_dir, capsys):
     rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "t.json"),
                "--data-dir", str(tiny_corpus_dir), "--delta", "1.5"])
     assert rc == 2 and "delta must be in (0, 1)" in capsys.readouterr().err
+    rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_corpus_dir)])
+    assert rc == 2 and "--output FILE" in capsys.readouterr().err
 
 
 def test_dee_args_build_the_strategy(tmp_path, scores, model):

@@ -8,9 +8,10 @@ controlled over the whole exit policy. The file records the per-layer thresholds
 measure, delta, epsilon, the data used, the measured risk (teacher-forced on the held-out
 half, and on DEE's own generations) and the model's fingerprint.
 
-example:
+examples:
   layerskip calibrate --checkpoint runs/layerskip --output runs/layerskip/thresholds.json \\
       --delta 0.01 --epsilon 0.05 --measure softmax
+  layerskip calibrate --checkpoint runs/layerskip --evaluate runs/layerskip/thresholds.json --split test
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ MEASURES = ("softmax", "margin", "saturation")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arg(parser)
-    add_flag(parser, "output", required=True, help="where to write thresholds.json")
+    add_flag(parser, "output", default=None, help="where to write thresholds.json")
+    add_flag(parser, "evaluate", default=None, metavar="FILE",
+             help="instead of calibrating, measure an existing thresholds.json on --split (teacher-forced "
+             "disagreement, exit layers, generated-text check) and print it as JSON")
+    add_flag(parser, "split", choices=("valid", "test"), default="valid",
+             help="the split --evaluate reads (calibration always uses valid)")
     add_flag(parser, "delta", type=float, default=0.01,
              help="risk bound: tolerated per-token disagreement with the full model (default 0.01)")
     add_flag(parser, "epsilon", type=float, default=0.05,
@@ -49,27 +55,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="validation prompts for the generated-text disagreement check (0: skip; default 8)")
     add_flag(parser, "gen_tokens", type=int, default=32, help="new tokens per check prompt (default 32)")
     add_flag(parser, "seed", type=int, default=0, help="seed of the learn/test split of windows (default 0)")
+    add_flag(parser, "threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_device_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerskip import calibrate as cal
     from layerskip.checkpoint import load_checkpoint
     from layerskip.data import load_corpus
     from layerskip.errors import ConfigError
-    from layerskip.generate.dee import DynamicEarlyExit
     from layerskip.train import resolve_device
 
+    check_args(args)
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=device)
+    corpus = load_corpus(args.data_dir, tokenizer=ckpt.tokenizer)
+    if args.evaluate is not None:
+        return evaluate(args, ckpt, corpus)
+    if args.split != "valid":
+        raise ConfigError("calibration reads only the validation split; --split is for --evaluate")
+    return calibrate(args, ckpt, corpus, device)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    from layerskip import calibrate as cal
+    from layerskip.errors import ConfigError
+
+    if (args.output is None) == (args.evaluate is None):
+        raise ConfigError("give --output FILE (calibrate) or --evaluate FILE (check a thresholds file), one of them")
     cal.check_risk_settings(args.delta, args.epsilon)
-    for name in ("max_tokens", "seq_len", "batch_size"):
+    for name in ("max_tokens", "seq_len", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device=device)
+    for name in ("gen_prompts", "gen_tokens"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def calibrate(args: argparse.Namespace, ckpt, corpus, device) -> int:
+    from layerskip import calibrate as cal
+    from layerskip.generate.dee import DynamicEarlyExit
+
     model = ckpt.model
     DynamicEarlyExit(0.0, args.measure, args.min_exit_layer, args.check_every).checked_layers(model.num_layers)
-    corpus = load_corpus(args.data_dir, tokenizer=ckpt.tokenizer)
     valid = corpus.tokens["valid"]  # calibration never reads the test split
     cal.log(f"calibrate: {min(len(valid), args.max_tokens or len(valid)):,} validation tokens, "
             f"{model.num_layers} layers, measure {args.measure}, delta {args.delta:g}, epsilon {args.epsilon:g}")
@@ -77,18 +109,16 @@ def run(args: argparse.Namespace) -> int:
                              max_tokens=args.max_tokens, progress=_progress)
     result = cal.calibrate_scores(scores, delta=args.delta, epsilon=args.epsilon, method=args.method,
                                   min_exit_layer=args.min_exit_layer, check_every=args.check_every, seed=args.seed)
-    dee = DynamicEarlyExit(result.thresholds, result.measure)
-    generated = cal.generated_disagreement(model, dee, valid, num_prompts=args.gen_prompts,
-                                           new_tokens=args.gen_tokens) if args.gen_prompts > 0 else {}
+    generated = _generated(args, model, DynamicEarlyExit(result.thresholds, result.measure), valid)
     data = {"split": "valid", "data_dir": str(corpus.data_dir), "tokens": scores.num_tokens,
             "windows": scores.num_windows, "seq_len": scores.seq_len, "max_tokens": args.max_tokens}
     model_info = {"fingerprint": cal.model_fingerprint(model), "num_layers": model.num_layers,
                   "checkpoint": str(ckpt.path), "device": str(device)}
-    command = _command(args)
-    record = cal.thresholds_record(result, data=data, model_info=model_info, generated=generated, command=command)
+    record = cal.thresholds_record(result, data=data, model_info=model_info, generated=generated,
+                                   command=_command(args))
     path = cal.write_json_atomic(args.output, record)
     shown = ", ".join("-" if t is None else f"{t:.4g}" for t in record["thresholds"])
-    cal.log(f"thresholds (layers 1..{model.num_layers - 1}): {shown}")
+    cal.log(f"thresholds (layers 1..{model.num_layers - 1}; - never exits): {shown} [{result.method}]")
     cal.log(f"held-out teacher-forced disagreement {result.test_risk:.4%} on {result.test_tokens:,} tokens "
             f"(bound {args.delta:g} at 1-epsilon {1 - args.epsilon:g}); mean exit layer {result.mean_exit_layer:.2f}")
     if generated.get("new_tokens"):
@@ -100,11 +130,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace, ckpt, corpus) -> int:
+    """Teacher-forced disagreement and exit depth of an existing thresholds file on a split, as JSON."""
+    import json
+
+    from layerskip import calibrate as cal
+
+    model = ckpt.model
+    loaded = cal.load_thresholds(args.evaluate, model.num_layers, fingerprint=cal.model_fingerprint(model))
+    tokens = corpus.tokens[args.split]
+    scores = cal.exit_scores(model, tokens, loaded.measure, seq_len=args.seq_len, batch_size=args.batch_size,
+                             max_tokens=args.max_tokens, progress=_progress)
+    wrong, exits = cal.policy_disagreements(scores, loaded.thresholds)
+    report = {
+        "thresholds_file": str(loaded.path), "split": args.split, "tokens": scores.num_tokens,
+        "measure": loaded.measure, "delta": loaded.delta, "epsilon": loaded.epsilon,
+        "teacher_forced_disagreement": wrong / scores.num_tokens, "disagreements": wrong,
+        "mean_exit_layer": float(exits.mean()),
+        "exit_layer_counts": [int((exits == layer).sum()) for layer in range(1, model.num_layers + 1)],
+        "generated_text": _generated(args, model, loaded.strategy(), tokens),
+        "command": _command(args),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _generated(args: argparse.Namespace, model, dee, tokens) -> dict:
+    from layerskip import calibrate as cal
+
+    if not (args.gen_prompts and args.gen_tokens):
+        return {}
+    return cal.generated_disagreement(model, dee, tokens, num_prompts=args.gen_prompts, new_tokens=args.gen_tokens)
+
+
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this calibration (every setting spelled out)."""
     parts = ["layerskip", "calibrate"]
-    for name in ("checkpoint", "output", "delta", "epsilon", "measure", "method", "min_exit_layer", "check_every",
-                 "data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts", "gen_tokens", "seed", "device"):
+    for name in ("checkpoint", "output", "evaluate", "split", "delta", "epsilon", "measure", "method", "min_exit_layer", "check_every",
+                 "data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts", "gen_tokens", "seed", "threads",
+                 "device"):
         value = getattr(args, name, None)
         if value is not None:
             parts += [f"--{name}", str(value)]
