@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from layerskip.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from layerskip.config import ModelConfig, TokenizerConfig
 from layerskip.errors import CheckpointError, ConfigError
-from layerskip.model import Transformer
+from layerskip.model import Transformer, rotary_tables
 from layerskip.tokenizer import Tokenizer
 
 HF_CONFIG = "config.json"
@@ -556,7 +556,7 @@ def read_hf_weights(hf_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
                         unknown.append(name)
                         continue
                     if ours is not None:
-                        state[ours] = f.get_tensor(name)
+                        state[ours] = f.get_tensor(name).to(torch.float32)  # our model is fp32
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is truncated or corrupt ({exc})") from None
     if unknown:
@@ -582,6 +582,19 @@ def _meta_shapes(cfg: ModelConfig) -> Transformer:
     """The model's parameter names and shapes, without allocating or initialising weights."""
     with torch.device("meta"):
         return Transformer(cfg)
+
+
+def _build_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    """Our model holding ``state``, built without a random initialisation first (fast at 7B)."""
+    model = _meta_shapes(cfg)
+    model.load_state_dict(state, strict=False, assign=True)  # a tied lm_head is absent on purpose
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model = Transformer(cfg)  # the model has state this shortcut does not know: the plain way
+        model.load_state_dict(state, strict=False)
+    return model.eval()
 
 
 def _read_hf_tokenizer(hf_dir: Path) -> Tokenizer:
@@ -619,9 +632,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Checkpoi
     ours = extra.get("format") == EXPORT_FORMAT
     tokenizer_config = _own_tokenizer_config(extra) if ours else None
     tokenizer_config = tokenizer_config or spm_tokenizer_config(tokenizer)
-    model = Transformer(cfg)
-    model.load_state_dict(state, strict=False)  # a tied lm_head is absent on purpose
-    model.eval()
+    model = _build_model(cfg, state)
     meta = extra.get("meta", {}) if ours else {"imported_from": str(hf_dir)}
     train = extra.get("train", {}) if ours else {}
     ckpt = Checkpoint(model=model, tokenizer=tokenizer, model_config=cfg, tokenizer_config=tokenizer_config,

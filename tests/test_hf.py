@@ -156,8 +156,22 @@ def test_round_trip_ours_hf_ours_is_exact(variant, tmp_path, tiny_tokenizer):
         idx = torch.randint(0, model.config.vocab_size, (2, 30))
         with torch.no_grad():
             assert torch.equal(ckpt.model(idx).logits, model(idx).logits)
-    if model.config.tie_embeddings:
-        assert reloaded.model.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+        if model.config.tie_embeddings:
+            assert ckpt.model.lm_head.weight.data_ptr() == ckpt.model.embed_tokens.weight.data_ptr()
+        assert not any(t.is_meta for t in [*ckpt.model.parameters(), *ckpt.model.buffers()])
+        assert not ckpt.model.training
+
+
+def test_import_builds_the_plain_way_when_the_fast_build_leaves_state_unset(exported, monkeypatch):
+    import layerskip.hf as hf_module
+
+    model, directory = exported
+    meta = torch.empty(0, device="meta")
+    monkeypatch.setattr(hf_module, "rotary_tables", lambda *args: (meta, meta))
+    back = import_hf(directory)
+    idx = torch.randint(0, model.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(back.model(idx).logits, model(idx).logits)
 
 
 def test_imports_a_directory_transformers_wrote_sharded(tmp_path, tiny_tokenizer):

@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerskip.cli.common import add_checkpoint_arg, add_flag
+from layerskip.cli.common import add_checkpoint_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     add_checkpoint_arg(source, required=False)
-    add_flag(source, "import_from", metavar="HF_DIR", default=None,
-             help="import this Hugging Face Llama directory into a layerskip checkpoint instead")
+    source.add_argument("--import-from", "--import_from", dest="import_from", metavar="HF_DIR", default=None,
+                        help="import this Hugging Face Llama directory into a layerskip checkpoint instead")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="the directory to write (replaced if it holds an earlier output of the same kind)")
     parser.add_argument("--check", action="store_true",
