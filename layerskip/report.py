@@ -214,6 +214,16 @@ GLOSSARY = [
 ]
 
 
+def per_layer_note(models: list[dict[str, Any]]) -> str:
+    m = next(m for m in models if m.get("per_layer"))
+    split, tokens = m.get("per_layer_split") or "test", m.get("per_layer_tokens")
+    if all(row.get("word_ppl") is not None for row in m["per_layer"]):
+        return (f"Loss and perplexity of every exit on the whole WikiText-2 {split} split ({fmt(tokens)} predicted "
+                "tokens); word perplexity = exp(total NLL / words), one end-of-line per line counted as a word.")
+    return (f"Loss and perplexity of every exit on the first {fmt(tokens)} tokens of the WikiText-2 {split} split "
+            "(word perplexity needs the whole split, so it is not given).")
+
+
 def run_rows(results: dict[str, Any]) -> list[list[str]]:
     machine, versions, settings = results.get("machine", {}), results.get("versions", {}), results.get("settings", {})
     rows = [
@@ -473,9 +483,7 @@ def write_markdown(results: dict[str, Any], files: ReportFiles) -> str:
     table = per_layer_table(results["models"])
     parts += ["## Per-layer evaluation", ""]
     if table:
-        split = results["models"][0].get("per_layer_split", "test")
-        parts += [f"Loss and perplexity of every exit on the WikiText-2 {split} split "
-                  "(word perplexity counts one end-of-line per line).", "", markdown_table(*table), ""]
+        parts += [per_layer_note(results["models"]), "", markdown_table(*table), ""]
     else:
         parts += ["Not in the results.", ""]
     for m in results["models"]:
@@ -544,7 +552,8 @@ def write_html(results: dict[str, Any], files: ReportFiles) -> str:
         body.append(f"<p>{PLOT_TITLES[name]}: not drawn ({html.escape(why)}).</p>")
     table = per_layer_table(results["models"])
     if table:
-        body += ["<h2>Per-layer evaluation</h2>", html_table(*table, "per-layer")]
+        body += ["<h2>Per-layer evaluation</h2>", f"<p>{html.escape(per_layer_note(results['models']))}</p>",
+                 html_table(*table, "per-layer")]
     for m in results["models"]:
         body += [f"<h2>{html.escape(m['name'])}</h2>",
                  f"<p>{html.escape(str(m.get('checkpoint', '')))}: {m.get('num_layers', '–')} layers, "

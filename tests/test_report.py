@@ -140,3 +140,16 @@ def test_cli_report(results, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope.json"), "--out", str(tmp_path / "rep2")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
+
+
+def test_partial_evaluation_is_labelled(results, tmp_path):
+    partial = copy.deepcopy(results)
+    for model in partial["models"]:
+        model["per_layer_tokens"] = 1000
+        for row in model["per_layer"]:
+            row["word_ppl"] = None
+    md = write_report(partial, tmp_path).markdown.read_text()
+    assert "on the first 1,000 tokens of the WikiText-2 test split" in md
+    assert markdown_section_rows(md, "## Per-layer evaluation")[0][3] == "–"  # no word perplexity
+    full = markdown_section_rows(write_report(results, tmp_path / "full").markdown.read_text(), "## Per-layer evaluation")
+    assert full[0][3] != "–"
