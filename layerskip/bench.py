@@ -290,7 +290,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_generate(strategy, model, ids: list[int], cfg: BenchConfig, settings: BenchSettings, seed: int) -> Run:
+def timed_generate(strategy, model, ids: list[int], cfg: BenchConfig, settings: BenchSettings, seed: int,
+                   prompt: int = -1, repeat: int = -1) -> Run:
     """One generation, timed from the call to the return with the device synchronised."""
     from layerskip.generate.base import SamplingConfig
 
@@ -305,7 +306,7 @@ def timed_generate(strategy, model, ids: list[int], cfg: BenchConfig, settings: 
     synchronize(device)
     seconds = time.perf_counter() - start
     return Run(
-        prompt=-1, repeat=-1, tokens=list(result.tokens), seconds=seconds,
+        prompt=prompt, repeat=repeat, tokens=list(result.tokens), seconds=seconds,
         time_to_first_token=float(result.time_to_first_token), stats=dict(result.stats),
         token_info=list(result.token_info),
     )
@@ -331,10 +332,10 @@ def measure_configs(model, prompts: list[list[int]], configs: list[BenchConfig],
             for c in configs[shift:] + configs[:shift]:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                run = timed_generate(strategies[c.id], model, ids, c, settings, seed=settings.seed + 1000 * repeat + p)
+                run = timed_generate(strategies[c.id], model, ids, c, settings, seed=settings.seed + 1000 * repeat + p,
+                                     prompt=p, repeat=repeat)
                 if device.type == "cuda":
                     peaks[c.id] = max(peaks.get(c.id, 0), torch.cuda.max_memory_allocated(device))
-                run.prompt, run.repeat = p, repeat
                 runs[c.id].append(run)
                 progress.update(1)
     return runs, peaks
