@@ -163,6 +163,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._head_t: tuple | None = None  # cached transposed head for decoding, see unembed
         cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -203,7 +204,28 @@ class Transformer(nn.Module):
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """The one shared exit: final RMSNorm + LM head, (..., C) -> (..., V)."""
-        return self.lm_head(self.norm(hidden))
+        h = self.norm(hidden)
+        if h.device.type == "cpu" and torch.is_inference_mode_enabled() and h.numel() <= 16 * h.shape[-1]:
+            head_t = self._head_transposed()
+            if head_t is not None:
+                return h @ head_t  # the same product as lm_head(h), faster for a few rows on CPU
+        return self.lm_head(h)
+
+    def _head_transposed(self) -> torch.Tensor | None:
+        """The LM head weight as a contiguous (C, V) copy, rebuilt whenever the weight changes.
+
+        Decoding unembeds one row (or k + 1) at a time. On CPU (MKL), x @ W^T with W^T stored
+        contiguously measured about 2x faster than F.linear(x, W) for the 8192 x 128 head, which
+        is 1.2x on a whole autoregressive step and more on self-speculative drafts.
+        """
+        w = self.lm_head.weight
+        try:
+            key = (w.data_ptr(), w._version, w.dtype)
+        except RuntimeError:  # an inference-mode weight has no version counter: no caching
+            return None
+        if self._head_t is None or self._head_t[0] != key:
+            self._head_t = (key, w.detach().t().contiguous())
+        return self._head_t[1]
 
     def rotary(self, pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions [pos, pos + length)."""

@@ -103,3 +103,18 @@ def test_make_strategy_modes():
         make_strategy("ar", k=3)
     if importlib.util.find_spec("layerskip.generate.dee") is not None:
         assert make_strategy("dee", thresholds=0.9).name == "dee"
+
+
+def test_decoding_head_path_matches_the_lm_head_and_follows_weight_changes():
+    """unembed's fast path for decoding (a cached transposed head, in inference mode) is the same maths."""
+    model = tiny_model(tie_embeddings=False)
+    h = torch.randn(1, 5, model.config.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model.lm_head(model.norm(h))
+    with torch.inference_mode():
+        fast = model.unembed(h)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # an in-place update (an optimizer step) must not leave it stale
+    with torch.inference_mode():
+        torch.testing.assert_close(model.unembed(h), -reference, rtol=1e-5, atol=1e-5)
