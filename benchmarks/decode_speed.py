@@ -1,0 +1,164 @@
+"""Decode speed: autoregressive vs self-speculative decoding, greedy, over a sweep of E and k.
+
+    # a trained checkpoint, prompts from the WikiText-2 test split ($LAYERSKIP_DATA_DIR)
+    python benchmarks/decode_speed.py --checkpoint runs/layerskip --prompts 100
+    # no checkpoint: a random default-size model (d128, 6 layers, vocab 8192, context 256);
+    # --best_case zeroes what blocks 1..L-1 add to the residual stream, so every draft is
+    # accepted at the same compute cost: the ceiling of SSD's speed-up on this machine
+    python benchmarks/decode_speed.py --best_case --draft_layers 2,3 --ks 2,4,6
+
+Every prompt runs AR and every SSD config back to back (interleaved, in rotating order, so
+machine noise hits all alike), after warm-up runs. Reported per config: the median over
+prompts of ms/token (prefill included: the whole generate call), the median over prompts of
+the per-prompt speed-up AR/SSD, the acceptance rate and mean accepted drafts per round
+over all prompts, and how many outputs equal AR's token for token (greedy SSD must: 100%).
+--json OUT writes everything, with the command, as one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from layerskip.config import ModelConfig  # noqa: E402
+from layerskip.generate import Autoregressive, SelfSpeculative  # noqa: E402
+from layerskip.model import Transformer  # noqa: E402
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="checkpoint or run directory (default: a random model)")
+    p.add_argument("--data_dir", default=None, help="WikiText-2 directory (default: $LAYERSKIP_DATA_DIR, cache)")
+    p.add_argument("--prompts", type=int, default=20, help="number of prompts (default 20)")
+    p.add_argument("--prompt_len", type=int, default=32, help="prompt tokens (default 32)")
+    p.add_argument("--new_tokens", type=int, default=64, help="new tokens per generation (default 64)")
+    p.add_argument("--draft_layers", type=int_list, default=None, help="E values, e.g. 1,2,3 (default 1..L-1)")
+    p.add_argument("--ks", type=int_list, default=[2, 3, 4, 6], help="k values (default 2,3,4,6)")
+    p.add_argument("--adaptive", type=float_list, default=[],
+                   help="also run each (E, max k) with these adaptive thresholds, e.g. 0.3,0.5")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest at batch 1 here)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--best_case", action="store_true",
+                   help="zero the residual writes of blocks 1..L-1 so every draft is accepted (random model only)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up prompts, not timed (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    return p.parse_args(argv)
+
+
+def load_model(args) -> tuple[Transformer, list[list[int]], str]:
+    """The model and the prompts (token ids), and where the prompts came from."""
+    rng = random.Random(args.seed)
+    if args.checkpoint is None:
+        torch.manual_seed(args.seed)
+        model = Transformer(ModelConfig(dropout=0.0)).eval()
+        if args.best_case:
+            with torch.no_grad():
+                for block in model.layers[1:]:
+                    block.attn.o_proj.weight.zero_()
+                    block.mlp.down_proj.weight.zero_()
+        vocab = model.config.vocab_size
+        prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.prompts + args.warmup)]
+        return model, prompts, "random token ids"
+    from layerskip.checkpoint import load_checkpoint
+    from layerskip.data import find_split_files, read_lines, resolve_data_dir
+
+    ckpt = load_checkpoint(args.checkpoint)
+    lines = read_lines(find_split_files(resolve_data_dir(args.data_dir))["test"])
+    paragraphs = [line for line in lines if line.strip() and not line.strip().startswith("=")]
+    rng.shuffle(paragraphs)
+    prompts = []
+    for line in paragraphs:
+        ids = ckpt.tokenizer.encode(line)
+        if len(ids) >= args.prompt_len:
+            prompts.append(ids[: args.prompt_len])
+        if len(prompts) == args.prompts + args.warmup:
+            break
+    return ckpt.model, prompts, "WikiText-2 test paragraphs (first prompt_len tokens), shuffled with --seed"
+
+
+def strategies(args, num_layers: int) -> dict[str, object]:
+    configs: dict[str, object] = {"ar": Autoregressive()}
+    for e in args.draft_layers or range(1, num_layers):
+        for k in args.ks:
+            configs[f"ssd E={e} k={k}"] = SelfSpeculative(e, k)
+        for t in args.adaptive:
+            configs[f"ssd E={e} k<={max(args.ks)} conf>={t:g}"] = SelfSpeculative(e, max(args.ks), adaptive_threshold=t)
+    return configs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, prompts, source = load_model(args)
+    model = model.to(getattr(torch, args.dtype))
+    configs = strategies(args, model.num_layers)
+    names = list(configs)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
+        results = {name: configs[name].generate(model, prompt, args.new_tokens) for name in order}
+        if i < args.warmup:
+            continue
+        for name, r in results.items():
+            runs[name].append({"ms_per_token": r.ms_per_token, "tokens": r.tokens, "stats": r.stats,
+                               "speedup": results["ar"].seconds / r.seconds,
+                               "identical": r.tokens == results["ar"].tokens})
+        print(f"\rprompt {i + 1 - args.warmup}/{len(prompts) - args.warmup}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    rows = []
+    for name in names:
+        rs = runs[name]
+        drafted = sum(r["stats"].get("drafted_tokens", 0) for r in rs)
+        accepted = sum(r["stats"].get("accepted_tokens", 0) for r in rs)
+        rounds = sum(r["stats"].get("rounds", 0) for r in rs)
+        rows.append({
+            "config": name,
+            "ms_per_token": statistics.median(r["ms_per_token"] for r in rs),
+            "speedup": statistics.median(r["speedup"] for r in rs),
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "mean_accepted_per_round": accepted / rounds if rounds else None,
+            "identical_to_ar": sum(r["identical"] for r in rs) / len(rs),
+        })
+    print(f"{'config':<28} {'ms/token':>9} {'speed-up':>9} {'accept':>7} {'acc/round':>9} {'== AR':>6}")
+    for row in rows:
+        acc = "" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
+        per = "" if row["mean_accepted_per_round"] is None else f"{row['mean_accepted_per_round']:.2f}"
+        print(f"{row['config']:<28} {row['ms_per_token']:>9.3f} {row['speedup']:>8.2f}x {acc:>7} {per:>9} "
+              f"{100 * row['identical_to_ar']:>5.0f}%")
+    if args.json:
+        doc = {
+            "command": [sys.executable, *sys.argv],
+            "settings": vars(args) | {"prompt_source": source},
+            "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads()},
+            "model": model.config.to_dict(),
+            "wall_seconds": time.perf_counter() - started,
+            "results": rows,
+            "runs": runs,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
