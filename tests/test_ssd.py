@@ -56,6 +56,15 @@ def test_greedy_ssd_equals_greedy_ar_for_every_draft_depth_and_length(model_and_
             assert stats["rounds"] + stats["accepted_tokens"] == NEW_TOKENS  # one full-model token per round
 
 
+@pytest.mark.parametrize("draft_layer", [1, 3])
+def test_greedy_ssd_without_bonus_tokens_equals_greedy_ar(model_and_ar, draft_layer):
+    model, ar = model_and_ar
+    for k in (1, 3, 8):
+        for prompt, expected in ar.items():
+            result = SelfSpeculative(draft_layer, k, bonus=False).generate(model, list(prompt), NEW_TOKENS)
+            assert result.tokens == expected, (draft_layer, k, len(prompt))
+
+
 def test_the_sweep_reaches_accept_all_and_reject_first():
     """Guard against a vacuous sweep: the models above really do accept and reject drafts."""
     seen_all, seen_none = set(), set()
@@ -211,10 +220,11 @@ def wrong_at(positions):
     return [(t + 1) % 13 if p in positions else t for p, t in enumerate(FULL)]
 
 
-def run_stub(draft_next, *, k=3, max_new=12, eos=None, draft_scale=None, threshold=None):
+def run_stub(draft_next, *, k=3, max_new=12, eos=None, draft_scale=None, threshold=None, bonus=True):
     model = ScriptedModel(FULL, draft_next, 2, draft_scale=draft_scale)
     prompt = [5, 6]
-    result = SelfSpeculative(2, k, adaptive_threshold=threshold).generate(model, prompt, max_new, eos_id=eos)
+    strategy = SelfSpeculative(2, k, adaptive_threshold=threshold, bonus=bonus)
+    result = strategy.generate(model, prompt, max_new, eos_id=eos)
     sequence = prompt + result.tokens
     # Where a round starts (its first draft call, and its verify call) the cache holds exactly
     # the committed tokens: rejected drafts never survive a round.
@@ -243,6 +253,16 @@ def test_stub_accept_all():
     draft_positions = [pos for start, end, pos, t in model.calls if (start, end) == (0, 2)]
     assert len(draft_positions) == len(set(draft_positions)) == 12  # [0, E) never recomputed
     assert [c for c in model.calls if c[0] == 2] == [(2, 4, 1, 4), (2, 4, 5, 4), (2, 4, 9, 4)]
+
+
+def test_stub_accept_all_without_bonus_tokens():
+    model, result = run_stub(list(FULL), bonus=False)
+    assert result.tokens == expected_tokens(12)
+    # Rounds of 3 accepted drafts and no tail (so no bonus token); near the limit a round drafts 2,
+    # and the last token comes from a round with no room for drafts: a plain full step.
+    assert [c for c in model.calls if c[0] == 2] == [(2, 4, 1, 3), (2, 4, 4, 3), (2, 4, 7, 3), (2, 4, 10, 2), (2, 4, 12, 1)]
+    assert accepted_flags(result) == [True] * 11 + [False]
+    assert result.stats["accepted_length_histogram"] == [1, 0, 1, 3]
 
 
 def test_stub_reject_first():

@@ -9,7 +9,9 @@ One round, with n the position of the newest committed token (not yet in the cac
    probability falls below ``adaptive_threshold`` (that draft is dropped; its input's exit
    hidden state is kept).
 2. The last draft token still needs blocks [0, E) (the *tail*: no head), unless the round
-   ended on a dropped draft or an end-of-sequence draft.
+   ended on a dropped draft or an end-of-sequence draft. The tail is what lets a round whose
+   drafts are all accepted add a bonus token from the full model; ``bonus=False`` skips it
+   (cheaper rounds when whole drafts are rarely accepted).
 3. Verify: ONE ``run_blocks(kept_hidden, E, L)`` over all those positions, reusing the
    draft's work in [0, E) (never recomputed), then one unembed: the full model's logits at
    positions n .. n + m.
@@ -90,7 +92,9 @@ class SelfSpeculative:
 
     name = "ssd"
 
-    def __init__(self, draft_layer: int, k: int = 4, *, adaptive_threshold: float | None = None) -> None:
+    def __init__(
+        self, draft_layer: int, k: int = 4, *, adaptive_threshold: float | None = None, bonus: bool = True
+    ) -> None:
         if not (isinstance(draft_layer, int) and draft_layer >= 1):
             raise ConfigError(f"draft_layer must be an integer >= 1 (blocks the draft runs), got {draft_layer!r}")
         if not (isinstance(k, int) and k >= 1):
@@ -98,10 +102,11 @@ class SelfSpeculative:
         t = adaptive_threshold
         if t is not None and not (isinstance(t, (int, float)) and 0 < t < 1):
             raise ConfigError(f"adaptive_threshold must be in (0, 1) (or None for a fixed k), got {t!r}")
-        self.draft_layer, self.k, self.adaptive_threshold = draft_layer, k, t
+        self.draft_layer, self.k, self.adaptive_threshold, self.bonus = draft_layer, k, t, bool(bonus)
 
     def __repr__(self) -> str:
-        return f"SelfSpeculative(draft_layer={self.draft_layer}, k={self.k}, adaptive_threshold={self.adaptive_threshold})"
+        return (f"SelfSpeculative(draft_layer={self.draft_layer}, k={self.k}, "
+                f"adaptive_threshold={self.adaptive_threshold}, bonus={self.bonus})")
 
     @torch.inference_mode()
     def generate(
@@ -135,7 +140,8 @@ class SelfSpeculative:
             cache.truncate(n + kept)  # the newest committed token is not in the cache
             stats.add(len(draft.tokens), verdict.accepted)
             token_info += [{"accepted": i < verdict.accepted} for i in range(kept)]
-        summary = {"draft_layer": self.draft_layer, "k": self.k, "adaptive_threshold": self.adaptive_threshold}
+        summary = {"draft_layer": self.draft_layer, "k": self.k, "adaptive_threshold": self.adaptive_threshold,
+                   "bonus": self.bonus}
         return run.result(self.name, {**summary, **stats.as_dict(len(run.tokens))}, token_info)
 
     def draft(
@@ -167,6 +173,8 @@ class SelfSpeculative:
             if token == eos_id:  # nothing to verify after it, and no bonus token needed
                 return Draft(tokens, probs, torch.cat(hidden, dim=1))
         m = len(tokens)  # the tail: the last draft (or the newest token) through [0, E), no head
+        if m and not self.bonus:  # without it an all-accepted round earns no bonus token, but costs less
+            return Draft(tokens, probs, torch.cat(hidden, dim=1))
         hidden.append(run_blocks(embed(buf[:, n + m : n + m + 1]), 0, e, cache=cache, pos=n + m))
         return Draft(tokens, probs, torch.cat(hidden, dim=1))
 
