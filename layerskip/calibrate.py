@@ -211,6 +211,16 @@ def policy_exit_layers(confidence: np.ndarray, thresholds: Sequence[float]) -> n
     return exits
 
 
+def head_evals(exits: np.ndarray, thresholds: Sequence[float], measure: str) -> np.ndarray:
+    """LM-head evaluations DEE spends on each token exiting at `exits` (as DynamicEarlyExit counts them)."""
+    num_layers = len(thresholds) + 1
+    if measure == "saturation":
+        return np.ones_like(exits)  # only the exit's head
+    checked = np.array([layer for layer, lam in enumerate(thresholds, start=1) if math.isfinite(lam)])
+    passed = (checked[None, :] <= exits[:, None]).sum(1) if checked.size else np.zeros_like(exits)
+    return passed + (exits == num_layers)
+
+
 def policy_disagreements(scores: ExitScores, thresholds: Sequence[float]) -> tuple[int, np.ndarray]:
     """(number of tokens whose exit's top-1 differs from the final top-1, exit layers)."""
     exits = policy_exit_layers(scores.confidence, thresholds)
@@ -358,6 +368,7 @@ class Calibration:
     chosen_index: int
     tested: int
     mean_exit_layer: float  # teacher-forced, on the test half
+    head_evals_per_token: float = 0.0  # teacher-forced, on the test half
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -428,6 +439,7 @@ def calibrate_scores(
         learn_tokens=learn.num_tokens, test_tokens=test.num_tokens, test_disagreements=wrong,
         p_value=None if chosen is None else chosen["p_value"], family_size=len(family),
         chosen_index=result.chosen, tested=len(result.tested), mean_exit_layer=float(exits.mean()), seed=seed,
+        head_evals_per_token=float(head_evals(exits, thresholds, scores.measure).mean()),
         extra={"requested_method": requested, "auto_learn_half_mean_exit_layer_by_risk": learn_choice},
     )
 
@@ -569,6 +581,8 @@ def thresholds_record(cal: Calibration, *, data: dict[str, Any], model_info: dic
             "test_disagreements": cal.test_disagreements,
             "test_tokens": cal.test_tokens,
             "mean_exit_layer_teacher_forced": cal.mean_exit_layer,
+            "blocks_per_token_teacher_forced": cal.mean_exit_layer,
+            "head_evals_per_token_teacher_forced": cal.head_evals_per_token,
             "generated_text": generated or {},
         },
         "data": {**data, "learn_tokens": cal.learn_tokens, "test_tokens": cal.test_tokens},
@@ -674,6 +688,9 @@ def load_thresholds(path: str | Path, num_layers: int, measure: str | None = Non
                 check_risk_settings(record[k], 0.5) if k == "delta" else check_risk_settings(0.5, record[k])
     except ConfigError as exc:
         raise bad(str(exc)) from None
+    # The policy is (thresholds, min_exit_layer, check_every): layers it never checks get inf.
+    checked = checked_mask(num_layers, settings["min_exit_layer"], settings["check_every"])
+    thresholds = [t if c else math.inf for t, c in zip(thresholds, checked)]
     return Thresholds(thresholds=thresholds, measure=file_measure, num_layers=num_layers,
                       min_exit_layer=settings["min_exit_layer"], check_every=settings["check_every"],
                       delta=record.get("delta"), epsilon=record.get("epsilon"), record=record, path=path)

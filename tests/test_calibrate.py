@@ -112,6 +112,8 @@ def test_offline_policy_matches_dee_first_token(model, measure):
         result = dee.generate(model, prompt, 1)
         last = w * 24 + 23
         assert result.token_info[0]["exit_layer"] == exits[last]
+        heads = cal.head_evals(exits[last : last + 1], thresholds, measure)[0]
+        assert result.stats["head_evals_per_token"] == heads
         full = model(torch.tensor([prompt])).logits[0, -1].argmax()
         agrees = exits[last] == NUM_LAYERS or bool(s.agree[exits[last] - 1, last])
         assert (result.tokens[0] == int(full)) == agrees
@@ -193,6 +195,10 @@ def test_thresholds_file_round_trip(tmp_path, scores, model):
     assert loaded.delta == 0.2 and loaded.measure == "softmax"
     dee = loaded.strategy()
     assert dee.layer_thresholds(NUM_LAYERS) == out.thresholds
+    # min_exit_layer / check_every in the file are part of the policy: unchecked layers read as inf.
+    record = json.loads(path.read_text())
+    (tmp_path / "m.json").write_text(json.dumps(edit(record, thresholds=[0.5, 0.5, 0.5], min_exit_layer=2)))
+    assert cal.load_thresholds(tmp_path / "m.json", NUM_LAYERS).thresholds == [math.inf, 0.5, 0.5]
 
 
 def edit(record, **changes):

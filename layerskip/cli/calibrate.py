@@ -120,7 +120,8 @@ def calibrate(args: argparse.Namespace, ckpt, corpus, device) -> int:
     shown = ", ".join("-" if t is None else f"{t:.4g}" for t in record["thresholds"])
     cal.log(f"thresholds (layers 1..{model.num_layers - 1}; - never exits): {shown} [{result.method}]")
     cal.log(f"held-out teacher-forced disagreement {result.test_risk:.4%} on {result.test_tokens:,} tokens "
-            f"(bound {args.delta:g} at 1-epsilon {1 - args.epsilon:g}); mean exit layer {result.mean_exit_layer:.2f}")
+            f"(bound {args.delta:g} at 1-epsilon {1 - args.epsilon:g}); mean exit layer {result.mean_exit_layer:.2f}, "
+            f"LM-head evaluations per token {result.head_evals_per_token:.2f}")
     if generated.get("new_tokens"):
         cal.log(f"on DEE's own generations: disagreement {generated['disagreement']:.2%}, mean exit layer "
                 f"{generated['mean_exit_layer']:.2f} ({generated['new_tokens']} tokens; not covered by the guarantee)")
@@ -147,6 +148,7 @@ def evaluate(args: argparse.Namespace, ckpt, corpus) -> int:
         "measure": loaded.measure, "delta": loaded.delta, "epsilon": loaded.epsilon,
         "teacher_forced_disagreement": wrong / scores.num_tokens, "disagreements": wrong,
         "mean_exit_layer": float(exits.mean()),
+        "head_evals_per_token": float(cal.head_evals(exits, loaded.thresholds, loaded.measure).mean()),
         "exit_layer_counts": [int((exits == layer).sum()) for layer in range(1, model.num_layers + 1)],
         "generated_text": _generated(args, model, loaded.strategy(), tokens),
         "command": _command(args),

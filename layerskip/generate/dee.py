@@ -40,6 +40,7 @@ follows the same rule.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ class DynamicEarlyExit:
             raise ConfigError(f"check_every must be an integer >= 1, got {check_every!r}")
         self.min_exit_layer = min_exit_layer
         self.check_every = check_every
-        if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
+        if isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
             self.thresholds: float | list[float] = _check_threshold(thresholds, "the threshold")
         else:
             self.thresholds = [
@@ -277,7 +278,7 @@ class DynamicEarlyExit:
 
 
 def _check_threshold(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
         raise ConfigError(
             f"{what} must be a number >= 0 (confidences lie in [0, 1]; above 1 means never exit), got {value!r}"
         )
