@@ -10,8 +10,8 @@ from conftest import tiny_model
 
 from layerskip.errors import ConfigError
 from layerskip.generate.base import SamplingConfig, sample_token, sampling_probs
-from layerskip.model import apply_rotary
 from layerskip.generate.dee import MEASURES, DynamicEarlyExit, logit_confidence, saturation_confidence
+from layerskip.model import apply_rotary
 
 PROMPT = [5, 17, 3, 42, 8, 11]
 TOL = dict(rtol=1e-5, atol=1e-5)
