@@ -278,6 +278,25 @@ def plot_per_layer(results: dict[str, Any], path: Path) -> str | None:
     return None
 
 
+def pareto_front(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Configs no other config beats on both speed-up and ROUGE-L, fastest first."""
+    front, best = [], -1.0
+    for c in sorted(configs, key=lambda c: (-c["speedup"], -c["rouge_l"])):
+        if c["rouge_l"] > best:
+            front.append(c)
+            best = c["rouge_l"]
+    return front
+
+
+def short_label(config: dict[str, Any]) -> str:
+    opts = config.get("options", {})
+    if config["strategy"] == "ssd":
+        return f"E{opts.get('draft_layer')} k{opts.get('k')}"
+    if opts.get("calibrated"):
+        return "calibrated"
+    return f"{str(opts.get('measure', ''))[:3]} {opts.get('thresholds')}"
+
+
 def plot_frontier(results: dict[str, Any], path: Path) -> str | None:
     points = [
         (m["name"], c) for m in results["models"] for c in m["configs"]
@@ -299,7 +318,15 @@ def plot_frontier(results: dict[str, Any], path: Path) -> str | None:
             ax.scatter([c["speedup"] for c in cs], [c["rouge_l"] for c in cs], marker=marker,
                        facecolors=colour if fills[name] else "none", edgecolors=colour,
                        label=f"{name}: {strategy.upper()}")
+            front = pareto_front(cs)
+            ax.plot([c["speedup"] for c in front], [c["rouge_l"] for c in front], color=colour, lw=0.8,
+                    ls="-" if fills[name] else ":")
+            if fills[name]:  # label the main model's frontier configs
+                for c in front:
+                    ax.annotate(short_label(c), (c["speedup"], c["rouge_l"]), fontsize=6, xytext=(3, -8),
+                                textcoords="offset points")
     ax.scatter([1.0], [1.0], marker="s", color="black", label="AR (reference)")
+    ax.set_ylim(max(0.0, min(c["rouge_l"] for _, c in points) - 0.05), 1.02)
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("speed-up over the same model's AR (median, ×)")
     ax.set_ylabel("ROUGE-L vs AR greedy output")
