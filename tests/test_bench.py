@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from conftest import REAL_DATA_DIR, tiny_model
 
 from layerskip.bench import BenchSettings, lcs_length, rouge_l, run_bench, select_prompts, write_results
 from layerskip.calibrate import model_fingerprint
@@ -239,6 +239,17 @@ def test_prompt_choice_is_seeded(tiny_corpus_dir, tiny_tokenizer):
     assert first == again and first != other
     for p in first:
         assert not p.text.strip().startswith("=") and len(tiny_tokenizer.encode(p.text)) > 8
+
+
+@pytest.mark.skipif(not REAL_DATA_DIR, reason="LAYERSKIP_DATA_DIR is not set")
+def test_prompts_from_the_real_test_split_are_paragraphs(tiny_tokenizer):
+    from layerskip.data import find_split_files, read_lines
+
+    lines = read_lines(find_split_files(Path(REAL_DATA_DIR))["test"])
+    prompts = select_prompts(lines, tiny_tokenizer, BenchSettings(num_prompts=16, prompt_tokens=32))
+    assert len(prompts) == 16 and len({p.paragraph for p in prompts}) == 16
+    for p in prompts:
+        assert lines[p.paragraph] == p.text and p.text.strip() and not p.text.strip().startswith("= ")
 
 
 # ----------------------------------------------------------------------------- fidelity maths
