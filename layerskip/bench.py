@@ -654,6 +654,9 @@ def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettin
     files = find_split_files(resolve_data_dir(data_dir))
     test_lines = read_lines(files["test"])
     prompts = select_prompts(test_lines, main_tok, settings)
+    if len(prompts) < settings.num_prompts:
+        log(f"bench: only {len(prompts)} test paragraphs are longer than {settings.prompt_tokens} tokens; "
+            f"using {len(prompts)} prompts instead of {settings.num_prompts}")
 
     models = [("layerskip", "main", checkpoint, thresholds)]
     if baseline is not None:
@@ -669,6 +672,7 @@ def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettin
     settings_dict = asdict(settings)
     settings_dict.update({
         "device": str(device), "eos_id": None,
+        "num_prompts_requested": settings.num_prompts, "num_prompts": len(prompts),  # fewer if few paragraphs fit
         "timing": "time.perf_counter around each generate() call, device synchronised; warm-up runs "
                   "discarded; configs interleaved per prompt in rotating order; medians over prompts",
     })

@@ -321,3 +321,15 @@ def test_cli_bench_reports_a_missing_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("layerskip bench: error:") and "does not exist" in err and "\n" not in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_fewer_paragraphs_than_prompts_are_recorded(tmp_path, tiny_corpus_dir, tiny_tokenizer, capsys):
+    main_ckpt, _ = save_tiny_checkpoints(tmp_path, tiny_tokenizer)
+    settings = BenchSettings(num_prompts=1000, prompt_tokens=30, new_tokens=2, ks=(2,), draft_layers=(2,),
+                             dee_measures=("softmax",), dee_thresholds=(0.5,), temperature=0, eval_tokens=0,
+                             warmup=0, threads=1)
+    results = run_bench(main_ckpt, data_dir=tiny_corpus_dir, settings=settings, progress=False)
+    n = results["settings"]["num_prompts"]
+    assert 0 < n < 1000 and results["settings"]["num_prompts_requested"] == 1000
+    assert len(results["prompts"]) == n and len(results["models"][0]["configs"][0]["runs"]) == n
+    assert f"using {n} prompts instead of 1000" in capsys.readouterr().err
