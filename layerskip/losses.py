@@ -143,11 +143,36 @@ def exit_nll_sums(
     return sums
 
 
+def chunk_nll_and_grads(
+    x: torch.Tensor,  # (E, n, C) normed hidden states of one chunk of tokens
+    weight: torch.Tensor,  # (V, C)
+    targets: torch.Tensor,  # (n,) ids, clamped to >= 0
+    valid: torch.Tensor,  # (n,) 1.0 where the target counts, else 0.0
+    scales: torch.Tensor,  # (E,) multiplier of each exit's summed NLL in the loss
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(NLL sum per exit (E,), d loss/d x (E, n, C), d loss/d weight (V, C) fp32) of one chunk.
+
+    A pure function of tensors, so it can be handed to torch.compile as is.
+    """
+    E = x.shape[0]
+    logits = (x @ weight.t()).float()  # (E, n, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (E, n)
+    idx = targets.view(1, -1, 1).expand(E, -1, 1)
+    nll = ((lse - logits.gather(-1, idx).squeeze(-1)) * valid).sum(-1)  # (E,)
+    # d(scaled NLL)/d(logits) = (softmax - onehot) * valid * scale
+    grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
+    grad.scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=grad.dtype, device=grad.device))
+    grad = grad.mul_((valid.view(1, -1) * scales.view(-1, 1)).unsqueeze(-1)).to(x.dtype)
+    grad_x = grad @ weight  # (E, n, C)
+    grad_w = (grad.flatten(0, 1).t() @ x.flatten(0, 1)).float()  # (V, C)
+    return nll, grad_x, grad_w
+
+
 class _ChunkedExitLoss(torch.autograd.Function):
     """sum_e scales[e] * NLL_e for exits sharing one head; gradients computed chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, normed, weight, targets, scales, chunk_size):  # type: ignore[override]
+    def forward(ctx, normed, weight, targets, scales, chunk_size, chunk_fn):  # type: ignore[override]
         E, N, _ = normed.shape
         valid = (targets != IGNORE_INDEX).float()  # (N,)
         safe = targets.clamp(min=0)
@@ -155,20 +180,11 @@ class _ChunkedExitLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         nll_sums = torch.zeros(E, dtype=torch.float32, device=normed.device)
         for s in range(0, N, chunk_size):
-            x = normed[:, s : s + chunk_size]  # (E, n, C)
-            logits = _chunk_logits(x, weight)  # (E, n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (E, n)
-            idx = safe[s : s + chunk_size].view(1, -1, 1).expand(E, -1, 1)
-            target_logit = logits.gather(-1, idx).squeeze(-1)
-            v = valid[s : s + chunk_size]
-            nll_sums += ((lse - target_logit) * v).sum(-1)
-            # d(scaled NLL)/d(logits) = (softmax - onehot) * v * scale, written into `logits`.
-            grad = logits.sub_(lse.unsqueeze(-1)).exp_()
-            grad.scatter_add_(-1, idx, torch.full_like(target_logit, -1.0).unsqueeze(-1))
-            grad.mul_((v.view(1, -1) * scales.view(-1, 1)).unsqueeze(-1))
-            grad = grad.to(x.dtype)
-            grad_x[:, s : s + chunk_size] = grad @ weight
-            grad_w += (grad.flatten(0, 1).t() @ x.flatten(0, 1)).float()
+            nll, gx, gw = chunk_fn(normed[:, s : s + chunk_size], weight, safe[s : s + chunk_size],
+                                   valid[s : s + chunk_size], scales)
+            nll_sums += nll
+            grad_x[:, s : s + chunk_size] = gx
+            grad_w += gw
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(nll_sums)
         return (nll_sums * scales).sum(), nll_sums
@@ -176,7 +192,7 @@ class _ChunkedExitLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):  # type: ignore[override]
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
 def exit_loss(
@@ -186,15 +202,17 @@ def exit_loss(
     weights: Sequence[float],  # (E,) exit weights, normally from `exit_weights`
     *,
     chunk_size: int = 2048,
+    chunk_fn=chunk_nll_and_grads,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted mean-NLL loss, per-exit mean NLL (E,) detached) of E exits in one pass.
 
     The loss is sum_e weights[e] * mean NLL of exit e over the non-ignored targets; with
-    every target ignored it is 0 (and so are its gradients), never NaN.
+    every target ignored it is 0 (and so are its gradients), never NaN. chunk_fn may be a
+    compiled ``chunk_nll_and_grads``.
     """
     count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     scales = torch.tensor(list(weights), dtype=torch.float32, device=normed.device) / count
-    loss, sums = _ChunkedExitLoss.apply(normed, weight, targets, scales, chunk_size)
+    loss, sums = _ChunkedExitLoss.apply(normed, weight, targets, scales, chunk_size, chunk_fn)
     return loss, sums / count
 
 

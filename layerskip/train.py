@@ -41,6 +41,7 @@ from layerskip.config import ModelConfig, TokenizerConfig, from_dict
 from layerskip.errors import ConfigError, LayerskipError
 from layerskip.losses import (
     CURRICULA,
+    chunk_nll_and_grads,
     LAYER_DROPOUT_SCHEDULES,
     TIME_RAMPS,
     enabled_exits,
@@ -109,7 +110,7 @@ class TrainConfig:
     loss_chunk: int = 4096
     # validation and checkpoints
     val_every: int = 0  # steps; 0: at the end of each epoch only
-    val_tokens: int | None = None  # read only this many valid tokens in validation (None: all)
+    val_tokens: int | None = 65536  # validate on the first N valid tokens (None: all); `eval` reads all
     eval_batch_size: int = 16
     save_every: int = 100  # steps between last/ checkpoints
     log_every: int = 1
@@ -209,10 +210,12 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
 class ExitLossModel(nn.Module):
     """Trunk + weighted early-exit loss in one forward, so DDP sees every parameter's use."""
 
-    def __init__(self, model: Transformer, chunk_size: int) -> None:
+    def __init__(self, model: Transformer, chunk_size: int, *, compile_loss: bool = False) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        # the head + loss of one chunk, compiled on its own (like each block) when asked
+        self.chunk_fn = torch.compile(chunk_nll_and_grads, dynamic=True) if compile_loss else chunk_nll_and_grads
 
     def forward(
         self,
@@ -225,7 +228,8 @@ class ExitLossModel(nn.Module):
         out = self.model(idx, exits=exits, layer_keep=keep, compute_logits=False)
         hidden = torch.stack([out.exit_hidden[k] for k in exits])  # (E, B, T, C)
         normed = self.model.norm(hidden).flatten(1, 2)  # (E, B*T, C)
-        return exit_loss(normed, self.model.lm_head.weight, targets.flatten(), weights, chunk_size=self.chunk_size)
+        return exit_loss(normed, self.model.lm_head.weight, targets.flatten(), weights, chunk_size=self.chunk_size,
+                         chunk_fn=self.chunk_fn)
 
 
 def step_plan(cfg: TrainConfig, step: int, total_steps: int) -> tuple[list[int], list[float], list[float]]:
@@ -538,7 +542,7 @@ class Trainer:
             # one compiled variant per block, train and eval mode: more than the default limit
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
             compile_blocks(self.model)
-        module: nn.Module = ExitLossModel(self.model, cfg.loss_chunk)
+        module: nn.Module = ExitLossModel(self.model, cfg.loss_chunk, compile_loss=cfg.compile)
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 

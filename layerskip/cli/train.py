@@ -44,7 +44,7 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("early_exit_rotation", int, "rotational curriculum: every R-th exit each step (default 2)"),
     ("early_exit_gradual_steps", int, "gradual curriculum: steps to enable every exit (default: the run)"),
     ("val_every", int, "also validate every N steps (default: each epoch only)"),
-    ("val_tokens", int, "validate on the first N valid tokens only (default: all)"),
+    ("val_tokens", int, "validate on the first N valid tokens only (default 65536; 0: all)"),
     ("eval_batch_size", int, "sequences per evaluation batch (default 16)"),
     ("save_every", int, "steps between last/ checkpoints (default 100)"),
     ("log_every", int, "steps between metrics.jsonl records (default 1)"),
@@ -81,7 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def explicit_settings(args: argparse.Namespace) -> dict:
     names = [n for n, _, _ in TRAIN_FLAGS] + [n for n, _, _ in CHOICE_FLAGS] + ["compile"]
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if settings.get("val_tokens") == 0:
+        settings["val_tokens"] = None  # the whole valid split
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
