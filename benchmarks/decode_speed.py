@@ -54,10 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ks", type=int_list, default=[2, 3, 4, 6], help="k values (default 2,3,4,6)")
     p.add_argument("--adaptive", type=float_list, default=[],
                    help="also run each (E, max k) with these adaptive thresholds, e.g. 0.3,0.5")
+    p.add_argument("--no_bonus", action="store_true", help="also run every (E, k) with bonus=False (no tail pass)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest at batch 1 here)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--best_case", action="store_true",
                    help="zero the residual writes of blocks 1..L-1 so every draft is accepted (random model only)")
+    p.add_argument("--residual_scale", type=float, default=0.0,
+                   help="with --best_case: scale those writes by this instead of 0, so some drafts are "
+                   "rejected (e.g. 0.05); a stand-in for intermediate acceptance rates")
     p.add_argument("--warmup", type=int, default=2, help="warm-up prompts, not timed (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all results to this JSON file")
@@ -73,8 +77,8 @@ def load_model(args) -> tuple[Transformer, list[list[int]], str]:
         if args.best_case:
             with torch.no_grad():
                 for block in model.layers[1:]:
-                    block.attn.o_proj.weight.zero_()
-                    block.mlp.down_proj.weight.zero_()
+                    block.attn.o_proj.weight.mul_(args.residual_scale)
+                    block.mlp.down_proj.weight.mul_(args.residual_scale)
         vocab = model.config.vocab_size
         prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.prompts + args.warmup)]
         return model, prompts, "random token ids"
@@ -100,6 +104,8 @@ def strategies(args, num_layers: int) -> dict[str, object]:
     for e in args.draft_layers or range(1, num_layers):
         for k in args.ks:
             configs[f"ssd E={e} k={k}"] = SelfSpeculative(e, k)
+            if args.no_bonus:
+                configs[f"ssd E={e} k={k} no-bonus"] = SelfSpeculative(e, k, bonus=False)
         for t in args.adaptive:
             configs[f"ssd E={e} k<={max(args.ks)} conf>={t:g}"] = SelfSpeculative(e, max(args.ks), adaptive_threshold=t)
     return configs
