@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adaptive", type=float_list, default=[],
                    help="also run each (E, max k) with these adaptive thresholds, e.g. 0.3,0.5")
     p.add_argument("--no_bonus", action="store_true", help="also run every (E, k) with bonus=False (no tail pass)")
+    p.add_argument("--backoff", type=int, default=0,
+                   help="also run every (E, k) and adaptive config with max_backoff=N (default 0: not)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest at batch 1 here)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--best_case", action="store_true",
@@ -106,8 +108,13 @@ def strategies(args, num_layers: int) -> dict[str, object]:
             configs[f"ssd E={e} k={k}"] = SelfSpeculative(e, k)
             if args.no_bonus:
                 configs[f"ssd E={e} k={k} no-bonus"] = SelfSpeculative(e, k, bonus=False)
+            if args.backoff:
+                configs[f"ssd E={e} k={k} backoff<={args.backoff}"] = SelfSpeculative(e, k, max_backoff=args.backoff)
         for t in args.adaptive:
             configs[f"ssd E={e} k<={max(args.ks)} conf>={t:g}"] = SelfSpeculative(e, max(args.ks), adaptive_threshold=t)
+            if args.backoff:
+                configs[f"ssd E={e} k<={max(args.ks)} conf>={t:g} backoff"] = SelfSpeculative(
+                    e, max(args.ks), adaptive_threshold=t, max_backoff=args.backoff)
     return configs
 
 
@@ -145,11 +152,11 @@ def main(argv=None) -> int:
             "mean_accepted_per_round": accepted / rounds if rounds else None,
             "identical_to_ar": sum(r["identical"] for r in rs) / len(rs),
         })
-    print(f"{'config':<28} {'ms/token':>9} {'speed-up':>9} {'accept':>7} {'acc/round':>9} {'== AR':>6}")
+    print(f"{'config':<36} {'ms/token':>9} {'speed-up':>9} {'accept':>7} {'acc/round':>9} {'== AR':>6}")
     for row in rows:
         acc = "" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
         per = "" if row["mean_accepted_per_round"] is None else f"{row['mean_accepted_per_round']:.2f}"
-        print(f"{row['config']:<28} {row['ms_per_token']:>9.3f} {row['speedup']:>8.2f}x {acc:>7} {per:>9} "
+        print(f"{row['config']:<36} {row['ms_per_token']:>9.3f} {row['speedup']:>8.2f}x {acc:>7} {per:>9} "
               f"{100 * row['identical_to_ar']:>5.0f}%")
     if args.json:
         doc = {

@@ -57,12 +57,13 @@ def test_greedy_ssd_equals_greedy_ar_for_every_draft_depth_and_length(model_and_
 
 
 @pytest.mark.parametrize("draft_layer", [1, 3])
-def test_greedy_ssd_without_bonus_tokens_equals_greedy_ar(model_and_ar, draft_layer):
+def test_greedy_ssd_without_bonus_or_with_backoff_equals_greedy_ar(model_and_ar, draft_layer):
     model, ar = model_and_ar
     for k in (1, 3, 8):
-        for prompt, expected in ar.items():
-            result = SelfSpeculative(draft_layer, k, bonus=False).generate(model, list(prompt), NEW_TOKENS)
-            assert result.tokens == expected, (draft_layer, k, len(prompt))
+        for options in (dict(bonus=False), dict(max_backoff=4), dict(max_backoff=8, adaptive_threshold=0.5)):
+            for prompt, expected in ar.items():
+                result = SelfSpeculative(draft_layer, k, **options).generate(model, list(prompt), NEW_TOKENS)
+                assert result.tokens == expected, (draft_layer, k, options, len(prompt))
 
 
 def test_the_sweep_reaches_accept_all_and_reject_first():
@@ -141,7 +142,8 @@ def test_bad_settings_are_config_errors():
     model = tiny_model()
     with pytest.raises(ConfigError, match="draft_layer must be in 1..3"):
         SelfSpeculative(4, 2).generate(model, [1, 2], 5)
-    for bad in (dict(draft_layer=0), dict(draft_layer=2, k=0), dict(draft_layer=2, adaptive_threshold=1.5)):
+    for bad in (dict(draft_layer=0), dict(draft_layer=2, k=0), dict(draft_layer=2, adaptive_threshold=1.5),
+                dict(draft_layer=2, max_backoff=-1)):
         with pytest.raises(ConfigError):
             SelfSpeculative(**bad)
     with pytest.raises(ConfigError, match="unknown generation mode"):
@@ -220,10 +222,10 @@ def wrong_at(positions):
     return [(t + 1) % 13 if p in positions else t for p, t in enumerate(FULL)]
 
 
-def run_stub(draft_next, *, k=3, max_new=12, eos=None, draft_scale=None, threshold=None, bonus=True):
+def run_stub(draft_next, *, k=3, max_new=12, eos=None, draft_scale=None, threshold=None, bonus=True, backoff=0):
     model = ScriptedModel(FULL, draft_next, 2, draft_scale=draft_scale)
     prompt = [5, 6]
-    strategy = SelfSpeculative(2, k, adaptive_threshold=threshold, bonus=bonus)
+    strategy = SelfSpeculative(2, k, adaptive_threshold=threshold, bonus=bonus, max_backoff=backoff)
     result = strategy.generate(model, prompt, max_new, eos_id=eos)
     sequence = prompt + result.tokens
     # Where a round starts (its first draft call, and its verify call) the cache holds exactly
@@ -274,6 +276,25 @@ def test_stub_reject_first():
     assert accepted_flags(result) == [False] * 12
     verify = [c for c in model.calls if c[0] == 2]
     assert verify == [(2, 4, p, 4) for p in range(1, 10)] + [(2, 4, 10, 3), (2, 4, 11, 2), (2, 4, 12, 1)]
+
+
+def test_stub_reject_first_with_backoff_drafts_ever_more_rarely():
+    model, result = run_stub(wrong_at(range(64)), backoff=4)
+    assert result.tokens == expected_tokens(12)
+    verify = [(pos, t) for start, _, pos, t in model.calls if start == 2]
+    # Drafting rounds (T = 4, or 2 at the limit) fail, then 1, 2, 4, 4 plain steps (T = 1).
+    assert verify == [(1, 4), (2, 1), (3, 4), (4, 1), (5, 1), (6, 4)] + [(p, 1) for p in range(7, 11)] + [(11, 2), (12, 1)]
+    assert result.stats["plain_steps"] == 8 and result.stats["drafted_tokens"] == 10
+
+
+def test_stub_backoff_resets_after_an_accepted_draft():
+    model, result = run_stub(wrong_at({1, 3}), backoff=8)
+    assert result.tokens == expected_tokens(12)
+    verify = [(pos, t) for start, _, pos, t in model.calls if start == 2]
+    # Round at 1 fails -> one plain step at 2; the round at 3 fails -> two plain steps at 4, 5; the
+    # round at 6 accepts all -> no more back-off.
+    assert verify[:6] == [(1, 4), (2, 1), (3, 4), (4, 1), (5, 1), (6, 4)]
+    assert all(t > 1 for _, t in verify[6:-1])
 
 
 def test_stub_mixed():

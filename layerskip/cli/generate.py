@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(ssd, "k", type=int, default=4, help="tokens drafted per round (the most, with --adaptive_threshold)")
     add_flag(ssd, "adaptive_threshold", type=float, default=None,
              help="stop drafting when the draft's top probability falls below this (default: always draft k)")
+    add_flag(ssd, "no_bonus", action="store_true",
+             help="skip the last draft's pass through the draft layers: no bonus token after an all-accepted "
+             "round, cheaper rounds when drafts are rarely all accepted")
+    add_flag(ssd, "max_backoff", type=int, default=0,
+             help="after a round with no accepted draft, decode the next 1, 2, 4, ... (at most N) tokens "
+             "without drafting (default 0: off)")
     if HAS_DEE_ARGS:
         from layerskip.cli.dee_args import add_dee_arguments
 
@@ -93,7 +99,8 @@ def build_strategy(args: argparse.Namespace, model: Any):
         return build_dee(args, model)
     if args.mode == "ssd":
         draft_layer = args.draft_layer if args.draft_layer is not None else max(1, model.num_layers // 2)
-        return make_strategy("ssd", draft_layer=draft_layer, k=args.k, adaptive_threshold=args.adaptive_threshold)
+        return make_strategy("ssd", draft_layer=draft_layer, k=args.k, adaptive_threshold=args.adaptive_threshold,
+                             bonus=not args.no_bonus, max_backoff=args.max_backoff)
     return make_strategy("ar")
 
 

@@ -12,6 +12,8 @@ One round, with n the position of the newest committed token (not yet in the cac
    ended on a dropped draft or an end-of-sequence draft. The tail is what lets a round whose
    drafts are all accepted add a bonus token from the full model; ``bonus=False`` skips it
    (cheaper rounds when whole drafts are rarely accepted).
+   With ``max_backoff`` > 0, rounds that gain nothing from drafting are followed by plain
+   full-model steps (1, 2, 4, ... rounds, see ``Backoff``).
 3. Verify: ONE ``run_blocks(kept_hidden, E, L)`` over all those positions, reusing the
    draft's work in [0, E) (never recomputed), then one unembed: the full model's logits at
    positions n .. n + m.
@@ -87,13 +89,48 @@ class SpecStats:
         }
 
 
+class Backoff:
+    """Exponential back-off from drafting after rounds that gain nothing from it.
+
+    After a drafting round with no accepted draft (rejected, or nothing confident enough to
+    propose), the next 1, 2, 4, ... up to ``limit`` rounds are plain full-model steps with
+    no draft, so a stretch the draft cannot predict costs little more than autoregressive
+    decoding; any accepted draft resets it. The decision depends only on the past, so greedy
+    output and the sampled distribution are unchanged. ``limit`` 0 turns it off.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.wait, self.skip, self.plain_steps = limit, 1, 0, 0
+
+    def draft_now(self) -> bool:
+        if self.skip:
+            self.skip -= 1
+            self.plain_steps += 1
+            return False
+        return True
+
+    def update(self, gained: bool) -> None:
+        if not self.limit:
+            return
+        if gained:
+            self.wait = 1
+        else:
+            self.skip, self.wait = self.wait, min(2 * self.wait, self.limit)
+
+
 class SelfSpeculative:
     """Draft with blocks [0, draft_layer) + the shared head, verify with the rest."""
 
     name = "ssd"
 
     def __init__(
-        self, draft_layer: int, k: int = 4, *, adaptive_threshold: float | None = None, bonus: bool = True
+        self,
+        draft_layer: int,
+        k: int = 4,
+        *,
+        adaptive_threshold: float | None = None,
+        bonus: bool = True,
+        max_backoff: int = 0,
     ) -> None:
         if not (isinstance(draft_layer, int) and draft_layer >= 1):
             raise ConfigError(f"draft_layer must be an integer >= 1 (blocks the draft runs), got {draft_layer!r}")
@@ -102,11 +139,14 @@ class SelfSpeculative:
         t = adaptive_threshold
         if t is not None and not (isinstance(t, (int, float)) and 0 < t < 1):
             raise ConfigError(f"adaptive_threshold must be in (0, 1) (or None for a fixed k), got {t!r}")
+        if not (isinstance(max_backoff, int) and max_backoff >= 0):
+            raise ConfigError(f"max_backoff must be an integer >= 0 (0: off), got {max_backoff!r}")
         self.draft_layer, self.k, self.adaptive_threshold, self.bonus = draft_layer, k, t, bool(bonus)
+        self.max_backoff = max_backoff
 
     def __repr__(self) -> str:
         return (f"SelfSpeculative(draft_layer={self.draft_layer}, k={self.k}, "
-                f"adaptive_threshold={self.adaptive_threshold}, bonus={self.bonus})")
+                f"adaptive_threshold={self.adaptive_threshold}, bonus={self.bonus}, max_backoff={self.max_backoff})")
 
     @torch.inference_mode()
     def generate(
@@ -130,18 +170,21 @@ class SelfSpeculative:
         cache = model.new_cache(max_len=len(prompt_ids) + run.budget)
         if len(prompt_ids) > 1:  # everything but the newest token goes in the cache
             prefill(model, buf[:, : len(prompt_ids) - 1], cache)
-        stats, token_info = SpecStats(self.k), []
+        stats, token_info, backoff = SpecStats(self.k), [], Backoff(self.max_backoff)
         while run.stop_reason is None:
             n = len(prompt_ids) - 1 + len(run.tokens)  # position of the newest token
-            draft = self.draft(model, buf, n, cache, min(self.k, run.remaining - 1), sampling, eos_id, generator)
+            max_drafts = min(self.k, run.remaining - 1) if backoff.draft_now() else 0
+            draft = self.draft(model, buf, n, cache, max_drafts, sampling, eos_id, generator)
             verdict = self.verify(model, draft, n, cache, sampling, generator)
+            if max_drafts:
+                backoff.update(verdict.accepted > 0)
             kept = run.commit(verdict.tokens)
             buf[0, n + 1 : n + 1 + kept] = torch.as_tensor(verdict.tokens[:kept])
             cache.truncate(n + kept)  # the newest committed token is not in the cache
             stats.add(len(draft.tokens), verdict.accepted)
             token_info += [{"accepted": i < verdict.accepted} for i in range(kept)]
         summary = {"draft_layer": self.draft_layer, "k": self.k, "adaptive_threshold": self.adaptive_threshold,
-                   "bonus": self.bonus}
+                   "bonus": self.bonus, "max_backoff": self.max_backoff, "plain_steps": backoff.plain_steps}
         return run.result(self.name, {**summary, **stats.as_dict(len(run.tokens))}, token_info)
 
     def draft(
