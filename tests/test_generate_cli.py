@@ -125,3 +125,22 @@ def test_help_lists_the_seed_spellings(capsys):
     out = capsys.readouterr().out
     for flag in ("--max_length", "--temperature", "--top_k", "--top_p", "--mode", "--draft_layer", "--k", "--json"):
         assert flag in out
+
+
+def test_text_stream_prints_each_new_suffix_once_and_holds_back_partial_characters():
+    from io import StringIO
+
+    from layerskip.cli.generate import TextStream
+
+    class Bytes:  # a tokenizer whose ids are UTF-8 bytes
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    out = StringIO()
+    stream = TextStream(Bytes(), list(b"a "), out)
+    stream.flush(final=False)
+    for chunk in (b"\xe2", b"\x80", b"\x94", b" b"):  # an em dash arrives one byte at a time
+        stream.write(list(chunk))
+        assert "\ufffd" not in out.getvalue()
+    stream.flush()
+    assert out.getvalue() == "a \u2014 b"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from typing import Any
 
@@ -81,8 +82,13 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         if not final:
             text = text.rstrip("\ufffd")
-        if text.startswith(self.printed) and len(text) > len(self.printed):
-            self.out.write(text[len(self.printed) :])
+        start = len(self.printed)
+        if not text.startswith(self.printed):  # earlier text decoded differently: never lose the rest
+            if not final:
+                return
+            start = len(os.path.commonprefix([text, self.printed]))
+        if len(text) > start:
+            self.out.write(text[start:])
             self.out.flush()
             self.printed = text
 
