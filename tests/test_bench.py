@@ -315,6 +315,18 @@ def test_cli_bench_writes_results(tmp_path, tiny_corpus_dir, tiny_tokenizer, cap
     assert results["models"][0]["per_layer"] is None and len(results["models"]) == 1
 
 
+def test_cli_summary_line_picks_the_fastest_greedy_config(results):
+    from layerskip.cli.bench import summary_line
+
+    model = results["models"][0]
+    line = summary_line(model)
+    greedy = [c for c in model["configs"] if c["strategy"] != "ar" and c["greedy"]]
+    best = max(greedy, key=lambda c: c["speedup"])
+    assert line.startswith("layerskip: AR greedy ") and f"fastest greedy: {best['label']} " in line
+    only_ar = {"name": "m", "configs": [c for c in model["configs"] if c["strategy"] == "ar" or not c["greedy"]]}
+    assert "fastest" not in summary_line(only_ar)  # sampled configs have no ROUGE-L to quote
+
+
 def test_cli_bench_reports_a_missing_checkpoint(tmp_path, capsys):
     code = main(["bench", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "r.json")])
     assert code == 2

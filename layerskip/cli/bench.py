@@ -72,9 +72,17 @@ def run(args: argparse.Namespace) -> int:
                         settings=settings, progress=not args.quiet)
     path = write_results(results, args.out)
     for model in results["models"]:
-        best = max((c for c in model["configs"] if c["strategy"] != "ar"), key=lambda c: c["speedup"] or 0, default=None)
-        if best:
-            print(f"layerskip bench: {model['name']}: AR {model['configs'][0]['tokens_per_second']:.1f} tokens/s; "
-                  f"fastest {best['label']} {best['speedup']:.2f}x (ROUGE-L {best['rouge_l']:.3f})", file=sys.stderr)
+        print(f"layerskip bench: {summary_line(model)}", file=sys.stderr)
     print(path)
     return 0
+
+
+def summary_line(model: dict) -> str:
+    """AR's speed and the fastest greedy DEE/SSD config of one model's results."""
+    ar = next(c for c in model["configs"] if c["id"] == "ar")
+    line = f"{model['name']}: AR greedy {ar['tokens_per_second']:.1f} tokens/s"
+    greedy = [c for c in model["configs"] if c["strategy"] != "ar" and c["greedy"] and c["speedup"] is not None]
+    if greedy:
+        best = max(greedy, key=lambda c: c["speedup"])
+        line += f"; fastest greedy: {best['label']} {best['speedup']:.2f}x (ROUGE-L {best['rouge_l']:.3f})"
+    return line
