@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed passes over all prompts and configurations")
     p.add_argument("--num-assistant-tokens", type=int, nargs="+", default=[2, 4, 6, 8, 12],
                    help="transformers settings swept for its best (with confidence threshold 0 and 0.4)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for both implementations (default: 1 on CPU, as `layerskip generate`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--data-dir", default=None, help="WikiText-2 directory: prompts from its test split")
     p.add_argument("--out", default="peer_hf.json", help="where the JSON document goes")
@@ -246,8 +247,8 @@ def versions(device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     import transformers
 
     transformers.logging.set_verbosity_error()  # deprecation chatter from inside assisted generation

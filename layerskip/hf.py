@@ -489,7 +489,7 @@ def export_hf(checkpoint: Checkpoint | str | Path, out_dir: str | Path) -> Path:
     config = hf_config(cfg, eos_id=tokenizer.eol_id, extra=extra) | {"torch_dtype": dtype}
     # generate() continues across line ends like `layerskip generate`; pass eos_token_id=2 to stop at one.
     generation = {"_from_model_config": False, "bos_token_id": None, "eos_token_id": None,
-                  "pad_token_id": tokenizer.eol_id, "do_sample": False}
+                  "pad_token_id": None, "do_sample": False}
 
     def write(tmp: Path) -> None:
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2))

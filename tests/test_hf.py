@@ -74,7 +74,9 @@ def test_transformers_greedy_generate_continues_like_our_greedy(exported):
         for _ in range(12):  # plain greedy with full forward passes: the reference
             ours = torch.cat([ours, model(ours).logits[:, -1:].argmax(-1)], dim=1)
         theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+        plain = hf.generate(ids, max_new_tokens=12)  # no mask: the end-of-line token 2 must not read as padding
     assert theirs.tolist() == ours.tolist()  # the exported generation config does not stop at end of line
+    assert plain.tolist() == ours.tolist()
 
 
 def test_export_is_written_atomically_and_replaces_only_an_earlier_export(exported, tmp_path, tiny_tokenizer):
