@@ -565,8 +565,17 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "platform": platform.platform(),
+        "load_average": load_average(),  # other work on the machine skews timings; see also load_average_end
     }
     return info
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def versions() -> dict[str, str]:
@@ -663,6 +672,7 @@ def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettin
         models.append(("baseline", "baseline", baseline, None))
     total = planned_generations([(path, th) for _, _, path, th in models], settings, len(prompts))
     started = time.perf_counter()
+    machine = machine_info(device)  # before the run: its load average is the background load
     with tqdm(total=total, desc="bench", unit="gen", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
         results_models = [
             bench_model(name, role, path, prompts, settings, th, device, bar) for name, role, path, th in models
@@ -681,7 +691,7 @@ def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettin
         "command": list(sys.argv if command is None else command),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": time.perf_counter() - started,
-        "machine": machine_info(device), "versions": versions(), "settings": settings_dict,
+        "machine": {**machine, "load_average_end": load_average()}, "versions": versions(), "settings": settings_dict,
         "prompts": [{"paragraph": p.paragraph, "text": p.text} for p in prompts],
         "models": results_models, "process_peak_rss_bytes": peak_rss_bytes(),
     })

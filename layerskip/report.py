@@ -231,7 +231,9 @@ def run_rows(results: dict[str, Any]) -> list[list[str]]:
         ["date", str(results.get("created", "–"))],
         ["machine", f"{machine.get('cpu', '–')}, {machine.get('cores', '–')} cores, "
                     f"{machine.get('torch_threads', '–')} torch threads, device {machine.get('device', '–')}"
-                    + (f" ({machine['gpu']})" if machine.get("gpu") else "")],
+                    + (f" ({machine['gpu']})" if machine.get("gpu") else "")
+                    + (f"; load average {machine['load_average'][0]:.2f} at the start" if machine.get("load_average")
+                       else "")],
         ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())],
         ["prompts", f"{settings.get('num_prompts', '–')} prompts of {settings.get('prompt_tokens', '–')} tokens "
                     f"from the WikiText-2 test split (seed {settings.get('seed', '–')}), "

@@ -91,7 +91,8 @@ def test_results_are_one_strict_json_document(results, tmp_path):
     json.dumps(results, allow_nan=False)  # no NaN / Infinity, which strict JSON forbids
     assert loaded["format"] == "layerskip-bench" and loaded["schema_version"] == 1
     assert loaded["command"] == ["layerskip", "bench", "(test)"]
-    assert {"cpu", "cores", "torch_threads", "device"} <= set(loaded["machine"])
+    assert {"cpu", "cores", "torch_threads", "device", "load_average", "load_average_end"} <= set(loaded["machine"])
+    assert loaded["machine"]["torch_threads"] == 1  # the run's own setting, recorded while it ran
     assert {"python", "torch", "layerskip"} <= set(loaded["versions"])
     assert loaded["settings"]["new_tokens"] == 10 and loaded["settings"]["device"] == "cpu"
     assert loaded["process_peak_rss_bytes"] > 0
