@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or 1)
     import transformers
 
+    if not hasattr(transformers.GenerationConfig(), "assistant_early_exit"):
+        raise SystemExit(f"transformers {transformers.__version__} has no assistant_early_exit; install 4.47 or later")
     transformers.logging.set_verbosity_error()  # deprecation chatter from inside assisted generation
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as workdir:
