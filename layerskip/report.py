@@ -370,15 +370,19 @@ def plot_acceptance(results: dict[str, Any], path: Path) -> str | None:
 
 
 def featured_dee(model: dict[str, Any]) -> dict[str, Any] | None:
-    """The DEE config a reader most wants to see: calibrated if run, else the fastest at ROUGE-L >= 0.9."""
+    """The DEE config a reader most wants to see: calibrated if run, else the fastest that exits early
+    with ROUGE-L >= 0.9, else the one that exits earliest."""
     dee = [c for c in model["configs"] if c["strategy"] == "dee" and c.get("exit_layer_counts")]
     if not dee:
         return None
     calibrated = [c for c in dee if c.get("options", {}).get("calibrated")]
     if calibrated:
         return calibrated[0]
-    faithful = [c for c in dee if (c.get("rouge_l") or 0) >= 0.9] or dee
-    return max(faithful, key=lambda c: c.get("speedup") or 0)
+    depth = model.get("num_layers") or len(dee[0]["exit_layer_counts"])
+    faithful = [c for c in dee if (c.get("rouge_l") or 0) >= 0.9 and (c.get("mean_exit_layer") or depth) < depth]
+    if faithful:
+        return max(faithful, key=lambda c: c.get("speedup") or 0)
+    return min(dee, key=lambda c: (c.get("mean_exit_layer") or depth, -(c.get("speedup") or 0)))
 
 
 def featured_ssd(model: dict[str, Any], greedy: bool = True) -> dict[str, Any] | None:
@@ -507,8 +511,8 @@ def featured_samples(model: dict[str, Any]) -> list[tuple[dict[str, Any], list[d
 def write_markdown(results: dict[str, Any], files: ReportFiles) -> str:
     parts = ["# layerskip benchmark report", "", markdown_table(["", ""], run_rows(results)), "",
              "## Headline", "", markdown_table(HEADLINE_HEADER, headline_rows(results)), "",
-             "Featured DEE: the calibrated thresholds if benchmarked, else the fastest sweep config with "
-             "ROUGE-L ≥ 0.9. Column definitions are at the end.", ""]
+             "Featured DEE: the calibrated thresholds if benchmarked, else the fastest sweep config that exits "
+             "early with ROUGE-L ≥ 0.9, else the one exiting earliest. Column definitions are at the end.", ""]
     table = per_layer_table(results["models"])
     parts += ["## Per-layer evaluation", ""]
     if table:

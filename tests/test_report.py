@@ -107,6 +107,21 @@ def test_html_colours_every_sample_token(report, results):
     assert all(f">exit {l}<" in page for l in range(1, 5))  # the DEE legend
 
 
+def test_featured_dee_prefers_calibrated_then_early_and_faithful(results):
+    from layerskip.report import featured_dee
+
+    main, baseline = results["models"]
+    assert featured_dee(main)["id"] == "dee-calibrated"
+    chosen = featured_dee(baseline)  # no calibration: never the unreachable-threshold (full model) config
+    assert chosen["mean_exit_layer"] < baseline["num_layers"]
+    early = [c for c in baseline["configs"] if c["strategy"] == "dee" and c["mean_exit_layer"] < 4]
+    faithful = [c for c in early if c["rouge_l"] >= 0.9]
+    if faithful:
+        assert chosen["speedup"] == max(c["speedup"] for c in faithful)
+    else:
+        assert chosen["mean_exit_layer"] == min(c["mean_exit_layer"] for c in early)
+
+
 def test_missing_data_leaves_plots_out_and_says_why(results, tmp_path):
     trimmed = copy.deepcopy(results)
     trimmed["models"] = trimmed["models"][:1]
