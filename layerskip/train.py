@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: F401  (kept for readers extending the loss)
 from torch import nn
 
 from layerskip.config import ModelConfig, TokenizerConfig, from_dict
@@ -112,7 +111,7 @@ class TrainConfig:
     val_every: int = 0  # steps; 0: at the end of each epoch only
     val_tokens: int | None = 65536  # validate on the first N valid tokens (None: all); `eval` reads all
     eval_batch_size: int = 16
-    save_every: int = 100  # steps between last/ checkpoints
+    save_every: int = 50  # steps between last/ checkpoints
     log_every: int = 1
 
     def __post_init__(self) -> None:
@@ -721,8 +720,8 @@ class Trainer:
         cfg = self.cfg
         remaining = cfg.time_budget * 60 - self.elapsed()
         val_tokens = min(cfg.val_tokens or len(self.corpus.tokens["valid"]), len(self.corpus.tokens["valid"]))
-        # a validation pass reads all L exits without a backward pass: about 0.5 step per batch
-        val_cost = 0.5 * step_seconds * val_tokens / (cfg.batch_size * cfg.seq_len)
+        # a validation batch: no backward pass, but all L exits through the head: about one step
+        val_cost = 1.0 * step_seconds * val_tokens / (cfg.batch_size * cfg.seq_len)
         steps_left = remaining / step_seconds
         validations = 1 + steps_left / self.order.steps_per_epoch + (steps_left / cfg.val_every if cfg.val_every else 0)
         fit = int((remaining - validations * val_cost) / step_seconds)

@@ -46,7 +46,7 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("val_every", int, "also validate every N steps (default: each epoch only)"),
     ("val_tokens", int, "validate on the first N valid tokens only (default 65536; 0: all)"),
     ("eval_batch_size", int, "sequences per evaluation batch (default 16)"),
-    ("save_every", int, "steps between last/ checkpoints (default 100)"),
+    ("save_every", int, "steps between last/ checkpoints (default 50)"),
     ("log_every", int, "steps between metrics.jsonl records (default 1)"),
     ("loss_chunk", int, "tokens per chunk of the head + loss (default 4096)"),
 ]
