@@ -327,6 +327,10 @@ def plot_frontier(results: dict[str, Any], path: Path) -> str | None:
                 for c in front:
                     ax.annotate(short_label(c), (c["speedup"], c["rouge_l"]), fontsize=6, xytext=(3, -8),
                                 textcoords="offset points")
+    calibrated = [c for _, c in points if c.get("options", {}).get("calibrated")]
+    if calibrated:
+        ax.scatter([c["speedup"] for c in calibrated], [c["rouge_l"] for c in calibrated], marker="*", s=160,
+                   color="tab:red", zorder=3, label="DEE calibrated")
     ax.scatter([1.0], [1.0], marker="s", color="black", label="AR (reference)")
     ax.set_ylim(max(0.0, min(c["rouge_l"] for _, c in points) - 0.05), 1.02)
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
