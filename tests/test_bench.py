@@ -306,13 +306,15 @@ def test_cli_bench_writes_results(tmp_path, tiny_corpus_dir, tiny_tokenizer, cap
     code = main([
         "bench", "--checkpoint", str(main_ckpt), "--data-dir", str(tiny_corpus_dir), "--out", str(out),
         "--num_prompts", "2", "--prompt-tokens", "6", "--new_tokens", "4", "--draft_layers", "2", "--ks", "2",
-        "--dee_measures", "softmax", "--dee_thresholds", "0.5", "--temperature", "0", "--eval_tokens", "0",
+        "--dee_measures", "softmax", "--dee_thresholds", "0.5", "--temperature", "0.7", "--eval_tokens", "0",
+        "--sample_draft_layer", "3", "--sample-k", "1",
         "--warmup", "0", "--threads", "1", "--quiet",
     ])
     assert code == 0
     assert capsys.readouterr().out.strip() == str(out)
     results = json.loads(out.read_text())
-    assert [c["id"] for c in results["models"][0]["configs"]] == ["ar", "dee-softmax-0.5", "ssd-E2-k2"]
+    assert [c["id"] for c in results["models"][0]["configs"]] == [
+        "ar", "ar-t0.7", "dee-softmax-0.5", "ssd-E2-k2", "ssd-E3-k1-t0.7"]
     assert results["models"][0]["per_layer"] is None and len(results["models"]) == 1
 
 

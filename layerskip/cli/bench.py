@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="global DEE thresholds to sweep for every measure (default: a per-measure set)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="temperature of the sampled AR and SSD configs (default: 0.8; 0 skips them)")
+    add_flag(parser, "sample_draft_layer", type=int, default=None,
+             help="draft layer E of the sampled SSD config (default: the middle of --draft_layers)")
+    add_flag(parser, "sample_k", type=int, default=None, help="draft length k of the sampled SSD config (default: the middle of --ks)")
     add_flag(parser, "repeats", type=int, default=1, help="timed passes over the prompts (default: 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per config (default: 1)")
     add_flag(parser, "num_samples", type=int, default=3, help="prompts whose generations go in the report (default: 3)")
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         draft_layers=tuple(args.draft_layers) if args.draft_layers else None, ks=tuple(args.ks),
         dee_measures=tuple(args.dee_measures),
         dee_thresholds=tuple(args.dee_thresholds) if args.dee_thresholds else None,
-        temperature=args.temperature, num_samples=args.num_samples, eval_tokens=args.eval_tokens,
+        temperature=args.temperature, sample_draft_layer=args.sample_draft_layer, sample_k=args.sample_k,
+        num_samples=args.num_samples, eval_tokens=args.eval_tokens,
         device=args.device, threads=args.threads,
     )
     results = run_bench(args.checkpoint, baseline=args.baseline, thresholds=args.thresholds, data_dir=args.data_dir,
