@@ -10,7 +10,14 @@ from conftest import tiny_model
 
 from layerskip.errors import ConfigError
 from layerskip.generate.base import SamplingConfig, sample_token, sampling_probs
-from layerskip.generate.dee import MEASURES, DynamicEarlyExit, logit_confidence, saturation_confidence
+from layerskip.generate.dee import (
+    MEASURES,
+    DynamicEarlyExit,
+    FusedPropagation,
+    logit_confidence,
+    propagate_kv,
+    saturation_confidence,
+)
 from layerskip.model import apply_rotary
 
 PROMPT = [5, 17, 3, 42, 8, 11]
@@ -151,6 +158,25 @@ def test_cache_complete_and_consistent_after_dee(model, measure):
     torch.testing.assert_close(cache.k[:, :, :, :length], ref.k[:, :, :, :length], **TOL)
     torch.testing.assert_close(cache.v[:, :, :, :length], ref.v[:, :, :, :length], **TOL)
     assert result.stats["kv_projections_per_token"] == sum(model.num_layers - e for e in exits) / n
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(num_kv_heads=2)], ids=["mha", "gqa"])
+def test_fused_propagation_equals_per_layer_project_kv(overrides):
+    model = tiny_model(seed=2, **overrides)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) + 0.5)
+        h = torch.randn(1, 1, model.config.d_model, generator=torch.Generator().manual_seed(5))
+        fused = FusedPropagation(model)
+        for start in range(model.num_layers):
+            a, b = model.new_cache(), model.new_cache()
+            for cache in (a, b):
+                model(torch.tensor([[3, 1, 4]]), cache=cache)
+            assert propagate_kv(model, h, start, 3, a) == fused(model, h, start, 3, b) == model.num_layers - start
+            assert a.lengths == b.lengths == [3] * start + [4] * (model.num_layers - start)
+            torch.testing.assert_close(b.k, a.k, **TOL)
+            torch.testing.assert_close(b.v, a.v, **TOL)
 
 
 def test_sampling_with_unreachable_threshold_equals_plain_sampling(model):

@@ -29,7 +29,8 @@ K/V are computed from it: ``k, v = layers[j].attn.project_kv(layers[j].attn_norm
 at the token's rotary position, written with ``cache.write(j, pos, k, v)``. Every layer's
 cache therefore holds every position after each step (``cache.lengths`` all equal); the
 cost is two d_model x d_model projections per skipped layer, counted in
-``stats["kv_projections_per_token"]``.
+``stats["kv_projections_per_token"]``, done for all skipped layers in one batched matmul
+(``FusedPropagation``, equal to the per-layer ``propagate_kv`` up to float rounding).
 
 Prompt handling. The prompt except its last token is prefilled through all L blocks
 (exact K/V); the last prompt token then goes through the same per-token exit loop as
@@ -49,6 +50,7 @@ import torch
 
 from layerskip.cache import KVCache
 from layerskip.errors import ConfigError
+from layerskip.model import apply_rotary
 from layerskip.generate.base import (
     GenerationResult,
     OnTokens,
@@ -98,6 +100,39 @@ def propagate_kv(model: torch.nn.Module, hidden: torch.Tensor, start: int, pos: 
         k, v = block.attn.project_kv(block.attn_norm(hidden), cos, sin)
         cache.write(j, pos, k, v)
     return model.num_layers - start
+
+
+class FusedPropagation:
+    """``propagate_kv`` in one batched matmul for all skipped layers (the same K/V up to rounding).
+
+    attn_norm_j(h) = w_j * n(h) with n the weightless RMS normalisation, so layer j's keys
+    and values are (W_kv_j diag(w_j)) n(h): the norm weights are folded into the stacked
+    K/V projections once per generation (the weights are read, never kept across calls).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        layers = model.layers
+        self.eps = layers[0].attn_norm.eps
+        weight = torch.stack([
+            torch.cat([b.attn.k_proj.weight, b.attn.v_proj.weight]) * b.attn_norm.weight.to(b.attn.k_proj.weight.dtype)
+            for b in layers
+        ])  # (L, 2 * H_kv * D, C)
+        self.weight = weight.transpose(1, 2)  # (L, C, 2 * H_kv * D)
+        self.kv_heads, self.head_dim = layers[0].attn.kv_heads, layers[0].attn.head_dim
+        self.num_layers = len(layers)
+
+    def __call__(self, model: torch.nn.Module, hidden: torch.Tensor, start: int, pos: int, cache: KVCache) -> int:
+        """K/V of layers [start, L) for the exited hidden (1, 1, C) at position pos."""
+        count = self.num_layers - start
+        x32 = hidden.reshape(1, -1).float()
+        n = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(hidden.dtype)  # (1, C)
+        kv = torch.matmul(n, self.weight[start:])  # (count, 1, 2 * H_kv * D)
+        kv = kv.view(count, 1, 2, self.kv_heads, 1, self.head_dim)  # (count, B=1, k|v, H_kv, T=1, D)
+        cos, sin = model.rotary(pos, 1)
+        keys = apply_rotary(kv[:, :, 0], cos, sin)
+        for i in range(count):
+            cache.write(start + i, pos, keys[i], kv[i, :, 1])
+        return count
 
 
 @dataclass
@@ -160,8 +195,9 @@ class DynamicEarlyExit:
             if math.isfinite(lams[layer - 1])
         }
 
-    def step(self, model: torch.nn.Module, token: torch.Tensor, pos: int, cache: KVCache, checks: dict[int, float]) -> StepResult:
-        """Feed one token (1, 1) at position pos; exit, fill the skipped layers' K/V."""
+    def step(self, model: torch.nn.Module, token: torch.Tensor, pos: int, cache: KVCache, checks: dict[int, float],
+             propagate=propagate_kv) -> StepResult:
+        """Feed one token (1, 1) at position pos; exit, fill the skipped layers' K/V with `propagate`."""
         num_layers = model.num_layers
         h = model.embed(token)  # (1, 1, C)
         logits, exit_layer, head_evals = None, num_layers, 0
@@ -183,7 +219,7 @@ class DynamicEarlyExit:
         if logits is None:
             logits = model.unembed(h)
             head_evals += 1
-        kv = propagate_kv(model, h, exit_layer, pos, cache) if exit_layer < num_layers else 0
+        kv = propagate(model, h, exit_layer, pos, cache) if exit_layer < num_layers else 0
         return StepResult(logits=logits.reshape(-1), exit_layer=exit_layer, head_evals=head_evals, kv_projections=kv)
 
     @torch.inference_mode()
@@ -206,6 +242,7 @@ class DynamicEarlyExit:
         n = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len)
         checks = self.checked_layers(num_layers)
         start = time.perf_counter()
+        propagate = FusedPropagation(model)
         device = model.embed_tokens.weight.device
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, P)
         if cache is None:
@@ -221,7 +258,7 @@ class DynamicEarlyExit:
         head_evals = kv_projections = 0
         ttft, stop_reason = 0.0, "length"
         for i in range(n):
-            step = self.step(model, token, pos, cache, checks)
+            step = self.step(model, token, pos, cache, checks, propagate)
             if sampling.greedy:
                 next_id = int(step.logits.argmax())
             else:
