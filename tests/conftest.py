@@ -42,6 +42,15 @@ def write_corpus(directory: Path, *, suffix: str = "tokens", sizes=(400, 60, 60)
     return directory
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on 2 shared cores they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets a cache of its own, so no test sees another's tokenizers."""
