@@ -553,7 +553,8 @@ class Trainer:
         cfg, spe = self.cfg, self.order.steps_per_epoch
         limits_of = lambda c: (c.epochs, c.max_steps, c.time_budget)  # noqa: E731
         if self.state and limits_of(self.saved_cfg) == limits_of(cfg):
-            return int(self.state["total_steps"]), True  # the same schedule as if never stopped
+            # the same schedule as if never stopped (unless it was never fixed: stopped too early)
+            return int(self.state["total_steps"]), bool(self.state.get("total_fixed", True))
         limits = [n for n in (cfg.epochs and cfg.epochs * spe, cfg.max_steps) if n]
         if cfg.time_budget is None:
             return (min(limits) if limits else spe), True
@@ -624,6 +625,7 @@ class Trainer:
                 "version": 1,
                 "step": step,
                 "total_steps": self.total_steps,
+                "total_fixed": self.total_fixed,
                 "optimizer": self.optimizer.state_dict(),
                 "best_val": self.best_val,
                 "elapsed": self.elapsed(),
