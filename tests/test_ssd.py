@@ -336,3 +336,17 @@ def test_stub_adaptive_stop_drops_the_unsure_draft_and_reuses_its_input():
     assert result.tokens == expected_tokens(12)
     assert model.calls[1:5] == [(0, 2, 1, 1), (0, 2, 2, 1), (0, 2, 3, 1), (2, 4, 1, 3)]
     assert accepted_flags(result)[:3] == [True, True, False]
+
+
+def test_batched_and_row_by_row_verification_agree():
+    """Both ways of unembedding verified rows (all at once, or lazily up to the first rejection)."""
+    for kwargs in MODELS.values():
+        model = tiny_model(**kwargs)
+        prompt = prompts(2)[1]
+        expected = Autoregressive().generate(model, prompt, NEW_TOKENS).tokens
+        for k in (2, 5):
+            strategy = SelfSpeculative(2, k)
+            strategy.lazy_head = False
+            batched = strategy.generate(model, prompt, NEW_TOKENS)
+            assert batched.tokens == expected
+            assert batched.stats == SelfSpeculative(2, k).generate(model, prompt, NEW_TOKENS).stats
