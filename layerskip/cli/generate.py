@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(sampling, "top_k", type=int, default=None, help="sample only among the K most likely tokens")
     add_flag(sampling, "top_p", type=float, default=None, help="sample only from the smallest set holding mass P")
     add_flag(sampling, "seed", type=int, default=0, help="random seed of the sampler (default 0)")
-    add_flag(sampling, "stop_at_eol", action="store_true", help="stop at the first end of line")
+    add_flag(parser, "stop_at_eol", action="store_true", help="stop after the first end-of-line token")
     ssd = parser.add_argument_group("self-speculative decoding (--mode ssd)")
     add_flag(ssd, "draft_layer", type=int, default=None,
              help="E: the draft runs the first E blocks and the shared head (default: half the layers)")
