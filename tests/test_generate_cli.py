@@ -144,3 +144,15 @@ def test_text_stream_prints_each_new_suffix_once_and_holds_back_partial_characte
         assert "\ufffd" not in out.getvalue()
     stream.flush()
     assert out.getvalue() == "a \u2014 b"
+
+
+def test_stop_at_eol(checkpoint, capsys, tmp_path):
+    path, model, tok = checkpoint
+    ids = tok.encode(PROMPT)
+    full = Autoregressive().generate(model, ids, 40).tokens
+    code, _, _ = generate(capsys, "--checkpoint", str(path), "--prompt", PROMPT, "--max_length", "40",
+                          "--stop_at_eol", "--mode", "ssd", "--json", str(tmp_path / "eol.json"))
+    doc = json.loads((tmp_path / "eol.json").read_text())
+    expected = full[: full.index(tok.eol_id) + 1] if tok.eol_id in full else full
+    assert code == 0 and doc["tokens"] == expected
+    assert doc["summary"]["stop_reason"] == ("eos" if tok.eol_id in full else "length")
