@@ -149,8 +149,8 @@ def test_text_stream_prints_each_new_suffix_once_and_holds_back_partial_characte
 def test_stop_at_eol(checkpoint, capsys, tmp_path):
     path, model, tok = checkpoint
     ids = tok.encode(PROMPT)
-    full = Autoregressive().generate(model, ids, 40).tokens
-    code, _, _ = generate(capsys, "--checkpoint", str(path), "--prompt", PROMPT, "--max_length", "40",
+    full = Autoregressive().generate(model, ids, 20).tokens
+    code, _, _ = generate(capsys, "--checkpoint", str(path), "--prompt", PROMPT, "--max_length", "20",
                           "--stop_at_eol", "--mode", "ssd", "--json", str(tmp_path / "eol.json"))
     doc = json.loads((tmp_path / "eol.json").read_text())
     expected = full[: full.index(tok.eol_id) + 1] if tok.eol_id in full else full
