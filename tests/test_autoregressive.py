@@ -12,14 +12,6 @@ from layerskip.errors import ConfigError, PromptError
 from layerskip.generate import Autoregressive, SamplingConfig, make_strategy, sampling_probs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=[dict(), dict(num_kv_heads=2), dict(seed=1, tie_embeddings=False)],
                 ids=["mha", "gqa", "untied"])
 def model(request):

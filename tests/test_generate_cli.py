@@ -6,7 +6,6 @@ import importlib.util
 import json
 
 import pytest
-import torch
 from conftest import tiny_model
 
 from layerskip.checkpoint import save_checkpoint
@@ -15,14 +14,6 @@ from layerskip.config import TokenizerConfig
 from layerskip.generate import Autoregressive
 
 PROMPT = " = Valkyria Chronicles = \n The game began"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,6 @@ from conftest import tiny_model
 from layerskip.generate import Autoregressive, SamplingConfig, SelfSpeculative, sampling_probs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------ sampling_probs
 
 

@@ -15,15 +15,6 @@ from layerskip.generate import Autoregressive, SelfSpeculative, make_strategy
 NEW_TOKENS = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batch-1 decoding of tiny models is fastest on one thread (and many times faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def prompts(count: int, vocab: int = 97, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for length in (1, 7, 19)[:count]]
