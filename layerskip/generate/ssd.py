@@ -15,8 +15,8 @@ One round, with n the position of the newest committed token (not yet in the cac
    With ``max_backoff`` > 0, rounds that gain nothing from drafting are followed by plain
    full-model steps (1, 2, 4, ... rounds, see ``Backoff``).
 3. Verify: ONE ``run_blocks(kept_hidden, E, L)`` over all those positions, reusing the
-   draft's work in [0, E) (never recomputed), then one unembed: the full model's logits at
-   positions n .. n + m.
+   draft's work in [0, E) (never recomputed); the full model's logits at positions
+   n .. n + m come from the shared head (on CPU row by row, only up to the first rejection).
 4. Accept the longest prefix of drafts the full model agrees with (greedy: equal to its
    argmax; sampling: speculative rejection sampling, accept with probability min(1, p/q),
    else resample from normalize(max(p - q, 0))), then add one token from the full model (the
@@ -143,7 +143,7 @@ class SelfSpeculative:
             raise ConfigError(f"max_backoff must be an integer >= 0 (0: off), got {max_backoff!r}")
         self.draft_layer, self.k, self.adaptive_threshold, self.bonus = draft_layer, k, t, bool(bonus)
         self.max_backoff = max_backoff
-        self.lazy_head = True  # greedy on CPU: unembed verified rows one at a time (see verify_rows)
+        self.lazy_head = True  # on CPU: unembed verified rows one at a time (see RowLogits)
 
     def __repr__(self) -> str:
         return (f"SelfSpeculative(draft_layer={self.draft_layer}, k={self.k}, "
