@@ -79,7 +79,7 @@ class TrainConfig:
     num_layers: int = 6
     num_heads: int = 8
     d_ff: int = 512
-    dropout: float = 0.1
+    dropout: float = 0.0  # 0.1 (the seed's) costs 1.3-1.6x a step: attention dropout leaves SDPA's fused path
     vocab_size: int = 8192
     tokenizer_type: str = "bpe"
     seq_len: int = 256
@@ -246,11 +246,17 @@ def step_plan(cfg: TrainConfig, step: int, total_steps: int) -> tuple[list[int],
 
 
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices only; the fused kernel where there is one.
+
+    On CPU the default per-parameter AdamW took 1.4 s a step for the default model (hundreds
+    of small ops, each paying thread start-up), the fused one 18 ms.
+    """
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+    fused = model.embed_tokens.weight.device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=fused or None)
 
 
 def compile_blocks(model: Transformer) -> None:
