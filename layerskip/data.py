@@ -84,7 +84,7 @@ def resolve_data_dir(data_dir: str | Path | None = None, *, download: bool = Tru
             raise DataError(f"{DATA_DIR_ENV}={env_dir}: {exc}") from None
         return env_dir
     cached = cache_root() / "wikitext-2"
-    tried = [f"--data-dir (not given)", f"${DATA_DIR_ENV} (not set)"]
+    tried = ["--data-dir (not given)", f"${DATA_DIR_ENV} (not set)"]
     if cached.is_dir():
         try:
             find_split_files(cached)

@@ -396,8 +396,6 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
 
 def tokenizer_files(tokenizer: Tokenizer, max_len: int) -> dict[str, str]:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
-    sp = tokenizer.sp
-    unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
     special = {"bos_token": None, "eos_token": "\n", "unk_token": None, "pad_token": None}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # loads tokenizer.json as written, in 4.x and 5.x

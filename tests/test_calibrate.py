@@ -27,15 +27,6 @@ def random_text(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 97, n)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a shared machine spinning threads cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=0)
