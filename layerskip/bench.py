@@ -42,14 +42,12 @@ Values that do not apply to a config (acceptance for DEE, ...) are null.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,6 +59,7 @@ import torch
 
 from layerskip import __version__
 from layerskip.errors import ConfigError, DataError
+from layerskip.jsonfile import sanitize, write_json
 from layerskip.tokenizer import Tokenizer
 
 RESULTS_FORMAT = "layerskip-bench"
@@ -697,30 +696,6 @@ def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettin
     })
 
 
-def sanitize(value: Any) -> Any:
-    """Make a value strict-JSON-safe: non-finite floats become null, tuples lists, tensors numbers."""
-    if isinstance(value, dict):
-        return {str(k): sanitize(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [sanitize(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return sanitize(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):
-        return sanitize(value.item())
-    return str(value)
-
-
 def write_results(results: dict[str, Any], path: str | Path) -> Path:
-    """Write one strict JSON document atomically (a temporary sibling, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=1, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write the results document (strict JSON, atomically)."""
+    return write_json(path, results, flag="--out")

@@ -64,9 +64,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +82,7 @@ from layerskip.generate.dee import (
     logit_confidence,
     saturation_confidence,
 )
+from layerskip.jsonfile import write_json
 
 FORMAT = "layerskip-thresholds"
 VERSION = 1
@@ -592,14 +591,7 @@ def thresholds_record(cal: Calibration, *, data: dict[str, Any], model_info: dic
 
 
 def write_json_atomic(path: str | Path, record: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, record, flag="--output")
 
 
 @dataclass

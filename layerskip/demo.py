@@ -10,15 +10,14 @@ LayerSkip-vs-plain comparison is at equal wall-clock training time.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from layerskip.errors import ConfigError, LayerskipError
+from layerskip.jsonfile import write_json
 
 STATE_FILE = "demo.json"
 # Shares of the budget: the two trainings get most of it, equally.
@@ -104,11 +103,7 @@ def load_state(out: Path) -> dict[str, Any]:
 
 
 def save_state(out: Path, state: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".demo-", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, out / STATE_FILE)
+    write_json(out / STATE_FILE, state)
 
 
 def stage_finished(stage: Stage, state: dict[str, Any]) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerskip.errors import DataError
+from layerskip.errors import ConfigError, DataError
 
 RESULTS_FORMAT = "layerskip-bench"
 PLOT_FILES = {
@@ -618,6 +618,8 @@ def write_report(results: dict[str, Any] | str | Path, out_dir: str | Path) -> R
         results = load_results(results)
     check_results(results)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the report")
     out.mkdir(parents=True, exist_ok=True)
     files = ReportFiles(directory=out, markdown=out / "report.md", html=out / "index.html")
     for name, plotter in PLOTTERS.items():

@@ -167,3 +167,17 @@ def test_partial_evaluation_is_labelled(results, tmp_path):
     assert markdown_section_rows(md, "## Per-layer evaluation")[0][3] == "–"  # no word perplexity
     full = markdown_section_rows(write_report(results, tmp_path / "full").markdown.read_text(), "## Per-layer evaluation")
     assert full[0][3] != "–"
+
+
+def test_an_output_path_that_is_a_file_is_one_clear_error(results, tmp_path, capsys):
+    import json as _json
+
+    from layerskip.cli import main
+
+    results_path = tmp_path / "results.json"
+    results_path.write_text(_json.dumps(results))
+    taken = tmp_path / "report.txt"
+    taken.write_text("keep me")
+    assert main(["report", str(results_path), "--out", str(taken)]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
+    assert taken.read_text() == "keep me"

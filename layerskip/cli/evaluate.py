@@ -27,19 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def write_json(result, path) -> None:
     """Write an EvalResult as one JSON document, atomically."""
-    import json
-    import os
-    from pathlib import Path
+    from layerskip.jsonfile import write_json as write
 
-    path = Path(path)
-    if path.is_dir():
-        from layerskip.errors import ConfigError
-
-        raise ConfigError(f"--json {path} is a directory; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write(path, result.to_dict(), flag="--json")
 
 
 def run(args: argparse.Namespace) -> int:

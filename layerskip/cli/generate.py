@@ -137,19 +137,9 @@ def continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> s
 
 
 def write_json(document: dict[str, Any], path: str) -> None:
-    import json
-    import os
-    from pathlib import Path
+    from layerskip.jsonfile import write_json as write
 
-    from layerskip.errors import ConfigError
-
-    target = Path(path)
-    if target.is_dir():
-        raise ConfigError(f"--json {target} is a directory; give a file name")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(tmp, target)
+    write(path, document, flag="--json")
 
 
 def run(args: argparse.Namespace) -> int:
