@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,23 +70,36 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (a temporary sibling, then renames)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        config = {
-            "schema_version": SCHEMA_VERSION,
-            "format": "layerskip-checkpoint",
-            "model": model.config.to_dict(),
-            "tokenizer": tokenizer_config.to_dict(),
-            "train": train_config or {},
-            "meta": meta or {},
-        }
+    config = {
+        "schema_version": SCHEMA_VERSION,
+        "format": "layerskip-checkpoint",
+        "model": model.config.to_dict(),
+        "tokenizer": tokenizer_config.to_dict(),
+        "train": train_config or {},
+        "meta": meta or {},
+    }
+
+    def write(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(_weights_state(model), tmp / WEIGHTS_FILE)
         tokenizer.save(tmp / TOKENIZER_FILE)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+
+    return write_dir_atomically(Path(path), write)
+
+
+def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling with `write(tmp)`, fsync its files, then rename it into place.
+
+    An interrupted write never leaves a broken directory at `path`: before the final rename
+    the old one is still there, and between the two renames it waits at .NAME.old, which
+    `resolve_checkpoint_dir` puts back.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
         for child in tmp.iterdir():
             with open(child, "rb") as f:
                 os.fsync(f.fileno())

@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from layerskip.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from layerskip.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_dir_atomically
 from layerskip.config import ModelConfig, TokenizerConfig
 from layerskip.errors import CheckpointError, ConfigError
 from layerskip.model import Transformer, rotary_tables
@@ -449,27 +446,6 @@ def _checked_out_dir(out_dir: Path, *, hf: bool) -> None:
                               "choose a new directory")
 
 
-def _write_atomically(out_dir: Path, write: Any) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        for child in tmp.iterdir():
-            with open(child, "rb") as f:
-                os.fsync(f.fileno())
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
 def export_hf(checkpoint: Checkpoint | str | Path, out_dir: str | Path) -> Path:
     """Write ``checkpoint`` as a LlamaForCausalLM directory (written to a temp dir, then renamed)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
@@ -497,7 +473,7 @@ def export_hf(checkpoint: Checkpoint | str | Path, out_dir: str | Path) -> Path:
         for name, text in tokenizer_files(tokenizer, cfg.max_seq_len).items():
             (tmp / name).write_text(text, encoding="utf-8")
 
-    return _write_atomically(out_dir, write)
+    return write_dir_atomically(out_dir, write)
 
 
 # ----------------------------------------------------------------------------- import
