@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from layerskip import __version__
+from layerskip.device import resolve_device
 from layerskip.errors import ConfigError, DataError
 from layerskip.jsonfile import sanitize, write_json
 from layerskip.tokenizer import Tokenizer
@@ -524,16 +525,6 @@ def planned_generations(checkpoints: list[tuple[Any, Any]], settings: BenchSetti
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was asked for but MPS is not available; use --device cpu")
-    return torch.device(name)
 
 
 def cpu_model() -> str:

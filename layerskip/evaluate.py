@@ -130,7 +130,7 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint (or a run directory's best one) on a WikiText-2 split."""
     from layerskip.checkpoint import load_checkpoint
     from layerskip.data import load_corpus
-    from layerskip.train import resolve_device
+    from layerskip.device import resolve_device
 
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, device=dev)

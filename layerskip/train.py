@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from layerskip.config import ModelConfig, TokenizerConfig, from_dict
+from layerskip.device import resolve_device
 from layerskip.errors import ConfigError, LayerskipError
 from layerskip.losses import (
     CURRICULA,
@@ -183,18 +184,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- devices, precision
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps was asked for but MPS is not available; use --device cpu or auto")
-    if device not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device must be auto, cpu, cuda or mps, got {device!r}")
-    return torch.device(device)
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from layerskip.checkpoint import load_checkpoint
     from layerskip.data import load_corpus
     from layerskip.errors import ConfigError
-    from layerskip.train import resolve_device
+    from layerskip.device import resolve_device
 
     check_args(args)
     device = resolve_device(args.device)

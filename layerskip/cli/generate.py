@@ -145,7 +145,7 @@ def write_json(document: dict[str, Any], path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from layerskip.bench import resolve_device
+    from layerskip.device import resolve_device
     from layerskip.checkpoint import load_checkpoint
     from layerskip.errors import ConfigError
     from layerskip.generate import SamplingConfig

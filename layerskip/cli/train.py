@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_run(out, args: argparse.Namespace) -> int:
     from layerskip.cli.evaluate import write_json
     from layerskip.evaluate import evaluate_checkpoint
-    from layerskip.train import init_distributed, resolve_device
+    from layerskip.device import resolve_device
+    from layerskip.train import init_distributed
 
     if not init_distributed(resolve_device(args.device)).main:
         return 0  # under torchrun, rank 0 evaluates
