@@ -5,6 +5,8 @@ Layout of a checkpoint directory::
     config.json         schema version, model / tokenizer / training config, metadata
     model.safetensors   weights (safetensors: loading can never run code)
     tokenizer.model     the SentencePiece model the weights were trained with
+    token_counts.npy    optional: how often each token id occurs in the training split,
+                        which ranks the vocabulary for the short decoding head
     trainer_state.pt    optional: optimizer, scheduler, RNG, curriculum and data position,
                         loaded only with ``torch.load(weights_only=True)``
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -38,6 +41,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
 TRAINER_STATE_FILE = "trainer_state.pt"
+TOKEN_COUNTS_FILE = "token_counts.npy"
 RUN_SUBDIRS = ("best", "last")
 
 
@@ -83,6 +87,8 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(_weights_state(model), tmp / WEIGHTS_FILE)
         tokenizer.save(tmp / TOKENIZER_FILE)
+        if model.token_counts is not None:
+            np.save(tmp / TOKEN_COUNTS_FILE, model.token_counts.cpu().numpy().astype(np.int64), allow_pickle=False)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
 
@@ -183,6 +189,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         )
     model = Transformer(model_config)
     load_weights(model, directory / WEIGHTS_FILE)
+    model.set_token_counts(load_token_counts(directory / TOKEN_COUNTS_FILE, model_config.vocab_size))
     model.to(device).eval()
     return Checkpoint(
         model=model,
@@ -223,6 +230,21 @@ def load_weights(model: Transformer, weights_path: Path) -> None:
         )
         raise CheckpointError(f"{weights_path}: the config does not match the weights ({details})")
     model.load_state_dict(state, strict=False)  # tied lm_head.weight is absent on purpose
+
+
+def load_token_counts(path: Path, vocab_size: int) -> torch.Tensor | None:
+    """The optional training-split token counts; None when the checkpoint has none."""
+    if not path.exists():
+        return None
+    try:
+        counts = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({exc}); delete it (it is optional) or "
+                              "use another checkpoint") from None
+    if counts.shape != (vocab_size,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+        raise CheckpointError(f"{path} must hold {vocab_size} non-negative integer counts (one per token id), "
+                              f"got shape {counts.shape} of {counts.dtype}; delete it (it is optional)")
+    return torch.from_numpy(counts.astype(np.int64))
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any] | None:

@@ -104,6 +104,7 @@ class TrainConfig:
     early_exit_curriculum: str = "rotational"
     early_exit_rotation: int = 2
     early_exit_gradual_steps: int | None = None  # None: the whole run
+    early_exit_tokens: float = 1.0  # fraction of tokens the early (not last) exits' loss is estimated on
     # speed
     precision: str = "bf16"
     compile: bool = True
@@ -133,6 +134,8 @@ class TrainConfig:
         _req(0 <= self.weight_decay < 1, f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
         _req(0 < self.beta2 < 1, f"beta2 must be in (0, 1), got {self.beta2!r}")
         _req(self.grad_clip >= 0, f"grad_clip must be >= 0 (0: off), got {self.grad_clip!r}")
+        _req(0 < self.early_exit_tokens <= 1,
+             f"early_exit_tokens must be a fraction in (0, 1], got {self.early_exit_tokens!r}")
         _req(0 <= self.max_skip_prob <= 1, f"max_skip_prob must be in [0, 1], got {self.max_skip_prob!r}")
         _req(self.early_exit_scale >= 0 and math.isfinite(self.early_exit_scale),
              f"early_exit_scale must be >= 0 (0: plain training loss), got {self.early_exit_scale!r}")
@@ -212,12 +215,38 @@ class ExitLossModel(nn.Module):
         exits: list[int],
         weights: list[float],
         keep: torch.Tensor | None,  # (L, B) bool
+        early_positions: torch.Tensor | None = None,  # (n,) flat token indices for the early exits
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted loss, per-exit mean NLL): the last exit over every token, the earlier ones
+        over `early_positions` only when given (an unbiased, cheaper estimate of their loss)."""
         out = self.model(idx, exits=exits, layer_keep=keep, compute_logits=False)
-        hidden = torch.stack([out.exit_hidden[k] for k in exits])  # (E, B, T, C)
-        normed = self.model.norm(hidden).flatten(1, 2)  # (E, B*T, C)
-        return exit_loss(normed, self.model.lm_head.weight, targets.flatten(), weights, chunk_size=self.chunk_size,
+        flat_targets = targets.flatten()
+        if early_positions is None or len(exits) == 1:
+            hidden = torch.stack([out.exit_hidden[k] for k in exits])  # (E, B, T, C)
+            normed = self.model.norm(hidden).flatten(1, 2)  # (E, B*T, C)
+            return self._loss(normed, flat_targets, weights)
+        early = torch.stack([out.exit_hidden[k].flatten(0, 1).index_select(0, early_positions) for k in exits[:-1]])
+        early_loss, early_nll = self._loss(self.model.norm(early), flat_targets.index_select(0, early_positions),
+                                           weights[:-1])
+        last = self.model.norm(out.exit_hidden[exits[-1]]).flatten(0, 1).unsqueeze(0)  # (1, B*T, C)
+        last_loss, last_nll = self._loss(last, flat_targets, weights[-1:])
+        return early_loss + last_loss, torch.cat([early_nll, last_nll])
+
+    def _loss(self, normed: torch.Tensor, targets: torch.Tensor, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        return exit_loss(normed, self.model.lm_head.weight, targets, weights, chunk_size=self.chunk_size,
                          chunk_fn=self.chunk_fn)
+
+
+def sample_early_positions(num_tokens: int, fraction: float, generator: torch.Generator) -> torch.Tensor | None:
+    """Sorted random subset of round(fraction * num_tokens) flat positions (None: all of them).
+
+    The early exits' loss is an auxiliary term; estimating it on a random quarter of the
+    tokens costs a quarter of their LM-head work, which dominates a small model's step.
+    """
+    if fraction >= 1.0:
+        return None
+    count = max(1, round(fraction * num_tokens))
+    return torch.randperm(num_tokens, generator=generator)[:count].sort().values
 
 
 def step_plan(cfg: TrainConfig, step: int, total_steps: int) -> tuple[list[int], list[float], list[float]]:
@@ -450,7 +479,8 @@ class _Metrics:
 
 
 def _step_seed(seed: int, step: int, stream: int) -> int:
-    """Independent seeds per (seed, step, stream): dropout (stream = rank) and layer skipping (-1)."""
+    """Independent seeds per (seed, step, stream): dropout (stream = rank), layer skipping (-1)
+    and the early-exit loss positions (-2 - rank)."""
     return ((seed * 1_000_003 + step) * 1_009 + stream + 7) % (2**62)
 
 
@@ -523,7 +553,10 @@ class Trainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.model = Transformer(cfg.model_config(self.corpus.tokenizer.vocab_size))
+        vocab = self.corpus.tokenizer.vocab_size
+        self.model = Transformer(cfg.model_config(vocab))
+        # checkpoints carry the training split's token counts (they rank the short decoding head)
+        self.model.set_token_counts(torch.from_numpy(np.bincount(self.corpus.tokens["train"], minlength=vocab)))
         if self.state:
             self.model.load_state_dict(self.resume_ckpt.model.state_dict())
         self.model.to(self.device).train()
@@ -567,11 +600,14 @@ class Trainer:
             mask = sample_layer_keep(probs, cfg.batch_size, torch.Generator().manual_seed(_step_seed(cfg.seed, step, -1)))
             keep = mask[:, self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank].to(dev)  # (L, B/world)
         x, y = self.order.batch(self.corpus.tokens["train"], step)
+        positions = sample_early_positions(
+            y.numel(), cfg.early_exit_tokens, torch.Generator().manual_seed(_step_seed(cfg.seed, step, -2 - self.dist.rank)))
         lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup, total_steps=self.total_steps, min_ratio=cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast_context(cfg, dev):
-            loss, per_exit = self.module(x.to(dev), y.to(dev), exits, weights, keep)
+            loss, per_exit = self.module(x.to(dev), y.to(dev), exits, weights, keep,
+                                         None if positions is None else positions.to(dev))
         shared = _mean_across(torch.cat([loss.detach().float().reshape(1), per_exit.float()]).cpu(), self.dist)
         loss_value = float(shared[0])
         if not math.isfinite(loss_value):

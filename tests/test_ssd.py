@@ -57,6 +57,50 @@ def test_greedy_ssd_without_bonus_or_with_backoff_equals_greedy_ar(model_and_ar,
                 assert result.tokens == expected, (draft_layer, k, options, len(prompt))
 
 
+@pytest.mark.parametrize("draft_layer", [1, 2, 3])
+def test_greedy_ssd_with_a_short_draft_head_equals_greedy_ar(model_and_ar, draft_layer):
+    model, ar = model_and_ar
+    model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))  # favour low ids, not the id order
+    try:
+        for k in (1, 2, 4, 8):
+            for vocab in (1, 10, 40, model.config.vocab_size):
+                for prompt, expected in ar.items():
+                    result = SelfSpeculative(draft_layer, k, draft_vocab=vocab).generate(model, list(prompt), NEW_TOKENS)
+                    assert result.tokens == expected, (draft_layer, k, vocab, len(prompt))
+                    assert result.stats["draft_vocab"] == vocab
+    finally:
+        model.set_token_counts(None)
+
+
+def test_short_draft_head_drafts_only_frequent_tokens():
+    model, prompt = tiny_model(seed=0), prompts(2)[1]
+    counts = torch.zeros(model.config.vocab_size, dtype=torch.long)
+    frequent = [3, 17, 42, 60, 91]
+    counts[frequent] = torch.tensor([5, 9, 2, 7, 1])
+    model.set_token_counts(counts)
+    drafted: list[int] = []
+    strategy = SelfSpeculative(2, 4, draft_vocab=5)
+    original = strategy.propose
+
+    def spy(logits, sampling, generator):
+        token, q = original(logits, sampling, generator)
+        drafted.append(int(strategy_ids[token]))
+        return token, q
+
+    strategy_ids = model.frequent_ids(5)
+    assert strategy_ids.tolist() == frequent
+    strategy.propose = spy
+    result = strategy.generate(model, prompt, NEW_TOKENS)
+    assert result.tokens == Autoregressive().generate(model, prompt, NEW_TOKENS).tokens
+    assert drafted and set(drafted) <= set(frequent)
+    h = torch.randn(1, 2, model.config.d_model)
+    with torch.inference_mode():
+        logits, ids = model.unembed_short(h, 5)
+        full = model.unembed(h)
+    assert logits.shape == (1, 2, 5) and ids.tolist() == frequent
+    torch.testing.assert_close(logits, full[..., frequent], rtol=1e-5, atol=1e-5)
+
+
 def test_the_sweep_reaches_accept_all_and_reject_first():
     """Guard against a vacuous sweep: the models above really do accept and reject drafts."""
     seen_all, seen_none = set(), set()
@@ -137,6 +181,8 @@ def test_bad_settings_are_config_errors():
                 dict(draft_layer=2, max_backoff=-1)):
         with pytest.raises(ConfigError):
             SelfSpeculative(**bad)
+    with pytest.raises(ConfigError, match="draft_vocab"):
+        SelfSpeculative(2, 4, draft_vocab=0)
     with pytest.raises(ConfigError, match="unknown generation mode"):
         make_strategy("beam")
     with pytest.raises(ConfigError, match="bad options"):

@@ -12,7 +12,10 @@ from layerskip.cli import main
 from layerskip.data import load_corpus
 from layerskip.errors import ConfigError
 from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS
-from layerskip.train import TrainConfig, TrainingDiverged, resume_config, step_plan, train
+from layerskip.losses import exit_loss_reference, exit_weights
+from layerskip.model import Transformer
+from layerskip.train import (ExitLossModel, TrainConfig, TrainingDiverged, resume_config, sample_early_positions,
+                             step_plan, train)
 
 TINY = dict(d_model=32, num_layers=4, num_heads=4, d_ff=64, dropout=0.1, vocab_size=400, seq_len=32,
             batch_size=8, warmup=3, lr=3e-3, precision="fp32", compile=False, eval_batch_size=8, loss_chunk=64)
@@ -49,7 +52,8 @@ def test_train_config_refuses_unknown_and_impossible_settings():
         TrainConfig.from_dict({"max_skip_prop": 0.1})
     for bad in (dict(max_skip_prob=1.5), dict(lr=0.0), dict(batch_size=0), dict(num_heads=5),
                 dict(early_exit_curriculum="random"), dict(precision="fp16"), dict(time_budget=-1.0),
-                dict(early_exit_scale=-1.0), dict(layer_dropout_schedule="cosine"), dict(max_steps=0)):
+                dict(early_exit_scale=-1.0), dict(layer_dropout_schedule="cosine"), dict(max_steps=0),
+                dict(early_exit_tokens=0.0), dict(early_exit_tokens=1.5)):
         with pytest.raises(ConfigError):
             tiny_cfg(**bad)
     assert tiny_cfg(max_skip_prob=0, early_exit_scale=0).plain and not tiny_cfg().plain
@@ -73,6 +77,43 @@ def test_every_schedule_and_curriculum_is_reachable(curriculum, schedule, ramp):
     assert plain == ([4], [1.0], [0.0] * 4)
 
 
+# ----------------------------------------------------------------------------- sub-sampled early exits
+
+
+def test_sample_early_positions_is_a_seeded_subset():
+    assert sample_early_positions(100, 1.0, torch.Generator().manual_seed(0)) is None
+    a = sample_early_positions(100, 0.25, torch.Generator().manual_seed(0))
+    b = sample_early_positions(100, 0.25, torch.Generator().manual_seed(0))
+    c = sample_early_positions(100, 0.25, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(a) == 25 and len(set(a.tolist())) == 25 and a.min() >= 0 and a.max() < 100
+    assert torch.equal(a, a.sort().values)
+
+
+def test_early_exit_loss_on_a_token_subset_matches_the_reference_and_its_gradients():
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(dropout=0.0).model_config(50))
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    targets[0, :4] = -100  # ignored targets stay ignored in both estimates
+    exits, weights = [1, 3, 4], exit_weights([1, 3, 4], 4, 1.0)
+    positions = sample_early_positions(48, 0.4, torch.Generator().manual_seed(3))
+    loss, per_exit = ExitLossModel(model, chunk_size=7)(idx, targets, exits, weights, None, positions)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    out = model(idx, exits=exits, compute_logits=False)
+    pick = lambda h: h.flatten(0, 1)[positions].unsqueeze(0)  # noqa: E731
+    early = exit_loss_reference({k: pick(out.exit_hidden[k]) for k in exits[:-1]}, model.unembed,
+                                targets.flatten()[positions].unsqueeze(0), weights[:-1])
+    last = exit_loss_reference({4: out.exit_hidden[4]}, model.unembed, targets, weights[-1:])
+    reference = early + last
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(reference, list(model.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    full_loss, full_per_exit = ExitLossModel(model, chunk_size=7)(idx, targets, exits, weights, None, None)
+    assert per_exit[-1] == pytest.approx(float(full_per_exit[-1]), rel=1e-5)  # the last exit sees every token
+    assert not torch.allclose(per_exit[:-1], full_per_exit[:-1])  # the early ones a subset
+
+
 # ----------------------------------------------------------------------------- learning, resume
 
 
@@ -92,10 +133,10 @@ def test_tiny_model_loss_decreases_and_run_dir_is_complete(tmp_path, corpus):
     assert load_trainer_state(tmp_path / "run" / "last")["step"] == 40
 
 
-@pytest.mark.parametrize("curriculum,ramp", [("rotational", "exp"), ("gradual", "constant")])
-def test_resume_after_stopping_gives_the_same_losses(tmp_path, corpus, curriculum, ramp):
+@pytest.mark.parametrize("curriculum,ramp,tokens", [("rotational", "exp", 1.0), ("gradual", "constant", 0.3)])
+def test_resume_after_stopping_gives_the_same_losses(tmp_path, corpus, curriculum, ramp, tokens):
     cfg = tiny_cfg(max_steps=12, max_skip_prob=0.5, early_exit_curriculum=curriculum, layer_dropout_ramp=ramp,
-                   early_exit_rotation=3, val_every=4, save_every=3)
+                   early_exit_rotation=3, val_every=4, save_every=3, early_exit_tokens=tokens)
     whole = train(cfg, tmp_path / "whole", corpus=corpus, progress=False)
     first = train(cfg, tmp_path / "split", corpus=corpus, progress=False, stop_at_step=7)
     assert first.stopped == "stop_at_step" and first.step == 7

@@ -4,7 +4,9 @@ One round, with n the position of the newest committed token (not yet in the cac
 
 1. Draft: for i = 0, 1, ..., run blocks [0, E) on the token at position n + i, writing
    their keys/values into the shared cache, unembed through the shared head and propose
-   the next token. Keep every exit hidden state. Drafting stops after ``k`` tokens, at an
+   the next token. With ``draft_vocab=N`` the draft unembeds through the short head (the
+   shared head's rows of the N most frequent tokens, ``Transformer.unembed_short``): a
+   small model's head costs several blocks, and a draft only needs a likely token. Keep every exit hidden state. Drafting stops after ``k`` tokens, at an
    end-of-sequence draft, when only one more token fits, or (adaptive) when the draft's top
    probability falls below ``adaptive_threshold`` (that draft is dropped; its input's exit
    hidden state is kept).
@@ -131,6 +133,7 @@ class SelfSpeculative:
         adaptive_threshold: float | None = None,
         bonus: bool = True,
         max_backoff: int = 0,
+        draft_vocab: int | None = None,
     ) -> None:
         if not (isinstance(draft_layer, int) and draft_layer >= 1):
             raise ConfigError(f"draft_layer must be an integer >= 1 (blocks the draft runs), got {draft_layer!r}")
@@ -142,12 +145,16 @@ class SelfSpeculative:
         if not (isinstance(max_backoff, int) and max_backoff >= 0):
             raise ConfigError(f"max_backoff must be an integer >= 0 (0: off), got {max_backoff!r}")
         self.draft_layer, self.k, self.adaptive_threshold, self.bonus = draft_layer, k, t, bool(bonus)
-        self.max_backoff = max_backoff
+        if draft_vocab is not None and not (isinstance(draft_vocab, int) and draft_vocab >= 1):
+            raise ConfigError(f"draft_vocab must be an integer >= 1 (tokens the draft head holds; None: all), "
+                              f"got {draft_vocab!r}")
+        self.max_backoff, self.draft_vocab = max_backoff, draft_vocab
         self.lazy_head = True  # on CPU: unembed verified rows one at a time (see RowLogits)
 
     def __repr__(self) -> str:
         return (f"SelfSpeculative(draft_layer={self.draft_layer}, k={self.k}, "
-                f"adaptive_threshold={self.adaptive_threshold}, bonus={self.bonus}, max_backoff={self.max_backoff})")
+                f"adaptive_threshold={self.adaptive_threshold}, bonus={self.bonus}, max_backoff={self.max_backoff}, "
+                f"draft_vocab={self.draft_vocab})")
 
     @torch.inference_mode()
     def generate(
@@ -185,7 +192,8 @@ class SelfSpeculative:
             stats.add(len(draft.tokens), verdict.accepted)
             token_info += [{"accepted": i < verdict.accepted} for i in range(kept)]
         summary = {"draft_layer": self.draft_layer, "k": self.k, "adaptive_threshold": self.adaptive_threshold,
-                   "bonus": self.bonus, "max_backoff": self.max_backoff, "plain_steps": backoff.plain_steps}
+                   "bonus": self.bonus, "max_backoff": self.max_backoff, "draft_vocab": self.draft_vocab,
+                   "plain_steps": backoff.plain_steps}
         return run.result(self.name, {**summary, **stats.as_dict(len(run.tokens))}, token_info)
 
     def draft(
@@ -200,16 +208,21 @@ class SelfSpeculative:
         generator: torch.Generator | None,
     ) -> Draft:
         """Propose up to max_drafts tokens with blocks [0, E), keeping their exit hidden states."""
-        embed, run_blocks, unembed, e = model.embed_tokens, model.run_blocks, model.unembed, self.draft_layer
+        embed, run_blocks, e = model.embed_tokens, model.run_blocks, self.draft_layer
         hidden: list[torch.Tensor] = []
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(max_drafts):
             h = run_blocks(embed(buf[:, n + i : n + i + 1]), 0, e, cache=cache, pos=n + i)  # (1, 1, C)
             hidden.append(h)
-            token, q = self.propose(unembed(h)[0, -1], sampling, generator)
+            logits, ids = self.draft_logits(model, h)
+            token, q = self.propose(logits, sampling, generator)
             if token is None:  # not confident: drop it; this input's hidden state is already kept
                 return Draft(tokens, probs, torch.cat(hidden, dim=1))
+            if ids is not None:  # back from the short head's columns to token ids
+                token = int(ids[token])
+                if q is not None:  # the draft's distribution over the whole vocabulary
+                    q = torch.zeros(model.config.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, ids, q)
             tokens.append(token)
             if q is not None:
                 probs.append(q)
@@ -221,6 +234,13 @@ class SelfSpeculative:
             return Draft(tokens, probs, torch.cat(hidden, dim=1))
         hidden.append(run_blocks(embed(buf[:, n + m : n + m + 1]), 0, e, cache=cache, pos=n + m))
         return Draft(tokens, probs, torch.cat(hidden, dim=1))
+
+    def draft_logits(self, model: Transformer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draft's logits for exit hidden h (1, 1, C): (V,) and None, or the short head's (N,) and its ids."""
+        if self.draft_vocab is None:
+            return model.unembed(h)[0, -1], None
+        logits, ids = model.unembed_short(h, self.draft_vocab)
+        return logits[0, -1], ids
 
     def propose(
         self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
