@@ -106,6 +106,7 @@ class ExitScores:
     num_layers: int
     measure: str
     seq_len: int = 0
+    exit_vocab: int | None = None  # early exits through the short head of this many tokens
 
     @property
     def num_tokens(self) -> int:
@@ -117,7 +118,7 @@ class ExitScores:
 
     def subset(self, mask: np.ndarray) -> ExitScores:
         return ExitScores(self.confidence[:, mask], self.agree[:, mask], self.window[mask], self.num_layers,
-                          self.measure, self.seq_len)
+                          self.measure, self.seq_len, self.exit_vocab)
 
 
 def _windows(tokens: np.ndarray, seq_len: int, batch_size: int) -> list[np.ndarray]:
@@ -138,13 +139,17 @@ def exit_scores(
     batch_size: int = 8,
     max_tokens: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    exit_vocab: int | None = None,
 ) -> ExitScores:
     """One forward pass with all exits over windows of `tokens` (validation text).
 
     For every position (every window position is a prediction), every layer l < L: its
-    confidence under `measure` and whether its top-1 equals the final layer's top-1.
+    confidence under `measure` and whether its top-1 equals the final layer's top-1. With
+    `exit_vocab`, early exits read the short head as DEE does (confidence over those tokens,
+    top-1 among them).
     """
     check_measure(measure)
+    strategy = DynamicEarlyExit(0.0, measure, exit_vocab=exit_vocab)  # validates exit_vocab
     num_layers = model.num_layers
     if num_layers == 1:
         raise ConfigError("a 1-layer model has no early exits to calibrate")
@@ -167,8 +172,9 @@ def exit_scores(
         conf_rows, agree_rows = [], []
         for layer in range(1, num_layers):
             h = out.exit_hidden[layer]
-            logits = model.unembed(h)  # (B, T, V)
-            agree_rows.append((logits.argmax(-1) == final).flatten().cpu())
+            logits, ids = strategy.exit_head(model, h, {"full": 0, "short": 0})  # (B, T, V or N)
+            top1 = logits.argmax(-1) if ids is None else ids[logits.argmax(-1)]
+            agree_rows.append((top1 == final).flatten().cpu())
             conf = saturation_confidence(h, prev) if measure == "saturation" else logit_confidence(logits, measure)
             conf_rows.append(conf.flatten().float().cpu())
             prev = h
@@ -185,6 +191,7 @@ def exit_scores(
         num_layers=num_layers,
         measure=measure,
         seq_len=seq_len,
+        exit_vocab=exit_vocab,
     )
 
 
@@ -369,6 +376,7 @@ class Calibration:
     mean_exit_layer: float  # teacher-forced, on the test half
     head_evals_per_token: float = 0.0  # teacher-forced, on the test half
     seed: int = 0
+    exit_vocab: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -439,6 +447,7 @@ def calibrate_scores(
         p_value=None if chosen is None else chosen["p_value"], family_size=len(family),
         chosen_index=result.chosen, tested=len(result.tested), mean_exit_layer=float(exits.mean()), seed=seed,
         head_evals_per_token=float(head_evals(exits, thresholds, scores.measure).mean()),
+        exit_vocab=scores.exit_vocab,
         extra={"requested_method": requested, "auto_learn_half_mean_exit_layer_by_risk": learn_choice},
     )
 
@@ -529,6 +538,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
+    counts = getattr(model, "token_counts", None)
+    if counts is not None:  # they choose the short head's tokens, so they are part of the policy
+        h.update(b"token_counts")
+        h.update(counts.cpu().numpy().astype(np.int64).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -538,8 +551,8 @@ def guarantee_text(cal: Calibration) -> str:
         f"the per-token teacher-forced disagreement between this DEE policy's exit top-1 and the full "
         f"model's top-1 is at most {cal.delta:g}, assuming those tokens and the tokens DEE is used on are "
         "independent draws from one distribution (running text is dependent, so the effective sample is "
-        "smaller). It holds for greedy top-1 with exactly these thresholds, measure, min_exit_layer and "
-        "check_every; DEE's own generations (propagated K/V, its own prefix) are measured separately."
+        "smaller). It holds for greedy top-1 with exactly these thresholds, measure, exit_vocab, min_exit_layer "
+        "and check_every; DEE's own generations (propagated K/V, its own prefix) are measured separately."
     )
 
 
@@ -559,6 +572,9 @@ def thresholds_record(cal: Calibration, *, data: dict[str, Any], model_info: dic
         "thresholds": [t if math.isfinite(t) else None for t in cal.thresholds],
         "thresholds_note": "entry i is layer i+1 (exit after i+1 blocks); null means never exit there; "
         "the last layer always exits",
+        "exit_vocab": cal.exit_vocab,
+        "exit_vocab_note": "early exits read the shared head's rows of this many most frequent training tokens "
+        "(null: the full head)",
         "min_exit_layer": cal.min_exit_layer,
         "check_every": cal.check_every,
         "delta": cal.delta,
@@ -607,9 +623,11 @@ class Thresholds:
     epsilon: float | None
     record: dict[str, Any]
     path: Path
+    exit_vocab: int | None = None
 
     def strategy(self) -> DynamicEarlyExit:
-        return DynamicEarlyExit(self.thresholds, self.measure, self.min_exit_layer, self.check_every)
+        return DynamicEarlyExit(self.thresholds, self.measure, self.min_exit_layer, self.check_every,
+                                exit_vocab=self.exit_vocab)
 
     # A sequence of the per-layer thresholds, so ``list(load_thresholds(...))`` works. Layers
     # a calibration did not check are already inf, so these alone reproduce the policy.
@@ -674,7 +692,7 @@ def load_thresholds(path: str | Path, num_layers: int, measure: str | None = Non
                   "its guarantee does not carry over: run `layerskip calibrate` on this checkpoint")
     try:
         settings = {k: record.get(k, 1) for k in ("min_exit_layer", "check_every")}
-        DynamicEarlyExit(0.0, file_measure, **settings)
+        DynamicEarlyExit(0.0, file_measure, **settings, exit_vocab=record.get("exit_vocab"))
         for k in ("delta", "epsilon"):
             if record.get(k) is not None:
                 check_risk_settings(record[k], 0.5) if k == "delta" else check_risk_settings(0.5, record[k])
@@ -685,7 +703,8 @@ def load_thresholds(path: str | Path, num_layers: int, measure: str | None = Non
     thresholds = [t if c else math.inf for t, c in zip(thresholds, checked)]
     return Thresholds(thresholds=thresholds, measure=file_measure, num_layers=num_layers,
                       min_exit_layer=settings["min_exit_layer"], check_every=settings["check_every"],
-                      delta=record.get("delta"), epsilon=record.get("epsilon"), record=record, path=path)
+                      delta=record.get("delta"), epsilon=record.get("epsilon"), record=record, path=path,
+                      exit_vocab=record.get("exit_vocab"))
 
 
 def log(message: str) -> None:

@@ -87,16 +87,29 @@ def test_exit_scores_for_every_measure(model, measure):
     assert len(out.thresholds) == NUM_LAYERS - 1
 
 
+@pytest.fixture(scope="module")
+def counted_model():
+    """A model whose token counts make a 20-token short head of scattered ids."""
+    model = tiny_model(seed=0)
+    model.set_token_counts(torch.from_numpy(np.random.default_rng(5).integers(0, 1000, 97)))
+    return model
+
+
 @pytest.mark.parametrize("measure", MEASURES)
-def test_offline_policy_matches_dee_first_token(model, measure):
+@pytest.mark.parametrize("exit_vocab", [None, 20])
+def test_offline_policy_matches_dee_first_token(model, counted_model, measure, exit_vocab):
     """The calibrated policy is the one DEE runs: for a prompt, DEE's first token (exact
-    context) exits where the teacher-forced scores say, with the same top-1."""
+    context) exits where the teacher-forced scores say, with the same top-1 (also when
+    early exits read the short head)."""
+    if exit_vocab is not None:
+        model = counted_model
     text = random_text(24 * 6, 4)
-    s = cal.exit_scores(model, text, measure, seq_len=24, batch_size=6)
+    s = cal.exit_scores(model, text, measure, seq_len=24, batch_size=6, exit_vocab=exit_vocab)
+    assert s.exit_vocab == exit_vocab
     lam = float(np.median(s.confidence))
     thresholds = [lam, math.inf, lam]  # layer 2 never exits
     exits = cal.policy_exit_layers(s.confidence, thresholds)
-    dee = DynamicEarlyExit(thresholds, measure=measure)
+    dee = DynamicEarlyExit(thresholds, measure=measure, exit_vocab=exit_vocab)
     seen = set()
     for w in range(6):
         prompt = [int(t) for t in text[w * 24 : (w + 1) * 24]]
@@ -104,7 +117,8 @@ def test_offline_policy_matches_dee_first_token(model, measure):
         last = w * 24 + 23
         assert result.token_info[0]["exit_layer"] == exits[last]
         heads = cal.head_evals(exits[last : last + 1], thresholds, measure)[0]
-        assert result.stats["head_evals_per_token"] == heads
+        stats = result.stats
+        assert stats["head_evals_per_token"] + stats["short_head_evals_per_token"] == heads
         full = model(torch.tensor([prompt])).logits[0, -1].argmax()
         agrees = exits[last] == NUM_LAYERS or bool(s.agree[exits[last] - 1, last])
         assert (result.tokens[0] == int(full)) == agrees
@@ -185,11 +199,24 @@ def test_thresholds_file_round_trip(tmp_path, scores, model):
     assert loaded.thresholds == out.thresholds and list(loaded) == out.thresholds
     assert loaded.delta == 0.2 and loaded.measure == "softmax"
     dee = loaded.strategy()
-    assert dee.layer_thresholds(NUM_LAYERS) == out.thresholds
+    assert dee.layer_thresholds(NUM_LAYERS) == out.thresholds and dee.exit_vocab is None
     # min_exit_layer / check_every in the file are part of the policy: unchecked layers read as inf.
     record = json.loads(path.read_text())
     (tmp_path / "m.json").write_text(json.dumps(edit(record, thresholds=[0.5, 0.5, 0.5], min_exit_layer=2)))
     assert cal.load_thresholds(tmp_path / "m.json", NUM_LAYERS).thresholds == [math.inf, 0.5, 0.5]
+
+
+def test_short_head_calibration_is_recorded_and_restored(tmp_path, counted_model):
+    s = cal.exit_scores(counted_model, random_text(3200, 6), "softmax", batch_size=50, exit_vocab=20)
+    out = cal.calibrate_scores(s, delta=0.2)
+    assert out.exit_vocab == 20
+    record = cal.thresholds_record(out, data={}, model_info={"fingerprint": cal.model_fingerprint(counted_model)})
+    path = cal.write_json_atomic(tmp_path / "short.json", record)
+    assert json.loads(path.read_text())["exit_vocab"] == 20
+    loaded = cal.load_thresholds(path, NUM_LAYERS, fingerprint=cal.model_fingerprint(counted_model))
+    assert loaded.exit_vocab == 20 and loaded.strategy().exit_vocab == 20
+    # the token counts choose the short head, so they are part of the model's fingerprint
+    assert cal.model_fingerprint(counted_model) != cal.model_fingerprint(tiny_model(seed=0))
 
 
 def edit(record, **changes):
@@ -216,6 +243,7 @@ BAD_FILES = {
     "other format": (lambda r: edit(r, format="layerskip-bench"), "format"),
     "bad delta": (lambda r: edit(r, delta=2.0), "delta"),
     "bad check_every": (lambda r: edit(r, check_every=0), "check_every"),
+    "bad exit_vocab": (lambda r: edit(r, exit_vocab=1), "exit_vocab"),
     "another model": (lambda r: edit(r, model={"fingerprint": "0123456789abcdef"}), "another model"),
 }
 

@@ -82,6 +82,44 @@ def test_threshold_zero_exits_at_the_first_allowed_layer(model, measure, min_exi
     assert result.tokens == plain_loop(model, PROMPT, 16, exit_layer=min_exit_layer)
 
 
+FREQUENT = [2, 9, 33, 50, 71, 88]  # the short head's tokens in the tests below
+
+
+@pytest.fixture
+def counted_model(model):
+    counts = torch.zeros(model.config.vocab_size, dtype=torch.long)
+    counts[FREQUENT] = torch.tensor([7, 3, 9, 1, 4, 2])
+    model.set_token_counts(counts)
+    yield model
+    model.set_token_counts(None)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_short_exit_head_with_unreachable_threshold_equals_full_greedy(counted_model, measure):
+    result = DynamicEarlyExit(1.5, measure=measure, exit_vocab=6).generate(counted_model, PROMPT, 12)
+    assert result.tokens == plain_loop(counted_model, PROMPT, 12)
+    assert result.stats["exit_layers"] == [counted_model.num_layers] * 12
+    assert result.stats["head_evals_per_token"] == 1  # the last layer's full head
+    assert result.stats["short_head_evals_per_token"] == (0 if measure == "saturation" else 3)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("min_exit_layer", [1, 3])
+def test_short_exit_head_exits_with_a_frequent_token(counted_model, measure, min_exit_layer):
+    model = counted_model
+    result = DynamicEarlyExit(0.0, measure=measure, min_exit_layer=min_exit_layer, exit_vocab=6).generate(
+        model, PROMPT, 10)
+    assert result.stats["exit_layers"] == [min_exit_layer] * 10
+    assert result.stats["head_evals_per_token"] == 0 and result.stats["short_head_evals_per_token"] == 1
+    # greedy decoding of the e-layer model restricted to the frequent tokens
+    seq = list(PROMPT)
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(torch.tensor([seq]), exit_layer=min_exit_layer).logits[0, -1]
+            seq.append(FREQUENT[int(logits[FREQUENT].argmax())])
+    assert result.tokens == seq[len(PROMPT):]
+
+
 def test_per_layer_thresholds_and_check_every(model):
     # Layer 1 can never exit, layer 2 always can.
     result = DynamicEarlyExit([math.inf, 0.0, 0.0]).generate(model, PROMPT, 6)
@@ -205,6 +243,8 @@ def test_single_token_prompt(model):
         dict(thresholds=0.5, measure="entropy"),
         dict(thresholds=0.5, min_exit_layer=0),
         dict(thresholds=0.5, check_every=0),
+        dict(thresholds=0.5, exit_vocab=1),
+        dict(thresholds=0.5, exit_vocab=2.5),
     ],
 )
 def test_bad_settings_are_refused(kwargs):

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "method", choices=("auto", "per-layer", "global"), default="auto",
              help="the family of policies tested: per-layer thresholds learnt on half the windows, one "
              "global threshold, or auto: whichever exits earlier on the learn half (default auto)")
+    add_flag(parser, "exit_vocab", type=int, default=None,
+             help="early exits read a short head of the N most frequent training tokens (cheaper than the "
+             "full head; the guarantee covers it) (default: the full head)")
     add_flag(parser, "min_exit_layer", type=int, default=1, help="first layer allowed to exit (default 1)")
     add_flag(parser, "check_every", type=int, default=1,
              help="check every k-th layer from min_exit_layer, to save LM-head evaluations (default 1)")
@@ -98,18 +101,26 @@ def check_args(args: argparse.Namespace) -> None:
 
 def calibrate(args: argparse.Namespace, ckpt, corpus, device) -> int:
     from layerskip import calibrate as cal
+    from layerskip.errors import ConfigError
     from layerskip.generate.dee import DynamicEarlyExit
 
     model = ckpt.model
-    DynamicEarlyExit(0.0, args.measure, args.min_exit_layer, args.check_every).checked_layers(model.num_layers)
+    DynamicEarlyExit(0.0, args.measure, args.min_exit_layer, args.check_every,
+                     exit_vocab=args.exit_vocab).checked_layers(model.num_layers)
+    if args.exit_vocab is not None and args.exit_vocab > model.config.vocab_size:
+        raise ConfigError(f"--exit_vocab {args.exit_vocab} is larger than the model's vocabulary of "
+                          f"{model.config.vocab_size}")
     valid = corpus.tokens["valid"]  # calibration never reads the test split
+    head = "the full head" if args.exit_vocab is None else f"a {args.exit_vocab}-token short head"
     cal.log(f"calibrate: {min(len(valid), args.max_tokens or len(valid)):,} validation tokens, "
-            f"{model.num_layers} layers, measure {args.measure}, delta {args.delta:g}, epsilon {args.epsilon:g}")
+            f"{model.num_layers} layers, measure {args.measure}, exits through {head}, delta {args.delta:g}, "
+            f"epsilon {args.epsilon:g}")
     scores = cal.exit_scores(model, valid, args.measure, seq_len=args.seq_len, batch_size=args.batch_size,
-                             max_tokens=args.max_tokens, progress=_progress)
+                             max_tokens=args.max_tokens, progress=_progress, exit_vocab=args.exit_vocab)
     result = cal.calibrate_scores(scores, delta=args.delta, epsilon=args.epsilon, method=args.method,
                                   min_exit_layer=args.min_exit_layer, check_every=args.check_every, seed=args.seed)
-    generated = _generated(args, model, DynamicEarlyExit(result.thresholds, result.measure), valid)
+    generated = _generated(args, model, DynamicEarlyExit(result.thresholds, result.measure,
+                                                         exit_vocab=result.exit_vocab), valid)
     data = {"split": "valid", "data_dir": str(corpus.data_dir), "tokens": scores.num_tokens,
             "windows": scores.num_windows, "seq_len": scores.seq_len, "max_tokens": args.max_tokens}
     model_info = {"fingerprint": cal.model_fingerprint(model), "num_layers": model.num_layers,
@@ -141,11 +152,11 @@ def evaluate(args: argparse.Namespace, ckpt, corpus) -> int:
     loaded = cal.load_thresholds(args.evaluate, model.num_layers, fingerprint=cal.model_fingerprint(model))
     tokens = corpus.tokens[args.split]
     scores = cal.exit_scores(model, tokens, loaded.measure, seq_len=args.seq_len, batch_size=args.batch_size,
-                             max_tokens=args.max_tokens, progress=_progress)
+                             max_tokens=args.max_tokens, progress=_progress, exit_vocab=loaded.exit_vocab)
     wrong, exits = cal.policy_disagreements(scores, loaded.thresholds)
     report = {
         "thresholds_file": str(loaded.path), "split": args.split, "tokens": scores.num_tokens,
-        "measure": loaded.measure, "delta": loaded.delta, "epsilon": loaded.epsilon,
+        "measure": loaded.measure, "exit_vocab": loaded.exit_vocab, "delta": loaded.delta, "epsilon": loaded.epsilon,
         "teacher_forced_disagreement": wrong / scores.num_tokens, "disagreements": wrong,
         "mean_exit_layer": float(exits.mean()),
         "head_evals_per_token": float(cal.head_evals(exits, loaded.thresholds, loaded.measure).mean()),

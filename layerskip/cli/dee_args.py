@@ -27,6 +27,9 @@ def add_dee_arguments(parser: argparse._ActionsContainer) -> None:
     add_flag(group, "measure", choices=MEASURES, default=None,
              help="confidence measure: softmax maximum, top-1 minus top-2 margin, or saturation (cosine of "
              "consecutive hidden states, needs no LM head) (default: the file's, else softmax)")
+    add_flag(group, "exit_vocab", type=int, default=None,
+             help="early exits read a short head of the N most frequent training tokens, much cheaper than "
+             "the full head (default: the file's, else the full head)")
     add_flag(group, "min_exit_layer", type=int, default=None,
              help="the first layer a token may exit at (default: the file's, else 1)")
     add_flag(group, "check_every", type=int, default=None,
@@ -44,6 +47,7 @@ def build_dee(args: argparse.Namespace, model: Any):
     measure = getattr(args, "measure", None)
     min_exit = getattr(args, "min_exit_layer", None)
     every = getattr(args, "check_every", None)
+    vocab = getattr(args, "exit_vocab", None)
     if conf is not None and path is not None:
         raise ConfigError("give either --conf (one global threshold) or --thresholds FILE, not both")
     if path is None:
@@ -52,13 +56,15 @@ def build_dee(args: argparse.Namespace, model: Any):
             measure or "softmax",
             1 if min_exit is None else min_exit,
             1 if every is None else every,
+            exit_vocab=vocab,
         )
     from layerskip.calibrate import load_thresholds, model_fingerprint
 
     loaded = load_thresholds(path, model.num_layers, measure, fingerprint=model_fingerprint(model))
     changed = [f"--{name} {value} (calibrated with {calibrated})"
                for name, value, calibrated in (("min_exit_layer", min_exit, loaded.min_exit_layer),
-                                                ("check_every", every, loaded.check_every))
+                                                ("check_every", every, loaded.check_every),
+                                                ("exit_vocab", vocab, loaded.exit_vocab))
                if value is not None and value != calibrated]
     if changed:
         print(f"warning: {', '.join(changed)}: the guarantee in {path} holds only for the policy it was "
@@ -68,4 +74,5 @@ def build_dee(args: argparse.Namespace, model: Any):
         loaded.measure,
         loaded.min_exit_layer if min_exit is None else min_exit,
         loaded.check_every if every is None else every,
+        exit_vocab=loaded.exit_vocab if vocab is None else vocab,
     )

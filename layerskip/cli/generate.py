@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(ssd, "no_bonus", action="store_true",
              help="skip the last draft's pass through the draft layers: no bonus token after an all-accepted "
              "round, cheaper rounds when drafts are rarely all accepted")
+    add_flag(ssd, "draft_vocab", type=int, default=None,
+             help="draft through a short head of the N most frequent training tokens (cheaper drafts; the "
+             "output is unchanged) (default: the full head)")
     add_flag(ssd, "max_backoff", type=int, default=0,
              help="after a round with no accepted draft, decode the next 1, 2, 4, ... (at most N) tokens "
              "without drafting (default 0: off)")
@@ -106,7 +109,7 @@ def build_strategy(args: argparse.Namespace, model: Any):
     if args.mode == "ssd":
         draft_layer = args.draft_layer if args.draft_layer is not None else max(1, model.num_layers // 2)
         return make_strategy("ssd", draft_layer=draft_layer, k=args.k, adaptive_threshold=args.adaptive_threshold,
-                             bonus=not args.no_bonus, max_backoff=args.max_backoff)
+                             bonus=not args.no_bonus, max_backoff=args.max_backoff, draft_vocab=args.draft_vocab)
     return make_strategy("ar")
 
 

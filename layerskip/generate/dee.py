@@ -22,6 +22,14 @@ Confidence measures (all in [0, 1]):
   measures every checked layer costs a head evaluation (vocabulary x d_model, about one
   block's wall time at d_model 128), which ``stats["head_evals_per_token"]`` shows.
 
+Short exit head (``exit_vocab=N``). With a vocabulary of 8192 at d_model 128 the shared
+head reads as many weights as four blocks, so an early exit that still pays the whole head
+saves little. With ``exit_vocab`` the checks and the early exits use the short head (the
+shared head's rows of the N most frequent tokens, ``Transformer.unembed_short``): the
+confidence is measured over those N tokens and an early-exiting token is one of them. A
+token that reaches the last layer uses the full head. Calibration runs this exact policy,
+so its guarantee covers the restriction.
+
 Skipped layers' keys and values: **CALM-style propagation**. A token that exits after
 block e has no K/V in layers [e, L), yet later tokens attend to it there. Right after it
 exits, its exited hidden state h_e is copied up to every skipped layer j and that layer's
@@ -137,10 +145,11 @@ class FusedPropagation:
 
 @dataclass
 class StepResult:
-    logits: torch.Tensor  # (V,) exit logits of the token fed at this step
+    logits: torch.Tensor  # (V,) exit logits of the token fed at this step (-inf outside a short head)
     exit_layer: int
-    head_evals: int
+    head_evals: int  # full-head evaluations
     kv_projections: int
+    short_head_evals: int = 0
 
 
 class DynamicEarlyExit:
@@ -158,8 +167,14 @@ class DynamicEarlyExit:
         measure: str = "softmax",
         min_exit_layer: int = 1,
         check_every: int = 1,
+        exit_vocab: int | None = None,
     ) -> None:
         self.measure = check_measure(measure)
+        if exit_vocab is not None and not (isinstance(exit_vocab, int) and not isinstance(exit_vocab, bool)
+                                           and exit_vocab >= 2):
+            raise ConfigError(f"exit_vocab must be an integer >= 2 (tokens the short exit head holds; None: the "
+                              f"full head), got {exit_vocab!r}")
+        self.exit_vocab = exit_vocab
         if not (isinstance(min_exit_layer, int) and min_exit_layer >= 1):
             raise ConfigError(f"min_exit_layer must be an integer >= 1, got {min_exit_layer!r}")
         if not (isinstance(check_every, int) and check_every >= 1):
@@ -200,27 +215,40 @@ class DynamicEarlyExit:
         """Feed one token (1, 1) at position pos; exit, fill the skipped layers' K/V with `propagate`."""
         num_layers = model.num_layers
         h = model.embed(token)  # (1, 1, C)
-        logits, exit_layer, head_evals = None, num_layers, 0
+        exit_layer, counts = num_layers, {"full": 0, "short": 0}
+        checked = None  # (logits, ids) of the last checked layer
         for layer in range(1, num_layers + 1):
             prev, h = h, model.run_blocks(h, layer - 1, layer, cache=cache, pos=pos)
             threshold = checks.get(layer)
             if threshold is None:
                 continue
             if self.measure == "saturation":
-                conf = saturation_confidence(h, prev)
+                checked, conf = None, saturation_confidence(h, prev)
             else:
-                logits = model.unembed(h)
-                head_evals += 1
-                conf = logit_confidence(logits, self.measure)
+                checked = self.exit_head(model, h, counts)
+                conf = logit_confidence(checked[0], self.measure)
             if conf.item() >= threshold:
                 exit_layer = layer
                 break
-            logits = None
-        if logits is None:
-            logits = model.unembed(h)
-            head_evals += 1
+        if exit_layer == num_layers:
+            logits, counts["full"] = model.unembed(h).reshape(-1), counts["full"] + 1
+        else:
+            logits, ids = checked if checked is not None else self.exit_head(model, h, counts)
+            logits = logits.reshape(-1)
+            if ids is not None:  # the short head's columns -> the whole vocabulary, -inf elsewhere
+                logits = logits.new_full((model.config.vocab_size,), -math.inf).index_copy_(0, ids, logits)
         kv = propagate(model, h, exit_layer, pos, cache) if exit_layer < num_layers else 0
-        return StepResult(logits=logits.reshape(-1), exit_layer=exit_layer, head_evals=head_evals, kv_projections=kv)
+        return StepResult(logits=logits, exit_layer=exit_layer, head_evals=counts["full"], kv_projections=kv,
+                          short_head_evals=counts["short"])
+
+    def exit_head(self, model: torch.nn.Module, h: torch.Tensor,
+                  counts: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Early-exit logits of h: the full head's (..., V) and None, or the short head's (..., N) and their ids."""
+        if self.exit_vocab is None:
+            counts["full"] += 1
+            return model.unembed(h), None
+        counts["short"] += 1
+        return model.unembed_short(h, self.exit_vocab)
 
     @torch.inference_mode()
     def generate(
@@ -241,6 +269,9 @@ class DynamicEarlyExit:
         num_layers = model.num_layers
         n = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len)
         checks = self.checked_layers(num_layers)
+        if self.exit_vocab is not None and self.exit_vocab > model.config.vocab_size:
+            raise ConfigError(f"exit_vocab {self.exit_vocab} is larger than the model's vocabulary of "
+                              f"{model.config.vocab_size}")
         start = time.perf_counter()
         propagate = FusedPropagation(model)
         device = model.embed_tokens.weight.device
@@ -255,7 +286,7 @@ class DynamicEarlyExit:
         token, pos = ids[:, -1:], prompt_len - 1
         tokens: list[int] = []
         info: list[dict[str, int]] = []
-        head_evals = kv_projections = 0
+        head_evals = kv_projections = short_head_evals = 0
         ttft, stop_reason = 0.0, "length"
         for i in range(n):
             step = self.step(model, token, pos, cache, checks, propagate)
@@ -268,6 +299,7 @@ class DynamicEarlyExit:
             tokens.append(next_id)
             info.append({"exit_layer": step.exit_layer})
             head_evals += step.head_evals
+            short_head_evals += step.short_head_evals
             kv_projections += step.kv_projections
             if on_tokens is not None:
                 on_tokens([next_id])
@@ -288,12 +320,12 @@ class DynamicEarlyExit:
             seconds=seconds,
             time_to_first_token=ttft,
             stop_reason=stop_reason,
-            stats=self._stats(exits, head_evals, kv_projections, num_layers, seconds, checks),
+            stats=self._stats(exits, head_evals, kv_projections, num_layers, seconds, checks, short_head_evals),
             token_info=info,
         )
 
     def _stats(self, exits: list[int], head_evals: int, kv: int, num_layers: int, seconds: float,
-               checks: dict[int, float]) -> dict:
+               checks: dict[int, float], short_head_evals: int = 0) -> dict:
         count = max(len(exits), 1)
         return {
             "measure": self.measure,
@@ -309,6 +341,8 @@ class DynamicEarlyExit:
             # after block l ran exactly l blocks.
             "blocks_per_token": sum(exits) / count,
             "head_evals_per_token": head_evals / count,
+            "exit_vocab": self.exit_vocab,
+            "short_head_evals_per_token": short_head_evals / count,
             "kv_projections_per_token": kv / count,
             "tokens_per_second": len(exits) / seconds if seconds > 0 else 0.0,
         }
