@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ks", type=int_list, default=[2, 3, 4, 6], help="k values (default 2,3,4,6)")
     p.add_argument("--adaptive", type=float_list, default=[],
                    help="also run each (E, max k) with these adaptive thresholds, e.g. 0.3,0.5")
+    p.add_argument("--draft_vocab", type=int_list, default=[0],
+                   help="short draft heads to run every (E, k) with, e.g. 0,1024 (0: the full head; default 0)")
     p.add_argument("--no_bonus", action="store_true", help="also run every (E, k) with bonus=False (no tail pass)")
     p.add_argument("--backoff", type=int, default=0,
                    help="also run every (E, k) and adaptive config with max_backoff=N (default 0: not)")
@@ -105,7 +107,11 @@ def strategies(args, num_layers: int) -> dict[str, object]:
     configs: dict[str, object] = {"ar": Autoregressive()}
     for e in args.draft_layers or range(1, num_layers):
         for k in args.ks:
-            configs[f"ssd E={e} k={k}"] = SelfSpeculative(e, k)
+            for vocab in args.draft_vocab:
+                if vocab:
+                    configs[f"ssd E={e} k={k} head {vocab}"] = SelfSpeculative(e, k, draft_vocab=vocab)
+                else:
+                    configs[f"ssd E={e} k={k}"] = SelfSpeculative(e, k)
             if args.no_bonus:
                 configs[f"ssd E={e} k={k} no-bonus"] = SelfSpeculative(e, k, bonus=False)
             if args.backoff:

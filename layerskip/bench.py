@@ -29,7 +29,8 @@ The results document (``format: "layerskip-bench"``, ``schema_version: 1``)::
                      new_tokens, acceptance_rate, mean_accepted_length,
                      accepted_length_histogram [count of rounds accepting 0, 1, ... drafts],
                      mean_exit_layer, exit_layer_counts [tokens exiting after 1..L blocks],
-                     blocks_per_token, head_evals_per_token,
+                     blocks_per_token, head_evals_per_token (full LM head),
+                     short_head_evals_per_token (the short head of --draft_vocab / --exit_vocab),
                      token_agreement (pooled over tokens), rouge_l (mean over prompts),
                      exact_match (share of prompts) against AR greedy, greedy configs only,
                      perplexity (of the generated tokens under the full model),
@@ -92,6 +93,8 @@ class BenchSettings:
     temperature: float = 0.8  # for the sampled AR and SSD configs; 0 skips them
     sample_draft_layer: int | None = None  # None: the middle of the draft layers
     sample_k: int | None = None  # None: the middle of ks
+    draft_vocab: int | None = None  # SSD drafts through a short head of this many tokens (None: full head)
+    exit_vocab: int | None = None  # the DEE sweep's early exits read a short head (None: full head)
     num_samples: int = 3  # prompts whose generations are stored for the report
     eval_tokens: int | None = None  # per-layer evaluation on this many test tokens (None: all, 0: skip)
     device: str = "cpu"
@@ -111,6 +114,10 @@ class BenchSettings:
             raise ConfigError(f"unknown DEE measure(s) {bad}; choose from {list(DEE_MEASURES)}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"temperature must be >= 0 (0 skips the sampled configs), got {self.temperature!r}")
+        for name in ("draft_vocab", "exit_vocab"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 2):
+                raise ConfigError(f"{name} must be an integer >= 2 (tokens in the short head), got {value!r}")
         if self.eval_tokens is not None and not (isinstance(self.eval_tokens, int) and self.eval_tokens >= 0):
             raise ConfigError(
                 f"eval_tokens must be an integer >= 0 (0 skips the per-layer evaluation, None reads the whole "
@@ -241,19 +248,21 @@ def build_configs(num_layers: int, settings: BenchSettings, thresholds_path: str
         configs.append(BenchConfig(f"ar-t{t:g}", "ar", f"AR sampled T={t:g}", {}, t, Autoregressive))
     if thresholds_path is not None:
         configs.append(calibrated_config(thresholds_path, num_layers, fingerprint))
+    xv, dv = settings.exit_vocab, settings.draft_vocab
+    xv_label, dv_label = ("" if v is None else f" head {v}" for v in (xv, dv))
     for measure in settings.dee_measures:
         for th in settings.dee_thresholds or DEFAULT_DEE_THRESHOLDS[measure]:
             configs.append(BenchConfig(
-                f"dee-{measure}-{th:g}", "dee", f"DEE {measure} ≥ {th:g}",
-                {"measure": measure, "thresholds": th, "calibrated": False},
-                0.0, lambda m=measure, th=th: DynamicEarlyExit(thresholds=th, measure=m),
+                f"dee-{measure}-{th:g}", "dee", f"DEE {measure} ≥ {th:g}{xv_label}",
+                {"measure": measure, "thresholds": th, "calibrated": False, "exit_vocab": xv},
+                0.0, lambda m=measure, th=th: DynamicEarlyExit(thresholds=th, measure=m, exit_vocab=xv),
             ))
     draft_layers = settings.draft_layers_for(num_layers)
     for e in draft_layers:
         for k in settings.ks:
             configs.append(BenchConfig(
-                f"ssd-E{e}-k{k}", "ssd", f"SSD E={e} k={k}", {"draft_layer": e, "k": k},
-                0.0, lambda e=e, k=k: SelfSpeculative(draft_layer=e, k=k),
+                f"ssd-E{e}-k{k}", "ssd", f"SSD E={e} k={k}{dv_label}", {"draft_layer": e, "k": k, "draft_vocab": dv},
+                0.0, lambda e=e, k=k: SelfSpeculative(draft_layer=e, k=k, draft_vocab=dv),
             ))
     if t > 0 and draft_layers:
         e = settings.sample_draft_layer or draft_layers[len(draft_layers) // 2]
@@ -261,8 +270,9 @@ def build_configs(num_layers: int, settings: BenchSettings, thresholds_path: str
         if not 1 <= e < num_layers:
             raise ConfigError(f"sample draft layer {e} is outside 1..{num_layers - 1}")
         configs.append(BenchConfig(
-            f"ssd-E{e}-k{k}-t{t:g}", "ssd", f"SSD E={e} k={k} sampled T={t:g}", {"draft_layer": e, "k": k},
-            t, lambda e=e, k=k: SelfSpeculative(draft_layer=e, k=k),
+            f"ssd-E{e}-k{k}-t{t:g}", "ssd", f"SSD E={e} k={k}{dv_label} sampled T={t:g}",
+            {"draft_layer": e, "k": k, "draft_vocab": dv}, t, lambda e=e, k=k: SelfSpeculative(draft_layer=e, k=k,
+                                                                                          draft_vocab=dv),
         ))
     return configs
 
@@ -275,10 +285,12 @@ def calibrated_config(path: str | Path, num_layers: int, fingerprint: str | None
     risk = th.record.get("risk") or {}
     options = {
         "measure": th.measure, "thresholds": list(th.thresholds), "min_exit_layer": th.min_exit_layer,
-        "check_every": th.check_every, "calibrated": True, "source": str(path), "delta": th.delta,
+        "check_every": th.check_every, "exit_vocab": th.exit_vocab, "calibrated": True, "source": str(path),
+        "delta": th.delta,
         "epsilon": th.epsilon, "calibration_test_disagreement": risk.get("test_disagreement"),
     }
-    label = f"DEE calibrated ({th.measure}" + (f", δ={th.delta:g}" if th.delta is not None else "") + ")"
+    label = (f"DEE calibrated ({th.measure}" + (f", δ={th.delta:g}" if th.delta is not None else "")
+             + (f", head {th.exit_vocab}" if th.exit_vocab is not None else "") + ")")
     return BenchConfig("dee-calibrated", "dee", label, options, 0.0, th.strategy)
 
 
@@ -385,6 +397,7 @@ def ssd_summary(runs: list[Run], num_layers: int) -> dict[str, Any]:
     accepted = sum(r.stats.get("accepted_tokens", 0) for r in runs)
     rounds = sum(r.stats.get("rounds", 0) for r in runs)
     new = sum(len(r.tokens) for r in runs)
+    short = any(r.stats.get("draft_vocab") for r in runs)  # drafts read the short head
     return {
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_accepted_length": accepted / rounds if rounds else None,
@@ -392,7 +405,8 @@ def ssd_summary(runs: list[Run], num_layers: int) -> dict[str, Any]:
         "rounds": rounds,
         "tokens_per_round": new / rounds if rounds else None,
         "blocks_per_token": num_layers * (drafted + rounds) / new if new else None,
-        "head_evals_per_token": (2 * drafted + rounds) / new if new else None,
+        "head_evals_per_token": ((1 if short else 2) * drafted + rounds) / new if new else None,
+        "short_head_evals_per_token": (drafted if short else 0) / new if new else None,
     }
 
 
@@ -430,6 +444,7 @@ def config_summary(cfg: BenchConfig, runs: list[Run], ref_runs: list[Run], greed
         "mean_exit_layer": None, "exit_layer_counts": None,
         "blocks_per_token": weighted_stat(runs, "blocks_per_token"),
         "head_evals_per_token": weighted_stat(runs, "head_evals_per_token"),
+        "short_head_evals_per_token": weighted_stat(runs, "short_head_evals_per_token") or 0.0,
         **(fidelity(first, greedy_by_prompt) if cfg.greedy else {"token_agreement": None, "rouge_l": None,
                                                                    "exact_match": None}),
         "perplexity": perplexity,

@@ -25,6 +25,8 @@ TRAIN_SHARE = 0.36
 # LayerSkip recipe of the demo (the seed study's layer dropout, the paper's exit loss).
 LAYERSKIP_FLAGS = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational"]
 PLAIN_FLAGS = ["--max_skip_prob", "0", "--early_exit_scale", "0"]
+# Drafts and early exits read the short head of the most frequent tokens (see README).
+SHORT_HEAD = "1024"
 # --smoke: check the pipeline in seconds (compilation alone would take a minute).
 SMOKE_TRAIN_FLAGS = ["--no-compile", "--precision", "fp32"]
 SMOKE_BENCH_FLAGS = ["--draft_layers", "1", "--ks", "2", "--dee_measures", "softmax", "--dee_thresholds", "0.5",
@@ -40,7 +42,7 @@ class DemoSettings:
     seed: int = 0
     model_flags: list[str] = field(default_factory=list)  # passed to both trainings, e.g. ["--d_model", "64"]
     max_steps: int | None = None  # cap each training (tiny runs); the time budget still applies
-    delta: float = 0.05
+    delta: float = 0.01
     num_prompts: int = 16
     new_tokens: int = 64
     bench_flags: list[str] = field(default_factory=list)
@@ -83,10 +85,11 @@ def plan_stages(s: DemoSettings) -> list[Stage]:
         train("layerskip", LAYERSKIP_FLAGS),
         train("plain", PLAIN_FLAGS),
         Stage("calibrate", ["calibrate", "--checkpoint", str(out / "layerskip"), "--output", str(thresholds),
-                            "--delta", str(s.delta), *common], thresholds),
+                            "--delta", str(s.delta), "--exit_vocab", SHORT_HEAD, *common], thresholds),
         Stage("bench", ["bench", "--checkpoint", str(out / "layerskip"), "--baseline", str(out / "plain"),
                         "--thresholds", str(thresholds), "--out", str(results), "--num_prompts", str(s.num_prompts),
-                        "--new_tokens", str(s.new_tokens), "--seed", str(s.seed), *s.bench_flags, *common], results),
+                        "--new_tokens", str(s.new_tokens), "--seed", str(s.seed), "--draft_vocab", SHORT_HEAD,
+                        "--exit_vocab", SHORT_HEAD, *s.bench_flags, *common], results),
         Stage("report", ["report", str(results), "--out", str(report)], report / "index.html"),
     ]
 

@@ -264,7 +264,7 @@ class Transformer(nn.Module):
         """(logits (..., size), ids (size,)): the shared exit restricted to the `size` most frequent tokens.
 
         Column i of the logits is token ids[i]; they equal ``unembed(hidden)[..., ids]`` up to
-        rounding, at size/V of the head's cost. With V = 8192 at d_model 128 the full head reads
+        rounding, at size/V of the head's cost (size >= V: the full head, ids 0..V-1). With V = 8192 at d_model 128 the full head reads
         four blocks' worth of weights per token, so drafts and early exits that only need a
         likely token, not the whole distribution, use this instead (decoding only).
         """

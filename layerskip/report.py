@@ -127,7 +127,7 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = 
 
 CONFIG_HEADER = [
     "config", "tokens/s", "ms/token", "TTFT ms", "speed-up", "accept rate", "mean accepted",
-    "mean exit layer", "blocks/token", "head evals/token", "token agreement", "ROUGE-L", "gen. ppl",
+    "mean exit layer", "blocks/token", "head evals/token", "short head evals/token", "token agreement", "ROUGE-L", "gen. ppl",
     "peak memory",
 ]
 
@@ -146,6 +146,7 @@ def config_rows(model: dict[str, Any]) -> list[list[str]]:
             fmt(c.get("mean_exit_layer"), 2),
             fmt(c.get("blocks_per_token"), 2),
             fmt(c.get("head_evals_per_token"), 2),
+            fmt(c.get("short_head_evals_per_token"), 2),
             fmt(c.get("token_agreement"), 3),
             fmt(c.get("rouge_l"), 3),
             fmt(c.get("perplexity"), 2),

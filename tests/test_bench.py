@@ -298,6 +298,22 @@ def test_bad_settings_fail_loudly():
     with pytest.raises(ConfigError, match="outside 1..3"):
         BenchSettings(draft_layers=(4,)).draft_layers_for(4)
     assert BenchSettings().draft_layers_for(6) == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="draft_vocab"):
+        BenchSettings(draft_vocab=1)
+    with pytest.raises(ConfigError, match="exit_vocab"):
+        BenchSettings(exit_vocab=0)
+
+
+def test_short_heads_reach_the_strategies():
+    from layerskip.bench import build_configs
+
+    configs = build_configs(4, BenchSettings(ks=(2,), draft_vocab=64, exit_vocab=32, dee_measures=("softmax",),
+                                             dee_thresholds=(0.5,)), None)
+    ssd = [c for c in configs if c.strategy == "ssd"]
+    dee = [c for c in configs if c.strategy == "dee"]
+    assert ssd and all(c.options["draft_vocab"] == 64 and c.make().draft_vocab == 64 for c in ssd)
+    assert dee and all(c.options["exit_vocab"] == 32 and c.make().exit_vocab == 32 for c in dee)
+    assert all("head 64" in c.label for c in ssd) and all("head 32" in c.label for c in dee)
 
 
 def test_cli_bench_writes_results(tmp_path, tiny_corpus_dir, tiny_tokenizer, capsys):

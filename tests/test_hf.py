@@ -303,13 +303,16 @@ def test_peer_benchmark_runs_and_checks_tokens(tmp_path, tiny_tokenizer):
     out = tmp_path / "peer.json"
     threads = torch.get_num_threads()
     try:
-            assert peer_hf.main(["--checkpoint", str(tmp_path / "ckpt"), "--draft-layer", "2", "--k", "3",
+        assert peer_hf.main(["--checkpoint", str(tmp_path / "ckpt"), "--draft-layer", "2", "--k", "3",
                              "--max-new-tokens", "6", "--prompt-tokens", "8", "--prompts", "1", "--repeats", "1",
-                             "--num-assistant-tokens", "2", "--threads", "1", "--out", str(out)]) == 0
+                             "--num-assistant-tokens", "2", "--threads", "1", "--draft-vocab", "20",
+                             "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)  # the script sets it for the whole process
     doc = json.loads(out.read_text())
     assert doc["versions"]["transformers"] == __import__("transformers").__version__
     assert all(doc["same_tokens_as_plain_greedy"].values())  # greedy SSD / early exit == greedy
     assert doc["ours_ar_equals_hf_greedy_prompts"] == 1
-    assert set(doc["ratios"]) >= {"hf_greedy_over_ours_ar", "hf_early_exit_best_over_ours_ssd"}
+    assert set(doc["ratios"]) >= {"hf_greedy_over_ours_ar", "hf_early_exit_best_over_ours_ssd",
+                                  "hf_early_exit_best_over_ours_ssd_short_head"}
+    assert doc["results"]["ours_ssd_short_head"]["settings"]["draft_vocab"] == 20

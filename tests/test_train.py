@@ -14,8 +14,8 @@ from layerskip.errors import ConfigError
 from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS
 from layerskip.losses import exit_loss_reference, exit_weights
 from layerskip.model import Transformer
-from layerskip.train import (ExitLossModel, TrainConfig, TrainingDiverged, resume_config, sample_early_positions,
-                             step_plan, train)
+from layerskip.train import (ExitLossModel, TrainConfig, TrainingDiverged, flat_positions, resume_config,
+                             sample_early_positions, step_plan, train)
 
 TINY = dict(d_model=32, num_layers=4, num_heads=4, d_ff=64, dropout=0.1, vocab_size=400, seq_len=32,
             batch_size=8, warmup=3, lr=3e-3, precision="fp32", compile=False, eval_batch_size=8, loss_chunk=64)
@@ -80,14 +80,16 @@ def test_every_schedule_and_curriculum_is_reachable(curriculum, schedule, ramp):
 # ----------------------------------------------------------------------------- sub-sampled early exits
 
 
-def test_sample_early_positions_is_a_seeded_subset():
-    assert sample_early_positions(100, 1.0, torch.Generator().manual_seed(0)) is None
-    a = sample_early_positions(100, 0.25, torch.Generator().manual_seed(0))
-    b = sample_early_positions(100, 0.25, torch.Generator().manual_seed(0))
-    c = sample_early_positions(100, 0.25, torch.Generator().manual_seed(1))
+def test_sample_early_positions_is_a_seeded_subset_of_every_row():
+    assert sample_early_positions(3, 100, 1.0, torch.Generator().manual_seed(0)) is None
+    a = sample_early_positions(3, 100, 0.25, torch.Generator().manual_seed(0))
+    b = sample_early_positions(3, 100, 0.25, torch.Generator().manual_seed(0))
+    c = sample_early_positions(3, 100, 0.25, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert len(a) == 25 and len(set(a.tolist())) == 25 and a.min() >= 0 and a.max() < 100
-    assert torch.equal(a, a.sort().values)
+    assert a.shape == (3, 25) and a.min() >= 0 and a.max() < 100
+    assert all(len(set(row.tolist())) == 25 for row in a) and torch.equal(a, a.sort(dim=1).values)
+    flat = flat_positions(a, 100)
+    assert flat.tolist() == [int(p) + 100 * r for r in range(3) for p in a[r]]
 
 
 def test_early_exit_loss_on_a_token_subset_matches_the_reference_and_its_gradients():
@@ -96,7 +98,7 @@ def test_early_exit_loss_on_a_token_subset_matches_the_reference_and_its_gradien
     idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
     targets[0, :4] = -100  # ignored targets stay ignored in both estimates
     exits, weights = [1, 3, 4], exit_weights([1, 3, 4], 4, 1.0)
-    positions = sample_early_positions(48, 0.4, torch.Generator().manual_seed(3))
+    positions = flat_positions(sample_early_positions(3, 16, 0.4, torch.Generator().manual_seed(3)), 16)
     loss, per_exit = ExitLossModel(model, chunk_size=7)(idx, targets, exits, weights, None, positions)
     grads = torch.autograd.grad(loss, list(model.parameters()))
 
@@ -311,7 +313,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_corpus_dir):
     import sys
 
     args = CLI_TINY + ["--data-dir", str(tiny_corpus_dir), "--max_steps", "4", "--dropout", "0",
-                       "--max_skip_prob", "0.5", "--val_every", "4"]
+                       "--max_skip_prob", "0.5", "--early_exit_tokens", "0.5", "--val_every", "4"]
     assert main(["train", "--out", str(tmp_path / "one")] + args) == 0
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "layerskip", "train", "--out", str(tmp_path / "two")] + args,

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "sample_k", type=int, default=None, help="draft length k of the sampled SSD config (default: the middle of --ks)")
     add_flag(parser, "repeats", type=int, default=1, help="timed passes over the prompts (default: 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per config (default: 1)")
+    add_flag(parser, "draft_vocab", type=int, default=None,
+             help="SSD drafts through a short head of the N most frequent training tokens (default: the full head)")
+    add_flag(parser, "exit_vocab", type=int, default=None,
+             help="the DEE sweep's early exits read a short head of N tokens (a calibrated file brings its own) "
+             "(default: the full head)")
     add_flag(parser, "num_samples", type=int, default=3, help="prompts whose generations go in the report (default: 3)")
     add_flag(parser, "eval_tokens", type=int, default=None,
              help="per-layer evaluation on the first N test tokens (default: the whole split, so word "
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         dee_measures=tuple(args.dee_measures),
         dee_thresholds=tuple(args.dee_thresholds) if args.dee_thresholds else None,
         temperature=args.temperature, sample_draft_layer=args.sample_draft_layer, sample_k=args.sample_k,
-        num_samples=args.num_samples, eval_tokens=args.eval_tokens,
+        num_samples=args.num_samples, eval_tokens=args.eval_tokens, draft_vocab=args.draft_vocab,
+        exit_vocab=args.exit_vocab,
         device=args.device, threads=args.threads,
     )
     results = run_bench(args.checkpoint, baseline=args.baseline, thresholds=args.thresholds, data_dir=args.data_dir,

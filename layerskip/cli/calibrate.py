@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "global threshold, or auto: whichever exits earlier on the learn half (default auto)")
     add_flag(parser, "exit_vocab", type=int, default=None,
              help="early exits read a short head of the N most frequent training tokens (cheaper than the "
-             "full head; the guarantee covers it) (default: the full head)")
+             "full head; the guarantee covers it; N >= the vocabulary is the full head) (default: the full head)")
     add_flag(parser, "min_exit_layer", type=int, default=1, help="first layer allowed to exit (default 1)")
     add_flag(parser, "check_every", type=int, default=1,
              help="check every k-th layer from min_exit_layer, to save LM-head evaluations (default 1)")
@@ -101,15 +101,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 def calibrate(args: argparse.Namespace, ckpt, corpus, device) -> int:
     from layerskip import calibrate as cal
-    from layerskip.errors import ConfigError
     from layerskip.generate.dee import DynamicEarlyExit
 
     model = ckpt.model
     DynamicEarlyExit(0.0, args.measure, args.min_exit_layer, args.check_every,
                      exit_vocab=args.exit_vocab).checked_layers(model.num_layers)
-    if args.exit_vocab is not None and args.exit_vocab > model.config.vocab_size:
-        raise ConfigError(f"--exit_vocab {args.exit_vocab} is larger than the model's vocabulary of "
-                          f"{model.config.vocab_size}")
     valid = corpus.tokens["valid"]  # calibration never reads the test split
     head = "the full head" if args.exit_vocab is None else f"a {args.exit_vocab}-token short head"
     cal.log(f"calibrate: {min(len(valid), args.max_tokens or len(valid)):,} validation tokens, "

@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_dir_arg(parser)
     add_device_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of training, prompts and sampling (default 0)")
-    parser.add_argument("--delta", type=float, default=0.05,
-                        help="calibration risk bound: tolerated disagreement with the full model (default 0.05)")
+    parser.add_argument("--delta", type=float, default=0.01,
+                        help="calibration risk bound: tolerated disagreement with the full model (default 0.01)")
     add_flag(parser, "num_prompts", type=int, default=16, help="benchmark prompts (default 16)")
     add_flag(parser, "new_tokens", type=int, default=64, help="tokens generated per benchmark prompt (default 64)")
     group = parser.add_argument_group("model size (default: the seed study's d128, 6 layers, 8 heads, ff 512)")

@@ -269,9 +269,6 @@ class DynamicEarlyExit:
         num_layers = model.num_layers
         n = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len)
         checks = self.checked_layers(num_layers)
-        if self.exit_vocab is not None and self.exit_vocab > model.config.vocab_size:
-            raise ConfigError(f"exit_vocab {self.exit_vocab} is larger than the model's vocabulary of "
-                              f"{model.config.vocab_size}")
         start = time.perf_counter()
         propagate = FusedPropagation(model)
         device = model.embed_tokens.weight.device
