@@ -23,7 +23,8 @@ STATE_FILE = "demo.json"
 # Shares of the budget: the two trainings get most of it, equally.
 TRAIN_SHARE = 0.36
 # LayerSkip recipe of the demo (the seed study's layer dropout, the paper's exit loss).
-LAYERSKIP_FLAGS = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational"]
+LAYERSKIP_FLAGS = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational",
+                   "--early_exit_tokens", "0.25"]
 PLAIN_FLAGS = ["--max_skip_prob", "0", "--early_exit_scale", "0"]
 # Drafts and early exits read the short head of the most frequent tokens (see README).
 SHORT_HEAD = "1024"

@@ -106,7 +106,9 @@ class TrainConfig:
     early_exit_curriculum: str = "rotational"
     early_exit_rotation: int = 2
     early_exit_gradual_steps: int | None = None  # None: the whole run
-    early_exit_tokens: float = 1.0  # fraction of tokens the early (not last) exits' loss is estimated on
+    # Fraction of tokens the early (not last) exits' loss is estimated on: at 0.25 a 5-minute
+    # LayerSkip run stepped at 1.2x a plain step (2.0 s vs 1.15 s per step with every token).
+    early_exit_tokens: float = 0.25
     # speed
     precision: str = "bf16"
     compile: bool = True

@@ -43,7 +43,7 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("early_exit_scale", float, "early-exit loss scale; 0 trains the last layer only (default 1.0)"),
     ("early_exit_rotation", int, "rotational curriculum: every R-th exit each step (default 2)"),
     ("early_exit_gradual_steps", int, "gradual curriculum: steps to enable every exit (default: the run)"),
-    ("early_exit_tokens", float, "fraction of tokens the early exits' loss is estimated on (default 1.0: all)"),
+    ("early_exit_tokens", float, "fraction of tokens the early exits' loss is estimated on (default 0.25; 1: all)"),
     ("val_every", int, "also validate every N steps (default: each epoch only)"),
     ("val_tokens", int, "validate on the first N valid tokens only (default 65536; 0: all)"),
     ("eval_batch_size", int, "sequences per evaluation batch (default 16)"),
