@@ -91,6 +91,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k, v = self.project_kv(x, cos, sin)
+        return self.attend(q, k, v, cache, layer, pos)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
+               pos: int) -> torch.Tensor:
+        """Rotated queries (B, H, T, D) over the cached keys/values plus these; output projection -> (B, T, C)."""
+        b, _, t, _ = q.shape
         if cache is not None:
             k, v = cache.write(layer, pos, k, v)  # keys/values of positions [0, pos + t)
         full_causal = t > 1 and k.shape[2] == t  # no cached prefix: SDPA's fast causal path
@@ -98,7 +104,7 @@ class Attention(nn.Module):
             q,
             k,
             v,
-            attn_mask=None if full_causal else causal_mask(t, k.shape[2], x.device),
+            attn_mask=None if full_causal else causal_mask(t, k.shape[2], q.device),
             is_causal=full_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.kv_heads != self.num_heads,
@@ -136,6 +142,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self._fused: tuple | None = None  # (key, W_qkv, W_gate_up) for decoding, see _fused_weights
 
     def forward(
         self,
@@ -146,8 +153,40 @@ class Block(nn.Module):
         layer: int = 0,
         pos: int = 0,
     ) -> torch.Tensor:
+        if torch.is_inference_mode_enabled() and not self.training:
+            fused = self._fused_weights()
+            if fused is not None:
+                return self._forward_fused(x, cos, sin, cache, layer, pos, *fused)
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, cache, layer, pos))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+
+    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Q|K|V and gate|up projections stacked into one matrix each, rebuilt when a weight changes.
+
+        Decoding a token is a chain of tiny products whose fixed cost per call dominates on
+        CPU; one product instead of three (and two) and one rotary pass for queries and keys
+        together cut a block's calls by a third. The same numbers, differently grouped.
+        """
+        a, m = self.attn, self.mlp
+        weights = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight)
+        key = tuple(_weight_key(w) for w in weights)
+        if any(k is None for k in key):  # inference-mode weights: no version counter to watch
+            return None
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, torch.cat(weights[:3]).detach(), torch.cat(weights[3:]).detach())
+        return self._fused[1], self._fused[2]
+
+    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                       layer: int, pos: int, w_qkv: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+        """The block's forward in inference mode (no dropout), from the stacked projections."""
+        a = self.attn
+        b, t, _ = x.shape
+        heads, kv_heads = a.num_heads, a.kv_heads
+        qkv = F.linear(self.attn_norm(x), w_qkv).view(b, t, heads + 2 * kv_heads, a.head_dim).transpose(1, 2)
+        qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)  # queries and keys rotate alike
+        x = x + a.attend(qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :], cache, layer, pos)
+        gate, up = F.linear(self.mlp_norm(x), w_gate_up).chunk(2, dim=-1)
+        return x + self.mlp.down_proj(F.silu(gate) * up)
 
 
 @dataclass

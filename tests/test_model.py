@@ -32,6 +32,27 @@ def test_cached_incremental_equals_uncached_forward_at_every_position(model):
     assert cache.lengths == [20] * model.num_layers
 
 
+def test_inference_mode_fused_decoding_equals_the_plain_blocks(model):
+    """Decoding (inference mode) runs blocks from stacked Q|K|V and gate|up weights: the same numbers."""
+    idx = tokens(1, 24)
+    with torch.no_grad():
+        full = model(idx).logits  # the plain blocks
+    with torch.inference_mode():
+        cache = model.new_cache()
+        prefill = model(idx[:, :10], cache=cache, pos=0).logits
+        chunk = model(idx[:, 10:17], cache=cache, pos=10).logits
+        rest = [model(idx[:, t : t + 1], cache=cache, pos=t).logits for t in range(17, 24)]
+    assert all(block._fused is not None for block in model.layers)
+    assert_close(torch.cat([prefill, chunk, *rest], dim=1), full, **TOL)
+    with torch.no_grad():  # a weight changed in place: the stacked copy must follow
+        model.layers[0].attn.k_proj.weight.mul_(0.5)
+        model.layers[0].mlp.up_proj.weight.mul_(2.0)
+        changed = model(idx).logits
+    with torch.inference_mode():
+        assert_close(model(idx).logits, changed, **TOL)
+    assert not torch.allclose(changed, full, atol=1e-3)
+
+
 @torch.no_grad()
 def test_prefill_then_decode_equals_uncached(model):
     idx = tokens(1, 24)
