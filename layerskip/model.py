@@ -25,7 +25,7 @@ from layerskip.config import ModelConfig
 from layerskip.errors import PromptError
 
 
-def _weight_key(w: torch.Tensor) -> tuple | None:
+def weight_key(w: torch.Tensor) -> tuple | None:
     """Identity + version of a weight, to know when a copy derived from it is stale (None: untracked)."""
     try:
         return (w.data_ptr(), w._version, w.dtype, w.device)
@@ -169,7 +169,7 @@ class Block(nn.Module):
         """
         a, m = self.attn, self.mlp
         weights = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight)
-        key = tuple(_weight_key(w) for w in weights)
+        key = tuple(weight_key(w) for w in weights)
         if any(k is None for k in key):  # inference-mode weights: no version counter to watch
             return None
         if self._fused is None or self._fused[0] != key:
@@ -269,7 +269,7 @@ class Transformer(nn.Module):
         contiguously measured about 2x faster than F.linear(x, W) for the 8192 x 128 head, which
         is 1.2x on a whole autoregressive step and more on self-speculative drafts.
         """
-        key = _weight_key(self.lm_head.weight)
+        key = weight_key(self.lm_head.weight)
         if key is None:  # an inference-mode weight has no version counter: no caching
             return None
         if self._head_t is None or self._head_t[0] != key:
@@ -312,7 +312,7 @@ class Transformer(nn.Module):
         if not torch.is_inference_mode_enabled():  # the cached copy is an inference tensor
             ids = self.frequent_ids(size)
             return self.norm(hidden) @ self.lm_head.weight[ids].t(), ids
-        key = _weight_key(self.lm_head.weight)
+        key = weight_key(self.lm_head.weight)
         cached = self._short_heads.get(size)
         if cached is None or key is None or cached[0] != key:
             ids = self.frequent_ids(size)

@@ -208,6 +208,17 @@ def test_fused_propagation_equals_per_layer_project_kv(overrides):
             torch.testing.assert_close(b.v, a.v, **TOL)
 
 
+def test_fused_propagation_is_built_once_and_follows_weight_changes():
+    model = tiny_model(seed=2)
+    first = FusedPropagation.for_model(model)
+    assert FusedPropagation.for_model(model) is first
+    with torch.no_grad():
+        model.layers[1].attn.v_proj.weight.mul_(2.0)
+    second = FusedPropagation.for_model(model)
+    assert second is not first
+    torch.testing.assert_close(second.weight, FusedPropagation(model).weight)
+
+
 def test_sampling_with_unreachable_threshold_equals_plain_sampling(model):
     sampling = SamplingConfig(temperature=0.9, top_k=20, top_p=0.9)
     got = DynamicEarlyExit(2.0).generate(model, PROMPT, 15, sampling=sampling,
