@@ -7,7 +7,7 @@ on test-split prompts (with per-layer evaluation of both models), and write the 
 Re-running skips finished stages and resumes an interrupted training.
 
 example:
-  layerskip demo                       # about 25 minutes on 2 CPU cores
+  layerskip demo                       # about 20 minutes on 2 CPU cores
   layerskip demo --budget 60 --out runs/demo60
 """
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="directory for the runs, results and report (default runs/demo)")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="minutes that scale the study: each of the two trainings gets 36%% of it, and "
-                        "calibration + benchmark come on top (about 8-10 minutes at the default size) (default 20)")
+                        "calibration + benchmark take the rest (about 5.5 minutes at the default size) (default 20)")
     add_data_dir_arg(parser)
     add_device_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of training, prompts and sampling (default 0)")
