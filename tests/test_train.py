@@ -215,7 +215,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     monkeypatch.setattr(train_module, "exit_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="step 5: the loss became nan.*last good checkpoint"):
-        train(tiny_cfg(max_steps=10, save_every=2), out, corpus=corpus, progress=False)
+        # every token in every exit's loss: one exit_loss call per step
+        train(tiny_cfg(max_steps=10, save_every=2, early_exit_tokens=1.0), out, corpus=corpus, progress=False)
     assert load_trainer_state(out / "last")["step"] == 4
     for w in weights(out).values():
         assert torch.isfinite(w).all()
