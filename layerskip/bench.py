@@ -114,10 +114,10 @@ class BenchSettings:
             raise ConfigError(f"unknown DEE measure(s) {bad}; choose from {list(DEE_MEASURES)}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"temperature must be >= 0 (0 skips the sampled configs), got {self.temperature!r}")
-        for name in ("draft_vocab", "exit_vocab"):
+        for name, least in (("draft_vocab", 1), ("exit_vocab", 2)):  # as SelfSpeculative / DynamicEarlyExit
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value >= 2):
-                raise ConfigError(f"{name} must be an integer >= 2 (tokens in the short head), got {value!r}")
+            if value is not None and not (isinstance(value, int) and value >= least):
+                raise ConfigError(f"{name} must be an integer >= {least} (tokens in the short head), got {value!r}")
         if self.eval_tokens is not None and not (isinstance(self.eval_tokens, int) and self.eval_tokens >= 0):
             raise ConfigError(
                 f"eval_tokens must be an integer >= 0 (0 skips the per-layer evaluation, None reads the whole "

@@ -299,7 +299,7 @@ def test_bad_settings_fail_loudly():
         BenchSettings(draft_layers=(4,)).draft_layers_for(4)
     assert BenchSettings().draft_layers_for(6) == [1, 2, 3, 4]
     with pytest.raises(ConfigError, match="draft_vocab"):
-        BenchSettings(draft_vocab=1)
+        BenchSettings(draft_vocab=0)
     with pytest.raises(ConfigError, match="exit_vocab"):
         BenchSettings(exit_vocab=0)
 

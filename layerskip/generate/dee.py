@@ -58,7 +58,7 @@ import torch
 
 from layerskip.cache import KVCache
 from layerskip.errors import ConfigError
-from layerskip.model import weight_key, apply_rotary
+from layerskip.model import apply_rotary, weight_key
 from layerskip.generate.base import (
     GenerationResult,
     OnTokens,

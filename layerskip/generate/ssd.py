@@ -6,7 +6,8 @@ One round, with n the position of the newest committed token (not yet in the cac
    their keys/values into the shared cache, unembed through the shared head and propose
    the next token. With ``draft_vocab=N`` the draft unembeds through the short head (the
    shared head's rows of the N most frequent tokens, ``Transformer.unembed_short``): a
-   small model's head costs several blocks, and a draft only needs a likely token. Keep every exit hidden state. Drafting stops after ``k`` tokens, at an
+   small model's head costs several blocks, and a draft only needs a likely token. Keep
+   every exit hidden state. Drafting stops after ``k`` tokens, at an
    end-of-sequence draft, when only one more token fits, or (adaptive) when the draft's top
    probability falls below ``adaptive_threshold`` (that draft is dropped; its input's exit
    hidden state is kept).
