@@ -33,6 +33,31 @@ def weight_key(w: torch.Tensor) -> tuple | None:
         return None
 
 
+class DerivedWeights:
+    """Copies derived from weights for decoding (transposed, stacked, ...), rebuilt when a weight changes.
+
+    ``get(name, weights, build)`` returns the cached ``build()`` while every weight keeps its
+    identity and version, rebuilds it otherwise, and returns None when a weight has no version
+    counter (made in inference mode), since staleness could then go unnoticed.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[object, tuple[tuple, object]] = {}
+
+    def get(self, name: object, weights: tuple[torch.Tensor, ...], build):
+        key = tuple(weight_key(w) for w in weights)
+        if None in key:
+            return None
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            entry = (key, build())
+            self._entries[name] = entry
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -145,7 +170,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self._fused: tuple | None = None  # (key, W_qkv, W_gate_up) for decoding, see _fused_weights
+        self.derived = DerivedWeights()  # stacked projections for decoding, see _fused_weights
 
     def forward(
         self,
@@ -172,12 +197,8 @@ class Block(nn.Module):
         """
         a, m = self.attn, self.mlp
         weights = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight)
-        key = tuple(weight_key(w) for w in weights)
-        if any(k is None for k in key):  # inference-mode weights: no version counter to watch
-            return None
-        if self._fused is None or self._fused[0] != key:
-            self._fused = (key, torch.cat(weights[:3]).detach(), torch.cat(weights[3:]).detach())
-        return self._fused[1], self._fused[2]
+        return self.derived.get("stacked", weights,
+                                lambda: (torch.cat(weights[:3]).detach(), torch.cat(weights[3:]).detach()))
 
     def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
                        layer: int, pos: int, w_qkv: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
@@ -213,8 +234,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self._head_t: tuple | None = None  # cached transposed head for decoding, see unembed
-        self._short_heads: dict[int, tuple] = {}  # size -> (key, ids, transposed rows), see unembed_short
+        self.derived = DerivedWeights()  # transposed (short) heads for decoding, see unembed(_short)
         # Training-split count of each token id (None: unknown); ranks the vocabulary for
         # unembed_short. Checkpoints carry it; it is not a weight.
         self.token_counts: torch.Tensor | None = None
@@ -272,12 +292,8 @@ class Transformer(nn.Module):
         contiguously measured about 2x faster than F.linear(x, W) for the 8192 x 128 head, which
         is 1.2x on a whole autoregressive step and more on self-speculative drafts.
         """
-        key = weight_key(self.lm_head.weight)
-        if key is None:  # an inference-mode weight has no version counter: no caching
-            return None
-        if self._head_t is None or self._head_t[0] != key:
-            self._head_t = (key, self.lm_head.weight.detach().t().contiguous())
-        return self._head_t[1]
+        w = self.lm_head.weight
+        return self.derived.get("head_t", (w,), lambda: w.detach().t().contiguous())
 
     # -- the short head: the most frequent tokens only ----------------------------------
 
@@ -288,7 +304,7 @@ class Transformer(nn.Module):
             if counts.numel() != self.config.vocab_size:
                 raise ValueError(f"token counts cover {counts.numel()} ids, the vocabulary has {self.config.vocab_size}")
         self.token_counts = counts
-        self._short_heads.clear()
+        self.derived.clear()  # the short heads' tokens follow the counts
 
     def frequent_ids(self, size: int) -> torch.Tensor:
         """Sorted ids of the `size` most frequent tokens (without counts: ids 0 .. size-1)."""
@@ -297,32 +313,33 @@ class Transformer(nn.Module):
             raise ValueError(f"a short head holds 1..{vocab} tokens, got {size!r}")
         if self.token_counts is None:
             ids = torch.arange(size)
-        else:  # ties broken by id, so the choice never depends on the sort's stability
-            order = sorted(range(vocab), key=lambda i: (-int(self.token_counts[i]), i))
-            ids = torch.tensor(sorted(order[:size]))
+        else:  # a stable sort: equal counts keep id order
+            ids = torch.argsort(-self.token_counts, stable=True)[:size].sort().values
         return ids.to(self.lm_head.weight.device)
 
     def unembed_short(self, hidden: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (..., size), ids (size,)): the shared exit restricted to the `size` most frequent tokens.
 
         Column i of the logits is token ids[i]; they equal ``unembed(hidden)[..., ids]`` up to
-        rounding, at size/V of the head's cost (size >= V: the full head, ids 0..V-1). With V = 8192 at d_model 128 the full head reads
-        four blocks' worth of weights per token, so drafts and early exits that only need a
-        likely token, not the whole distribution, use this instead (decoding only).
+        rounding, at size/V of the head's cost (size >= V: the full head, ids 0..V-1). With
+        V = 8192 at d_model 128 the full head reads four blocks' worth of weights per token, so
+        drafts and early exits that only need a likely token, not the whole distribution, use
+        this instead.
         """
         if size >= self.config.vocab_size:
             return self.unembed(hidden), torch.arange(self.config.vocab_size, device=hidden.device)
-        if not torch.is_inference_mode_enabled():  # the cached copy is an inference tensor
+        w = self.lm_head.weight
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             ids = self.frequent_ids(size)
-            return self.norm(hidden) @ self.lm_head.weight[ids].t(), ids
-        key = weight_key(self.lm_head.weight)
-        cached = self._short_heads.get(size)
-        if cached is None or key is None or cached[0] != key:
+            return ids, w.detach()[ids].t().contiguous()  # (C, size)
+
+        # a copy made in inference mode cannot enter autograd, so only decoding caches it
+        cached = self.derived.get(("short", size), (w,), build) if torch.is_inference_mode_enabled() else None
+        if cached is None:
             ids = self.frequent_ids(size)
-            cached = (key, ids, self.lm_head.weight.detach()[ids].t().contiguous())  # (C, size)
-            if key is not None:
-                self._short_heads[size] = cached
-        _, ids, head_t = cached
+            cached = (ids, w[ids].t())
+        ids, head_t = cached
         return self.norm(hidden) @ head_t, ids
 
     def rotary(self, pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ def test_inference_mode_fused_decoding_equals_the_plain_blocks(model):
         prefill = model(idx[:, :10], cache=cache, pos=0).logits
         chunk = model(idx[:, 10:17], cache=cache, pos=10).logits
         rest = [model(idx[:, t : t + 1], cache=cache, pos=t).logits for t in range(17, 24)]
-    assert all(block._fused is not None for block in model.layers)
+    assert all(block._fused_weights() is not None for block in model.layers)
     assert_close(torch.cat([prefill, chunk, *rest], dim=1), full, **TOL)
     with torch.no_grad():  # a weight changed in place: the stacked copy must follow
         model.layers[0].attn.k_proj.weight.mul_(0.5)
