@@ -30,6 +30,7 @@ class KVCache:
         shape = (num_layers, batch_size, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views: fewer calls per write
         self.lengths = [0] * num_layers  # valid positions per layer
 
     @property
@@ -51,10 +52,11 @@ class KVCache:
         end = pos + t
         if end > self.max_len:
             raise ValueError(f"cache holds at most {self.max_len} positions; cannot write up to {end}")
-        self.k[layer, :, :, pos:end] = k
-        self.v[layer, :, :, pos:end] = v
+        keys, values = self._layers[layer]
+        keys.narrow(2, pos, t).copy_(k)
+        values.narrow(2, pos, t).copy_(v)
         self.lengths[layer] = end
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def truncate(self, length: int, layers: range | None = None) -> None:
         """Forget every position >= length (in the given layers, default all)."""

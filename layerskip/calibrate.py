@@ -83,6 +83,7 @@ from layerskip.generate.dee import (
     saturation_confidence,
 )
 from layerskip.jsonfile import write_json
+from layerskip.model import decoding
 
 FORMAT = "layerskip-thresholds"
 VERSION = 1
@@ -129,7 +130,7 @@ def _windows(tokens: np.ndarray, seq_len: int, batch_size: int) -> list[np.ndarr
             for i in range(0, n, batch_size)]
 
 
-@torch.inference_mode()
+@decoding()
 def exit_scores(
     model: torch.nn.Module,
     tokens: np.ndarray,
@@ -478,7 +479,7 @@ def learn_half_exit_layers(learn: ExitScores, family: list[list[float]]) -> dict
 # ----------------------------------------------------------------------------- generated text
 
 
-@torch.inference_mode()
+@decoding()
 def generated_disagreement(
     model: torch.nn.Module,
     dee: DynamicEarlyExit,

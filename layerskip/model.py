@@ -13,8 +13,11 @@ Conventions (see CONVENTIONS.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,10 @@ from layerskip.config import ModelConfig
 from layerskip.errors import PromptError
 
 
+PLAIN_ATTENTION_MAX_QUERIES = 16  # above this many queries, SDPA is faster than plain products
+T = TypeVar("T")
+
+
 def weight_key(w: torch.Tensor) -> tuple | None:
     """Identity + version of a weight, to know when a copy derived from it is stale (None: untracked)."""
     try:
@@ -33,29 +40,62 @@ def weight_key(w: torch.Tensor) -> tuple | None:
         return None
 
 
+# The current `decoding()` scope (None outside one): while it lasts, weights do not change.
+_DECODING_SCOPE: ContextVar[object | None] = ContextVar("layerskip_decoding_scope", default=None)
+
+
+@contextmanager
+def decoding() -> Iterator[None]:
+    """Inference mode with the weights held fixed: the scope every decoding strategy runs in.
+
+    Usable as ``with decoding():`` or ``@decoding()``. Inside it, each copy in a
+    DerivedWeights is checked against its weights once, at first use, instead of on every
+    call: decoding asks for a block's copies on every block of every token, and checking
+    nine weights costs about 15 us, a tenth of a d128 block. Change no weight inside.
+    """
+    with torch.inference_mode():
+        token = _DECODING_SCOPE.set(object()) if _DECODING_SCOPE.get() is None else None
+        try:
+            yield
+        finally:
+            if token is not None:
+                _DECODING_SCOPE.reset(token)
+
+
 class DerivedWeights:
     """Copies derived from weights for decoding (transposed, stacked, ...), rebuilt when a weight changes.
 
-    ``get(name, weights, build)`` returns the cached ``build()`` while every weight keeps its
-    identity and version, rebuilds it otherwise, and returns None when a weight has no version
-    counter (made in inference mode), since staleness could then go unnoticed.
+    ``get(name, sources, build)`` returns the cached ``build()`` while every weight in
+    ``sources()`` keeps its identity and version, rebuilds it otherwise, and returns None when
+    a weight has no version counter (made in inference mode), since staleness could then go
+    unnoticed. Within one ``decoding()`` scope an entry is checked only once.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[object, tuple[tuple, object]] = {}
+        self._entries: dict[object, tuple[tuple, object, object]] = {}  # name -> (key, copy, scope checked in)
 
-    def get(self, name: object, weights: tuple[torch.Tensor, ...], build):
-        key = tuple(weight_key(w) for w in weights)
+    def get(self, name: object, sources: Callable[[], tuple[torch.Tensor, ...]], build: Callable[[], T]) -> T | None:
+        scope = _DECODING_SCOPE.get()
+        entry = self._entries.get(name)
+        if entry is not None and scope is not None and entry[2] is scope:
+            return entry[1]
+        key = tuple(weight_key(w) for w in sources())
         if None in key:
             return None
-        entry = self._entries.get(name)
-        if entry is None or entry[0] != key:
-            entry = (key, build())
-            self._entries[name] = entry
-        return entry[1]
+        copy = entry[1] if entry is not None and entry[0] == key else build()
+        self._entries[name] = (key, copy, scope)
+        return copy
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a gain, computed in fp32 and returned in x's dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], None, eps)
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +127,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotate_half_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows R such that R x = rotate_half(W x) for every head: (heads * D, C) -> the same shape.
+
+    Projecting with [W; R] gives a head's rotated copy with the projection itself, so rotary
+    embedding becomes x * cos + rotated * sin with no slicing or concatenation per token.
+    """
+    half = head_dim // 2
+    w = weight.view(-1, head_dim, weight.shape[-1])
+    return torch.cat((-w[:, half:], w[:, :half]), dim=1).reshape(weight.shape)
 
 
 class Attention(nn.Module):
@@ -139,6 +190,30 @@ class Attention(nn.Module):
         )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
+    def attend_scaled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
+                      pos: int) -> torch.Tensor:
+        """``attend`` for queries already scaled by 1/sqrt(D), without the output projection -> (B * T, H * D).
+
+        Few queries (decoding, drafts, verification) use three plain calls, which cost less
+        than SDPA's fixed overhead on CPU; long prefills use SDPA.
+        """
+        b, _, t, d = q.shape
+        if cache is not None:
+            k, v = cache.write(layer, pos, k, v)
+        if t > PLAIN_ATTENTION_MAX_QUERIES:
+            full_causal = k.shape[2] == t
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if full_causal else causal_mask(t, k.shape[2], q.device),
+                is_causal=full_causal, scale=1.0, enable_gqa=self.kv_heads != self.num_heads)
+        else:  # query head h reads key/value head h // groups, as SDPA's enable_gqa does
+            groups = self.num_heads // self.kv_heads
+            scores = q.reshape(b, self.kv_heads, groups * t, d) @ k.transpose(-1, -2)  # (B, H_kv, G*T, S)
+            mask = causal_mask(t, k.shape[2], q.device)
+            if mask is not None:
+                scores = scores.masked_fill(~mask.repeat(groups, 1), -math.inf)
+            y = (scores.softmax(-1) @ v).view(b, self.num_heads, t, d)
+        return y.transpose(1, 2).reshape(b * t, -1)
+
 
 def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor | None:
     """Boolean mask letting the last num_queries positions see every key at or before them."""
@@ -170,7 +245,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.derived = DerivedWeights()  # stacked projections for decoding, see _fused_weights
+        self.derived = DerivedWeights()  # DecodingWeights, see decoding_weights
+        self.eps = cfg.norm_eps  # both norms', for decode
 
     def forward(
         self,
@@ -182,35 +258,71 @@ class Block(nn.Module):
         pos: int = 0,
     ) -> torch.Tensor:
         if torch.is_inference_mode_enabled() and not self.training:
-            fused = self._fused_weights()
-            if fused is not None:
-                return self._forward_fused(x, cos, sin, cache, layer, pos, *fused)
+            return self.decode(x, cos, sin, cache, layer, pos)
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, cache, layer, pos))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
-    def _fused_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Q|K|V and gate|up projections stacked into one matrix each, rebuilt when a weight changes.
+    def decoding_weights(self) -> DecodingWeights:
+        """This block's DecodingWeights, rebuilt whenever one of its weights changes."""
+        return (self.derived.get("decoding", self._decoding_sources, self._build_decoding_weights)
+                or self._build_decoding_weights())
 
-        Decoding a token is a chain of tiny products whose fixed cost per call dominates on
-        CPU; one product instead of three (and two) and one rotary pass for queries and keys
-        together cut a block's calls by a third. The same numbers, differently grouped.
-        """
+    def _decoding_sources(self) -> tuple[torch.Tensor, ...]:
         a, m = self.attn, self.mlp
-        weights = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight)
-        return self.derived.get("stacked", weights,
-                                lambda: (torch.cat(weights[:3]).detach(), torch.cat(weights[3:]).detach()))
+        return (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, m.gate_proj.weight,
+                m.up_proj.weight, m.down_proj.weight, self.attn_norm.weight, self.mlp_norm.weight)
 
-    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                       layer: int, pos: int, w_qkv: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
-        """The block's forward in inference mode (no dropout), from the stacked projections."""
-        a = self.attn
-        b, t, _ = x.shape
-        heads, kv_heads = a.num_heads, a.kv_heads
-        qkv = F.linear(self.attn_norm(x), w_qkv).view(b, t, heads + 2 * kv_heads, a.head_dim).transpose(1, 2)
-        qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)  # queries and keys rotate alike
-        x = x + a.attend(qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :], cache, layer, pos)
-        gate, up = F.linear(self.mlp_norm(x), w_gate_up).chunk(2, dim=-1)
-        return x + self.mlp.down_proj(F.silu(gate) * up)
+    def _build_decoding_weights(self) -> DecodingWeights:
+        a, m = self.attn, self.mlp
+        with torch.no_grad():
+            attn_gain = self.attn_norm.weight.to(a.q_proj.weight.dtype)
+            q = a.q_proj.weight * a.head_dim**-0.5
+            k = a.k_proj.weight
+            qkv_rot = torch.cat((q, k, a.v_proj.weight, rotate_half_rows(q, a.head_dim),
+                                 rotate_half_rows(k, a.head_dim))) * attn_gain
+            gate_up = torch.cat((m.gate_proj.weight, m.up_proj.weight)) * self.mlp_norm.weight.to(q.dtype)
+            return DecodingWeights(
+                qkv_rot=qkv_rot.t().contiguous(),
+                out=a.o_proj.weight.t().contiguous(),
+                gate_up=gate_up.t().contiguous(),
+                down=m.down_proj.weight.t().contiguous(),
+            )
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+               layer: int, pos: int) -> torch.Tensor:
+        """The block's forward without dropout, from DecodingWeights: the same function, fewer calls.
+
+        Decoding a token is a chain of tiny products whose fixed cost per call dominates on CPU
+        (the weights' arithmetic is a fifth of a d128 step), so this path makes as few calls as
+        it can: norm gains folded into the projections, one product for queries, keys, values
+        and their rotate-half copies, rotary as one multiply-add, and plain attention for few
+        queries.
+        """
+        w = self.decoding_weights()
+        b, t, c = x.shape
+        x = x.view(b * t, c)  # 2-D rows: products skip matmul's reshaping
+        heads, kv_heads = self.attn.num_heads, self.attn.kv_heads
+        rotating = heads + kv_heads  # queries and keys rotate alike
+        proj = (normalize(x, self.eps) @ w.qkv_rot).view(b, t, rotating * 2 + kv_heads, -1).transpose(1, 2)
+        qk = torch.addcmul(proj[:, :rotating] * cos, proj[:, rotating + kv_heads :], sin)  # (B, H + H_kv, T, D)
+        values = proj[:, rotating : rotating + kv_heads]
+        x = x + self.attn.attend_scaled(qk[:, :heads], qk[:, heads:], values, cache, layer, pos) @ w.out
+        gate, up = (normalize(x, self.eps) @ w.gate_up).chunk(2, dim=-1)
+        return (x + (F.silu(gate) * up) @ w.down).view(b, t, c)
+
+
+@dataclass(frozen=True)
+class DecodingWeights:
+    """One block's weights laid out for ``Block.decode``: each (in, out), contiguous, used as x @ W.
+
+    Transposed copies multiply faster than F.linear for a few rows on CPU (MKL), and folding
+    the RMSNorm gains and the attention scale into the projections removes a call each.
+    """
+
+    qkv_rot: torch.Tensor  # (C, (2H + 3H_kv) * D): q / sqrt(D) | k | v | rotate_half(q) / sqrt(D) | rotate_half(k), times the attention norm's gain
+    out: torch.Tensor  # (H * D, C)
+    gate_up: torch.Tensor  # (C, 2 * d_ff), times the MLP norm's gain
+    down: torch.Tensor  # (d_ff, C)
 
 
 @dataclass
@@ -278,22 +390,28 @@ class Transformer(nn.Module):
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """The one shared exit: final RMSNorm + LM head, (..., C) -> (..., V)."""
-        h = self.norm(hidden)
-        if h.device.type == "cpu" and torch.is_inference_mode_enabled() and h.numel() <= 16 * h.shape[-1]:
-            head_t = self._head_transposed()
-            if head_t is not None:
-                return h @ head_t  # the same product as lm_head(h), faster for a few rows on CPU
-        return self.lm_head(h)
+        if hidden.device.type == "cpu" and torch.is_inference_mode_enabled() and hidden.numel() <= 16 * hidden.shape[-1]:
+            head = self._decoding_head()
+            if head is not None:  # the same function as lm_head(norm(h)), faster for a few rows on CPU
+                return normalize(hidden, self.norm.eps) @ head
+        return self.lm_head(self.norm(hidden))
 
-    def _head_transposed(self) -> torch.Tensor | None:
-        """The LM head weight as a contiguous (C, V) copy, rebuilt whenever the weight changes.
+    def _decoding_head(self) -> torch.Tensor | None:
+        """The LM head times the final norm's gain as a contiguous (C, V) copy, rebuilt when either changes.
 
         Decoding unembeds one row (or k + 1) at a time. On CPU (MKL), x @ W^T with W^T stored
         contiguously measured about 2x faster than F.linear(x, W) for the 8192 x 128 head, which
         is 1.2x on a whole autoregressive step and more on self-speculative drafts.
         """
-        w = self.lm_head.weight
-        return self.derived.get("head_t", (w,), lambda: w.detach().t().contiguous())
+        return self.derived.get("head", self._head_sources, lambda: self._folded_head(None).contiguous())
+
+    def _head_sources(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lm_head.weight, self.norm.weight
+
+    def _folded_head(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """(C, V or len(ids)): the head's rows (all, or those of ids) times the final norm's gain, transposed."""
+        w, gain = self._head_sources()
+        return (w * gain if ids is None else w[ids] * gain).t()
 
     # -- the short head: the most frequent tokens only ----------------------------------
 
@@ -328,19 +446,17 @@ class Transformer(nn.Module):
         """
         if size >= self.config.vocab_size:
             return self.unembed(hidden), torch.arange(self.config.vocab_size, device=hidden.device)
-        w = self.lm_head.weight
-
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
+        def short_head() -> tuple[torch.Tensor, torch.Tensor]:
             ids = self.frequent_ids(size)
-            return ids, w.detach()[ids].t().contiguous()  # (C, size)
+            return ids, self._folded_head(ids)
 
         # a copy made in inference mode cannot enter autograd, so only decoding caches it
-        cached = self.derived.get(("short", size), (w,), build) if torch.is_inference_mode_enabled() else None
-        if cached is None:
-            ids = self.frequent_ids(size)
-            cached = (ids, w[ids].t())
-        ids, head_t = cached
-        return self.norm(hidden) @ head_t, ids
+        cached = None
+        if torch.is_inference_mode_enabled():
+            cached = self.derived.get(("short", size), self._head_sources,
+                                      lambda: tuple(x.contiguous() for x in short_head()))
+        ids, head_t = cached or short_head()
+        return normalize(hidden, self.norm.eps) @ head_t, ids
 
     def rotary(self, pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions [pos, pos + length)."""
@@ -388,9 +504,14 @@ class Transformer(nn.Module):
         pos: int = 0,
     ) -> torch.Tensor:
         """Blocks [start, end) on hidden states h (B, T, C) at positions [pos, pos + T)."""
-        rope = self.rotary(pos, h.shape[1])
+        cos, sin = self.rotary(pos, h.shape[1])
+        if torch.is_inference_mode_enabled() and not self.training:
+            blocks = list(self.layers)  # Block.decode directly: module calls cost ~20 us per block here
+            for layer in range(start, end):
+                h = blocks[layer].decode(h, cos, sin, cache, layer, pos)
+            return h
         for layer in range(start, end):
-            h = self.layers[layer](h, *rope, cache, layer, pos)
+            h = self.layers[layer](h, cos, sin, cache, layer, pos)
         return h
 
     def forward(

@@ -28,7 +28,7 @@ from layerskip.generate.base import (
     sample_token,
     sampling_probs,
 )
-from layerskip.model import Transformer
+from layerskip.model import Transformer, decoding
 
 
 @dataclass
@@ -126,7 +126,7 @@ class Autoregressive:
     def __init__(self) -> None:
         pass
 
-    @torch.inference_mode()
+    @decoding()
     def generate(
         self,
         model: Transformer,

@@ -41,7 +41,7 @@ from layerskip.cache import KVCache
 from layerskip.errors import ConfigError
 from layerskip.generate.autoregressive import Decoding, prefill, token_buffer
 from layerskip.generate.base import GenerationResult, OnTokens, SamplingConfig, sample_token, sampling_probs
-from layerskip.model import Transformer
+from layerskip.model import Transformer, decoding
 
 
 @dataclass
@@ -157,7 +157,7 @@ class SelfSpeculative:
                 f"adaptive_threshold={self.adaptive_threshold}, bonus={self.bonus}, max_backoff={self.max_backoff}, "
                 f"draft_vocab={self.draft_vocab})")
 
-    @torch.inference_mode()
+    @decoding()
     def generate(
         self,
         model: Transformer,
