@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from layerskip.config import ModelConfig  # noqa: E402
+from layerskip.errors import run_script  # noqa: E402
 from layerskip.generate import Autoregressive, SelfSpeculative  # noqa: E402
 from layerskip.model import Transformer  # noqa: E402
 
@@ -180,4 +181,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "decode_speed.py"))

@@ -39,6 +39,7 @@ import torch
 
 from layerskip import __version__
 from layerskip.config import ModelConfig
+from layerskip.errors import run_script
 from layerskip.generate import Autoregressive, SelfSpeculative
 from layerskip.model import Transformer
 
@@ -300,4 +301,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run_script(main, "peer_hf.py"))
