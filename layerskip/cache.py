@@ -58,6 +58,19 @@ class KVCache:
         self.lengths[layer] = end
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
+    def write_layers(self, start: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (L - start, B, H_kv, T, D) for layers [start, L) at positions [pos, pos+T) in one copy each."""
+        t = k.shape[3]
+        for layer in range(start, self.num_layers):
+            if pos > self.lengths[layer]:
+                raise ValueError(f"layer {layer} cache holds {self.lengths[layer]} positions; cannot write at {pos} "
+                                 "(positions must be written without gaps)")
+        if pos + t > self.max_len:
+            raise ValueError(f"cache holds at most {self.max_len} positions; cannot write up to {pos + t}")
+        self.k[start:].narrow(3, pos, t).copy_(k)
+        self.v[start:].narrow(3, pos, t).copy_(v)
+        self.lengths[start:] = [pos + t] * (self.num_layers - start)
+
     def truncate(self, length: int, layers: range | None = None) -> None:
         """Forget every position >= length (in the given layers, default all)."""
         for layer in layers if layers is not None else range(self.num_layers):

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model
 from torch.testing import assert_close
 
+from layerskip.cache import KVCache
 from layerskip.errors import PromptError
 from layerskip.model import PLAIN_ATTENTION_MAX_QUERIES, DerivedWeights, decoding, rotate_half_rows
 
@@ -169,6 +170,24 @@ def test_cache_refuses_gaps():
     cache = model.new_cache()
     with pytest.raises(ValueError, match="without gaps"):
         model(tokens(1, 2), cache=cache, pos=3)
+
+
+def test_writing_several_layers_at_once_equals_layer_by_layer_and_refuses_gaps():
+    one, many = KVCache(4, 1, 2, 8, 3), KVCache(4, 1, 2, 8, 3)
+    k, v = torch.randn(4, 1, 2, 1, 3), torch.randn(4, 1, 2, 1, 3)
+    first = torch.randn(2, 4, 1, 2, 1, 3)  # k|v of position 0, every layer
+    for cache in (one, many):
+        for layer in range(4):
+            cache.write(layer, 0, first[0, layer], first[1, layer])
+    for layer in range(1, 4):
+        one.write(layer, 1, k[layer], v[layer])
+    many.write_layers(1, 1, k[1:], v[1:])
+    assert many.lengths == one.lengths == [1, 2, 2, 2]
+    assert torch.equal(many.k, one.k) and torch.equal(many.v, one.v)
+    with pytest.raises(ValueError, match="without gaps"):
+        many.write_layers(0, 2, k, v)  # layer 0 holds one position only
+    with pytest.raises(ValueError, match="at most 8"):
+        many.write_layers(1, 2, torch.randn(3, 1, 2, 7, 3), torch.randn(3, 1, 2, 7, 3))
 
 
 def test_tied_embeddings_share_one_tensor():

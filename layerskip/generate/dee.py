@@ -58,7 +58,7 @@ import torch
 
 from layerskip.cache import KVCache
 from layerskip.errors import ConfigError
-from layerskip.model import apply_rotary, decoding, normalize
+from layerskip.model import decoding, normalize, rotate_half_rows
 from layerskip.generate.base import (
     GenerationResult,
     OnTokens,
@@ -110,11 +110,13 @@ def propagate_kv(model: torch.nn.Module, hidden: torch.Tensor, start: int, pos: 
 
 
 class FusedPropagation:
-    """``propagate_kv`` in one batched matmul for all skipped layers (the same K/V up to rounding).
+    """``propagate_kv`` in one batched product for all skipped layers (the same K/V up to rounding).
 
     attn_norm_j(h) = w_j * n(h) with n the weightless RMS normalisation, so layer j's keys
-    and values are (W_kv_j diag(w_j)) n(h): the norm weights are folded into the stacked
-    K/V projections once per generation (the weights are read, never kept across calls).
+    and values are (W_kv_j diag(w_j)) n(h): the norm weights are folded into stacked
+    projections, together with rows giving the keys' rotate-half copies (see
+    ``rotate_half_rows``), so rotary is one multiply-add and every skipped layer's K/V go
+    into the cache in one copy.
     """
 
     @classmethod
@@ -132,23 +134,24 @@ class FusedPropagation:
     def __init__(self, model: torch.nn.Module) -> None:
         layers = model.layers
         self.eps = layers[0].attn_norm.eps
-        weight = torch.stack([
-            torch.cat([b.attn.k_proj.weight, b.attn.v_proj.weight]) * b.attn_norm.weight.to(b.attn.k_proj.weight.dtype)
-            for b in layers
-        ])  # (L, 2 * H_kv * D, C)
-        self.weight = weight.transpose(1, 2)  # (L, C, 2 * H_kv * D)
         self.kv_heads, self.head_dim = layers[0].attn.kv_heads, layers[0].attn.head_dim
         self.num_layers = len(layers)
+        with torch.no_grad():
+            weight = torch.stack([
+                torch.cat([b.attn.k_proj.weight, rotate_half_rows(b.attn.k_proj.weight, self.head_dim),
+                           b.attn.v_proj.weight]) * b.attn_norm.weight.to(b.attn.k_proj.weight.dtype)
+                for b in layers
+            ])  # (L, 3 * H_kv * D, C): keys | rotated keys | values
+        self.weight = weight.transpose(1, 2).contiguous()  # (L, C, 3 * H_kv * D)
 
     def __call__(self, model: torch.nn.Module, hidden: torch.Tensor, start: int, pos: int, cache: KVCache) -> int:
         """K/V of layers [start, L) for the exited hidden (1, 1, C) at position pos."""
         count = self.num_layers - start
-        kv = torch.matmul(normalize(hidden.reshape(1, -1), self.eps), self.weight[start:])  # (count, 1, 2 * H_kv * D)
-        kv = kv.view(count, 1, 2, self.kv_heads, 1, self.head_dim)  # (count, B=1, k|v, H_kv, T=1, D)
+        kv = torch.matmul(normalize(hidden.reshape(1, -1), self.eps), self.weight[start:])  # (count, 1, 3 * H_kv * D)
+        kv = kv.view(count, 1, 3, self.kv_heads, 1, self.head_dim)  # (count, B=1, k|rot k|v, H_kv, T=1, D)
         cos, sin = model.rotary(pos, 1)
-        keys = apply_rotary(kv[:, :, 0], cos, sin)
-        for i in range(count):
-            cache.write(start + i, pos, keys[i], kv[i, :, 1])
+        keys = torch.addcmul(kv[:, :, 0] * cos, kv[:, :, 1], sin)
+        cache.write_layers(start, pos, keys, kv[:, :, 2])
         return count
 
 
