@@ -31,7 +31,7 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("vocab_size", int, "tokenizer vocabulary; the model's vocabulary is the tokenizer's (default 8192)"),
     ("seq_len", int, "training context in tokens (default 256)"),
     ("batch_size", int, "sequences per step, across all processes (default 16)"),
-    ("lr", float, "peak learning rate (default 3e-3)"),
+    ("lr", float, "peak learning rate (default 8e-3)"),
     ("warmup", int, "linear warm-up steps before cosine decay (default 100)"),
     ("weight_decay", float, "AdamW weight decay of matrices (default 0.1)"),
     ("grad_clip", float, "gradient-norm clipping, 0 for none (default 1.0)"),
