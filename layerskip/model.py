@@ -293,7 +293,7 @@ class Block(nn.Module):
         """The block's forward without dropout, from DecodingWeights: the same function, fewer calls.
 
         Decoding a token is a chain of tiny products whose fixed cost per call dominates on CPU
-        (the weights' arithmetic is a fifth of a d128 step), so this path makes as few calls as
+        (the weights' arithmetic is about a quarter of a d128 step), so this path makes as few calls as
         it can: norm gains folded into the projections, one product for queries, keys, values
         and their rotate-half copies, rotary as one multiply-add, and plain attention for few
         queries.
@@ -319,7 +319,9 @@ class DecodingWeights:
     the RMSNorm gains and the attention scale into the projections removes a call each.
     """
 
-    qkv_rot: torch.Tensor  # (C, (2H + 3H_kv) * D): q / sqrt(D) | k | v | rotate_half(q) / sqrt(D) | rotate_half(k), times the attention norm's gain
+    # (C, (2H + 3H_kv) * D), times the attention norm's gain:
+    # q / sqrt(D) | k | v | rotate_half(q) / sqrt(D) | rotate_half(k)
+    qkv_rot: torch.Tensor
     out: torch.Tensor  # (H * D, C)
     gate_up: torch.Tensor  # (C, 2 * d_ff), times the MLP norm's gain
     down: torch.Tensor  # (d_ff, C)
