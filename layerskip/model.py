@@ -105,7 +105,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 == self.weight.dtype and torch.is_inference_mode_enabled():
+        if (x.dtype == torch.float32 == self.weight.dtype and not torch.compiler.is_compiling()
+                and torch.is_inference_mode_enabled()):
             # decoding: the same numbers from one kernel (10 us instead of 15 per call here)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 as Llama does, so bf16 runs and HF export agree.
@@ -257,7 +258,8 @@ class Block(nn.Module):
         layer: int = 0,
         pos: int = 0,
     ) -> torch.Tensor:
-        if torch.is_inference_mode_enabled() and not self.training:
+        # (torch.compile cannot trace is_inference_mode_enabled; compiled blocks are for training)
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not self.training:
             return self.decode(x, cos, sin, cache, layer, pos)
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, cache, layer, pos))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from layerskip.checkpoint import load_checkpoint, load_trainer_state
 from layerskip.cli import main
@@ -157,7 +158,9 @@ def test_resume_after_stopping_gives_the_same_losses(tmp_path, corpus, curriculu
 def test_compiled_blocks_match_eager_while_the_exit_set_changes(tmp_path, corpus):
     cfg = tiny_cfg(max_steps=4, dropout=0.0, max_skip_prob=0.0, early_exit_rotation=2, val_every=100)
     eager = train(cfg, tmp_path / "eager", corpus=corpus, progress=False)
+    counters.clear()
     compiled = train(cfg.replace(compile=True), tmp_path / "compiled", corpus=corpus, progress=False)
+    assert not counters["graph_break"], dict(counters["graph_break"])  # each block is one whole graph
     assert [step_plan(cfg, s, 4)[0] for s in range(4)] == [[1, 3, 4], [2, 4], [1, 3, 4], [2, 4]]
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled.val.final.loss, eager.val.final.loss, rtol=1e-4, atol=1e-4)
