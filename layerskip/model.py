@@ -506,9 +506,13 @@ class Transformer(nn.Module):
         *,
         cache: KVCache | None = None,
         pos: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Blocks [start, end) on hidden states h (B, T, C) at positions [pos, pos + T)."""
-        cos, sin = self.rotary(pos, h.shape[1])
+        """Blocks [start, end) on hidden states h (B, T, C) at positions [pos, pos + T).
+
+        rope: ``rotary(pos, T)`` when the caller already has it (DEE runs one block at a time).
+        """
+        cos, sin = rope if rope is not None else self.rotary(pos, h.shape[1])
         if torch.is_inference_mode_enabled() and not self.training:
             blocks = list(self.layers)  # Block.decode directly: module calls cost ~20 us per block here
             for layer in range(start, end):

@@ -227,10 +227,11 @@ class DynamicEarlyExit:
         """Feed one token (1, 1) at position pos; exit, fill the skipped layers' K/V with `propagate`."""
         num_layers = model.num_layers
         h = model.embed(token)  # (1, 1, C)
+        rope = model.rotary(pos, 1)
         exit_layer, counts = num_layers, {"full": 0, "short": 0}
         checked = None  # (logits, ids) of the last checked layer
         for layer in range(1, num_layers + 1):
-            prev, h = h, model.run_blocks(h, layer - 1, layer, cache=cache, pos=pos)
+            prev, h = h, model.run_blocks(h, layer - 1, layer, cache=cache, pos=pos, rope=rope)
             threshold = checks.get(layer)
             if threshold is None:
                 continue
