@@ -43,33 +43,31 @@ class KVCache:
 
     def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H_kv, T, D) at positions [pos, pos+T) and return keys/values [0, pos+T)."""
-        t = k.shape[2]
-        if pos > self.lengths[layer]:
-            raise ValueError(
-                f"layer {layer} cache holds {self.lengths[layer]} positions; cannot write at {pos} "
-                "(positions must be written without gaps)"
-            )
-        end = pos + t
-        if end > self.max_len:
-            raise ValueError(f"cache holds at most {self.max_len} positions; cannot write up to {end}")
+        end = self._check_write(range(layer, layer + 1), pos, k.shape[2])
         keys, values = self._layers[layer]
-        keys.narrow(2, pos, t).copy_(k)
-        values.narrow(2, pos, t).copy_(v)
+        keys.narrow(2, pos, end - pos).copy_(k)
+        values.narrow(2, pos, end - pos).copy_(v)
         self.lengths[layer] = end
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def write_layers(self, start: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (L - start, B, H_kv, T, D) for layers [start, L) at positions [pos, pos+T) in one copy each."""
-        t = k.shape[3]
-        for layer in range(start, self.num_layers):
+        end = self._check_write(range(start, self.num_layers), pos, k.shape[3])
+        self.k[start:].narrow(3, pos, end - pos).copy_(k)
+        self.v[start:].narrow(3, pos, end - pos).copy_(v)
+        self.lengths[start:] = [end] * (self.num_layers - start)
+
+    def _check_write(self, layers: range, pos: int, t: int) -> int:
+        """The end of a write of t positions at pos into these layers; refuses gaps and overflow."""
+        for layer in layers:
             if pos > self.lengths[layer]:
-                raise ValueError(f"layer {layer} cache holds {self.lengths[layer]} positions; cannot write at {pos} "
-                                 "(positions must be written without gaps)")
+                raise ValueError(
+                    f"layer {layer} cache holds {self.lengths[layer]} positions; cannot write at {pos} "
+                    "(positions must be written without gaps)"
+                )
         if pos + t > self.max_len:
             raise ValueError(f"cache holds at most {self.max_len} positions; cannot write up to {pos + t}")
-        self.k[start:].narrow(3, pos, t).copy_(k)
-        self.v[start:].narrow(3, pos, t).copy_(v)
-        self.lengths[start:] = [pos + t] * (self.num_layers - start)
+        return pos + t
 
     def truncate(self, length: int, layers: range | None = None) -> None:
         """Forget every position >= length (in the given layers, default all)."""

@@ -58,7 +58,7 @@ import torch
 
 from layerskip.cache import KVCache
 from layerskip.errors import ConfigError
-from layerskip.model import decoding, normalize, rotate_half_rows
+from layerskip.model import decoding, normalize
 from layerskip.generate.base import (
     GenerationResult,
     OnTokens,
@@ -113,10 +113,10 @@ class FusedPropagation:
     """``propagate_kv`` in one batched product for all skipped layers (the same K/V up to rounding).
 
     attn_norm_j(h) = w_j * n(h) with n the weightless RMS normalisation, so layer j's keys
-    and values are (W_kv_j diag(w_j)) n(h): the norm weights are folded into stacked
-    projections, together with rows giving the keys' rotate-half copies (see
-    ``rotate_half_rows``), so rotary is one multiply-add and every skipped layer's K/V go
-    into the cache in one copy.
+    and values are (W_kv_j diag(w_j)) n(h): exactly the key, value and rotated-key columns
+    of the blocks' ``DecodingWeights``, which already fold the norm weights in. Stacked over
+    the layers, they give every skipped layer's K/V from one product, rotary as one
+    multiply-add, and one copy into the cache.
     """
 
     @classmethod
@@ -132,17 +132,16 @@ class FusedPropagation:
         return model.derived.get("propagation", sources, lambda: cls(model)) or cls(model)
 
     def __init__(self, model: torch.nn.Module) -> None:
-        layers = model.layers
-        self.eps = layers[0].attn_norm.eps
-        self.kv_heads, self.head_dim = layers[0].attn.kv_heads, layers[0].attn.head_dim
-        self.num_layers = len(layers)
-        with torch.no_grad():
-            weight = torch.stack([
-                torch.cat([b.attn.k_proj.weight, rotate_half_rows(b.attn.k_proj.weight, self.head_dim),
-                           b.attn.v_proj.weight]) * b.attn_norm.weight.to(b.attn.k_proj.weight.dtype)
-                for b in layers
-            ])  # (L, 3 * H_kv * D, C): keys | rotated keys | values
-        self.weight = weight.transpose(1, 2).contiguous()  # (L, C, 3 * H_kv * D)
+        attn = model.layers[0].attn
+        self.eps = model.layers[0].eps
+        self.kv_heads, self.head_dim = attn.kv_heads, attn.head_dim
+        self.num_layers = len(model.layers)
+        q, kv = attn.num_heads * attn.head_dim, attn.kv_heads * attn.head_dim  # column widths in qkv_rot
+        keys, values, rotated_keys = slice(q, q + kv), slice(q + kv, q + 2 * kv), slice(2 * q + 2 * kv, None)
+        self.weight = torch.stack([
+            torch.cat((w.qkv_rot[:, keys], w.qkv_rot[:, rotated_keys], w.qkv_rot[:, values]), dim=1)
+            for w in (block.decoding_weights() for block in model.layers)
+        ])  # (L, C, 3 * H_kv * D): keys | rotated keys | values
 
     def __call__(self, model: torch.nn.Module, hidden: torch.Tensor, start: int, pos: int, cache: KVCache) -> int:
         """K/V of layers [start, L) for the exited hidden (1, 1, C) at position pos."""
