@@ -32,7 +32,7 @@ PLAIN_ATTENTION_MAX_QUERIES = 16  # above this many queries, SDPA is faster than
 T = TypeVar("T")
 
 
-def weight_key(w: torch.Tensor) -> tuple | None:
+def _weight_key(w: torch.Tensor) -> tuple | None:
     """Identity + version of a weight, to know when a copy derived from it is stale (None: untracked)."""
     try:
         return (w.data_ptr(), w._version, w.dtype, w.device)
@@ -79,7 +79,7 @@ class DerivedWeights:
         entry = self._entries.get(name)
         if entry is not None and scope is not None and entry[2] is scope:
             return entry[1]
-        key = tuple(weight_key(w) for w in sources())
+        key = tuple(_weight_key(w) for w in sources())
         if None in key:
             return None
         copy = entry[1] if entry is not None and entry[0] == key else build()
@@ -179,16 +179,7 @@ class Attention(nn.Module):
         b, _, t, _ = q.shape
         if cache is not None:
             k, v = cache.write(layer, pos, k, v)  # keys/values of positions [0, pos + t)
-        full_causal = t > 1 and k.shape[2] == t  # no cached prefix: SDPA's fast causal path
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=None if full_causal else causal_mask(t, k.shape[2], q.device),
-            is_causal=full_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.kv_heads != self.num_heads,
-        )  # (B, H, T, D)
+        y = self.causal_sdpa(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
     def attend_scaled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
@@ -202,10 +193,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, pos, k, v)
         if t > PLAIN_ATTENTION_MAX_QUERIES:
-            full_causal = k.shape[2] == t
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if full_causal else causal_mask(t, k.shape[2], q.device),
-                is_causal=full_causal, scale=1.0, enable_gqa=self.kv_heads != self.num_heads)
+            y = self.causal_sdpa(q, k, v, scale=1.0)
         else:  # query head h reads key/value head h // groups, as SDPA's enable_gqa does
             groups = self.num_heads // self.kv_heads
             scores = q.reshape(b, self.kv_heads, groups * t, d) @ k.transpose(-1, -2)  # (B, H_kv, G*T, S)
@@ -214,6 +202,15 @@ class Attention(nn.Module):
                 scores = scores.masked_fill(~mask.repeat(groups, 1), -math.inf)
             y = (scores.softmax(-1) @ v).view(b, self.num_heads, t, d)
         return y.transpose(1, 2).reshape(b * t, -1)
+
+    def causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+        """SDPA of queries (B, H, T, D) at the last T of the keys' positions, each seeing keys up to its own."""
+        t = q.shape[2]
+        full_causal = t > 1 and k.shape[2] == t  # no cached prefix: SDPA's fast causal path
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if full_causal else causal_mask(t, k.shape[2], q.device),
+            is_causal=full_causal, dropout_p=dropout_p, scale=scale, enable_gqa=self.kv_heads != self.num_heads)
 
 
 def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor | None:
