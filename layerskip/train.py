@@ -54,6 +54,10 @@ from layerskip.losses import (
 from layerskip.model import Transformer
 
 METRICS_FILE = "metrics.jsonl"
+# Under a time budget the schedule's length is re-measured every PACE_STEPS steps: step times
+# drift over a run (a 20-minute run here slowed from 0.56 to 0.70 s/step), and a length fixed from
+# the first steps left the cosine decay 17% short of its end when the budget ran out.
+PACE_STEPS = 50
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -597,10 +601,9 @@ class Trainer:
         if self.state and limits_of(self.saved_cfg) == limits_of(cfg):
             # the same schedule as if never stopped (unless it was never fixed: stopped too early)
             return int(self.state["total_steps"]), bool(self.state.get("total_fixed", True))
-        limits = [n for n in (cfg.epochs and cfg.epochs * spe, cfg.max_steps) if n]
         if cfg.time_budget is None:
-            return (min(limits) if limits else spe), True
-        return (min(limits) if limits else 10**9), False  # fixed once step times are measured
+            return (spe if not (cfg.epochs or cfg.max_steps) else self._step_limit()), True
+        return self._step_limit(), False  # fixed once step times are measured
 
     # -- one step -----------------------------------------------------------------------
 
@@ -710,21 +713,25 @@ class Trainer:
                            "steps_per_epoch": spe, "torch": torch.__version__})
         losses: list[float] = []
         val, val_step, stopped = None, -1, "max_steps"
-        probe = (self.step + 3, self.step + 3 + 10)  # steps timed to fix total_steps under a time budget
+        # pace is timed from a few steps in (past compilation); None until then
+        pace_start_step, pace_from = self.step + 3, None
         tokens_per_step = cfg.batch_size * cfg.seq_len
         try:
             while True:
                 stopped = self._stop_reason()
                 if stopped:
                     break
-                if self.step == probe[0]:
-                    probe_start = time.perf_counter()
+                if self.step == pace_start_step:
+                    pace_from = (self.step, time.perf_counter())
                 stats = self.train_step(self.step)
                 self.step += 1
                 losses.append(stats.loss)
-                if not self.total_fixed and self.step == probe[1]:
-                    self._fix_total_steps((time.perf_counter() - probe_start) / (probe[1] - probe[0]))
-                    bar.total = self.total_steps
+                if pace_from and self.step - pace_from[0] >= (PACE_STEPS if self.total_fixed else 10):
+                    now = time.perf_counter()
+                    if cfg.time_budget is not None:
+                        self._fix_total_steps((now - pace_from[1]) / (self.step - pace_from[0]))
+                        bar.total = self.total_steps
+                    pace_from = (self.step, now)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tokens_per_step / stats.seconds:,.0f}")
                 if main and (self.step % cfg.log_every == 0 or self.step == 1):
@@ -734,6 +741,7 @@ class Trainer:
                                    "tokens_per_s": tokens_per_step / stats.seconds, "elapsed": self.elapsed()})
                 if self.step % spe == 0 or (cfg.val_every and self.step % cfg.val_every == 0):
                     val, val_step = self._validate_and_save(metrics), self.step
+                    pace_from = pace_from and (self.step, time.perf_counter())  # validations are not steps
                 elif self.step % cfg.save_every == 0 and main:
                     self.save("last")
             if stopped != "stop_at_step" and val_step != self.step and self.step > 0:
@@ -767,19 +775,27 @@ class Trainer:
         return ""
 
     def _fix_total_steps(self, step_seconds: float) -> None:
-        """Under a time budget: as many steps as fit, leaving room for validations."""
+        """Under a time budget: as many steps as fit in the time left, leaving room for validations.
+        Called again as the pace is re-measured, so the schedule ends when the budget does."""
         cfg = self.cfg
         remaining = cfg.time_budget * 60 - self.elapsed()
         val_tokens = min(cfg.val_tokens or len(self.corpus.tokens["valid"]), len(self.corpus.tokens["valid"]))
-        # a validation batch: no backward pass, but all L exits through the head: about one step
-        val_cost = 1.0 * step_seconds * val_tokens / (cfg.batch_size * cfg.seq_len)
+        # before the first validation is timed: no backward pass, but all L exits through the head,
+        # so a validation batch costs about one step
+        val_cost = self.val_seconds or step_seconds * val_tokens / (cfg.batch_size * cfg.seq_len)
         steps_left = remaining / step_seconds
         validations = 1 + steps_left / self.order.steps_per_epoch + (steps_left / cfg.val_every if cfg.val_every else 0)
         fit = int((remaining - validations * val_cost) / step_seconds)
         self.val_estimate = val_cost
-        total = max(self.step + 1, min(self.total_steps, self.step + fit))
+        total = max(self.step + 1, min(self._step_limit(), self.step + fit))
         self.total_steps = _from_rank0(total, self.dist)  # every rank must run the same schedule
         self.total_fixed = True
+
+    def _step_limit(self) -> int:
+        """The most steps --epochs / --max_steps allow (a time budget alone allows any number)."""
+        cfg = self.cfg
+        limits = [n for n in (cfg.epochs and cfg.epochs * self.order.steps_per_epoch, cfg.max_steps) if n]
+        return min(limits) if limits else 10**9
 
     def _validate_and_save(self, metrics: _Metrics) -> Any:
         if not self.dist.main:

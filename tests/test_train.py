@@ -178,6 +178,29 @@ def test_time_budget_stops_the_run(tmp_path, corpus):
     assert (tmp_path / "run" / "best").is_dir()
 
 
+def test_time_budget_schedule_follows_a_slowing_pace(tmp_path, corpus, monkeypatch):
+    """Steps slow down 4x after the first timing: the cosine decay must still reach (nearly) its end
+    when the budget runs out, not stop where the first steps' pace predicted."""
+    import time
+
+    from layerskip import train as train_module
+
+    monkeypatch.setattr(train_module, "PACE_STEPS", 5)
+    original = train_module.Trainer.train_step
+
+    def slowing(self, step):
+        time.sleep(0.01 if step < 20 else 0.04)
+        return original(self, step)
+
+    monkeypatch.setattr(train_module.Trainer, "train_step", slowing)
+    cfg = tiny_cfg(time_budget=0.06, epochs=1000, min_lr_ratio=0.0)
+    result = train(cfg, tmp_path / "run", corpus=corpus, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last_lr = [r["lr"] for r in rows if r["type"] == "train"][-1]
+    assert result.stopped == "time_budget" and result.step > 40
+    assert last_lr < 0.1 * cfg.lr, f"the schedule ended at lr {last_lr:.2e} of {cfg.lr:.0e}: it was cut short"
+
+
 # ----------------------------------------------------------------------------- refusals, failures
 
 
