@@ -1,0 +1,155 @@
+"""Where a batch-1 decoding step's time goes, and what that leaves early exit to save.
+
+``measure_step_costs`` times, in the decoding scope and with the pieces interleaved so
+drift hits all alike, each piece of one token's step at a mid-context position:
+
+- ``ar_step``: the whole autoregressive step (embed, every block, the full head, argmax),
+  as the Autoregressive strategy runs it;
+- ``block``: one block (``run_blocks`` over a single middle layer);
+- ``full_head``: the final norm + full LM head, argmax;
+- ``check``: one DEE confidence check, the softmax maximum through the exit head (the short
+  head of ``check_vocab`` tokens, or the full head);
+- ``propagate``: CALM propagation of one exited token's K/V to the layers it skipped;
+- ``rest``: ``ar_step`` minus L blocks minus the head (embedding, slicing, dispatch).
+
+``dee_estimate`` turns those costs and an exit histogram into DEE's expected time per
+token: a token exiting after block l < L runs l blocks, a check at every checked layer up
+to l and propagation; a token reaching the last layer runs every block, every check and
+the full head. The same with free checks is the most any cheaper confidence measure could
+give at that exit histogram. Where the estimate matches the measured speed-up, the cost
+model explains it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from layerskip.errors import ConfigError
+from layerskip.model import Transformer, decoding
+
+PIECES = ("ar_step", "block", "full_head", "check", "propagate", "rest")
+
+
+@dataclass
+class StepCosts:
+    """Median microseconds of each piece of one token's decoding step (see the module docstring)."""
+
+    ar_step: float
+    block: float
+    full_head: float
+    check: float
+    propagate: float
+    rest: float
+    num_layers: int
+    position: int
+    check_vocab: int | None  # tokens in the exit head the check reads; None: the full head
+    repeats: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DeeEstimate:
+    us_per_token: float
+    us_per_token_free_checks: float
+    speedup: float  # over ar_step
+    speedup_free_checks: float
+    mean_exit_layer: float
+
+
+def time_pieces(pieces: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median microseconds of each piece, interleaved, the device synchronised around each."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    samples: dict[str, list[float]] = {name: [] for name in pieces}
+    for _ in range(repeats):
+        for name, run in pieces.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
+
+
+@decoding()
+def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, position: int = 64,
+                       repeats: int = 300) -> StepCosts:
+    """Time each piece of one token's step at `position` (a random prompt fills the cache before it)."""
+    from layerskip.generate.dee import FusedPropagation, logit_confidence
+
+    num_layers, max_len = model.num_layers, model.config.max_seq_len
+    if not (isinstance(position, int) and 1 <= position < max_len):
+        raise ConfigError(f"the position must be in 1..{max_len - 1} (the model's context is {max_len}), got {position!r}")
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if model.training:
+        raise ValueError("measuring decoding costs needs the model in eval mode; call model.eval() first")
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (1, position), generator=generator).to(device)
+    cache = model.new_cache()
+    model.run_blocks(model.embed(prompt), 0, num_layers, cache=cache, pos=0)
+    token = prompt[:, -1:]
+    hidden = model.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
+    rope = model.rotary(position, 1)
+    propagate = FusedPropagation.for_model(model)
+    middle = num_layers // 2
+
+    def ar_step() -> int:  # the Autoregressive strategy's loop body
+        h = model.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
+        return int(model.unembed(h)[0, -1].argmax())
+
+    def check() -> float:
+        logits = model.unembed(hidden) if check_vocab is None else model.unembed_short(hidden, check_vocab)[0]
+        return logit_confidence(logits, "softmax").item()
+
+    pieces = {
+        "ar_step": ar_step,
+        "block": lambda: model.run_blocks(hidden, middle, middle + 1, cache=cache, pos=position, rope=rope),
+        "full_head": lambda: int(model.unembed(hidden)[0, -1].argmax()),
+        "check": check,
+        "propagate": lambda: propagate(model, hidden, middle, position, cache),
+    }
+    for run in pieces.values():  # warm-up: derived weights, the allocator
+        run()
+    us = time_pieces(pieces, repeats, device)
+    us["rest"] = us["ar_step"] - num_layers * us["block"] - us["full_head"]
+    return StepCosts(**us, num_layers=num_layers, position=position, check_vocab=check_vocab, repeats=repeats,
+                     threads=torch.get_num_threads())
+
+
+def dee_estimate(costs: StepCosts, exit_counts: Sequence[int], checked_layers: Sequence[int] | None = None) -> DeeEstimate:
+    """DEE's expected microseconds per token for an exit histogram (tokens exiting after block 1..L).
+
+    checked_layers: where DEE checks its confidence (default every layer but the last).
+    Propagation is charged at its measured cost whatever the exit layer: it is one product
+    for any number of skipped layers, whose size barely matters at this scale.
+    """
+    num_layers = costs.num_layers
+    if len(exit_counts) != num_layers or any(c < 0 for c in exit_counts) or not sum(exit_counts):
+        raise ConfigError(f"an exit histogram needs {num_layers} non-negative counts (tokens exiting after block "
+                          f"1..{num_layers}) with a positive sum, got {list(exit_counts)!r}")
+    checked = sorted(set(range(1, num_layers) if checked_layers is None else checked_layers))
+    total = sum(exit_counts)
+    with_checks = free_checks = 0.0
+    for layer, count in enumerate(exit_counts, start=1):
+        early = layer < num_layers
+        base = costs.rest + layer * costs.block + (costs.propagate if early else costs.full_head)
+        checks = sum(1 for c in checked if c <= layer)
+        free_checks += count * base
+        with_checks += count * (base + checks * costs.check)
+    mean_exit = sum(layer * c for layer, c in enumerate(exit_counts, start=1)) / total
+    with_checks, free_checks = with_checks / total, free_checks / total
+    return DeeEstimate(us_per_token=with_checks, us_per_token_free_checks=free_checks,
+                       speedup=costs.ar_step / with_checks, speedup_free_checks=costs.ar_step / free_checks,
+                       mean_exit_layer=mean_exit)
