@@ -34,8 +34,12 @@ The results document (``format: "layerskip-bench"``, ``schema_version: 1``)::
                      token_agreement (pooled over tokens), rouge_l (mean over prompts),
                      exact_match (share of prompts) against AR greedy, greedy configs only,
                      perplexity (of the generated tokens under the full model),
-                     peak_memory_bytes (GPU only), runs[{prompt, repeat, new_tokens,
-                     seconds, time_to_first_token, speedup}]}],
+                     peak_memory_bytes (GPU only),
+                     estimated_speedup, estimated_speedup_free_checks (softmax DEE: the
+                     step_costs model for its exit histogram),
+                     runs[{prompt, repeat, new_tokens, seconds, time_to_first_token, speedup}]}],
+            step_costs{ar_step, block, full_head, check, propagate, rest (microseconds),
+                       num_layers, position, check_vocab, repeats, threads} | null,
             samples[{config, prompt_index, prompt_text, tokens, pieces, token_info, text}]}]
 
 Values that do not apply to a config (acceptance for DEE, ...) are null.
@@ -59,6 +63,7 @@ from typing import Any
 import torch
 
 from layerskip import __version__
+from layerskip.costs import StepCosts, dee_estimate, measure_step_costs
 from layerskip.device import resolve_device
 from layerskip.errors import ConfigError, DataError
 from layerskip.jsonfile import sanitize, write_json
@@ -99,6 +104,7 @@ class BenchSettings:
     eval_tokens: int | None = None  # per-layer evaluation on this many test tokens (None: all, 0: skip)
     device: str = "cpu"
     threads: int | None = None
+    cost_repeats: int = 300  # timed repetitions of each decoding-step piece (layerskip.costs); 0 skips them
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "prompt_tokens", "new_tokens", "repeats"):
@@ -118,6 +124,8 @@ class BenchSettings:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= least):
                 raise ConfigError(f"{name} must be an integer >= {least} (tokens in the short head), got {value!r}")
+        if not (isinstance(self.cost_repeats, int) and self.cost_repeats >= 0):
+            raise ConfigError(f"cost_repeats must be an integer >= 0 (0 skips the step costs), got {self.cost_repeats!r}")
         if self.eval_tokens is not None and not (isinstance(self.eval_tokens, int) and self.eval_tokens >= 0):
             raise ConfigError(
                 f"eval_tokens must be an integer >= 0 (0 skips the per-layer evaluation, None reads the whole "
@@ -610,6 +618,7 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], setting
     configs = build_configs(num_layers, settings, thresholds, fingerprint)
     with torch.inference_mode():
         runs, peaks = measure_configs(model, ids, configs, settings, progress)
+    costs = step_costs(model, configs, settings)
     ar_greedy = runs["ar"]
     summaries = []
     for c in configs:
@@ -618,6 +627,7 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], setting
                                  generated_perplexity(model, ids, runs[c.id]), peaks.get(c.id))
         if c.id == ref.id:
             summary["speedup"] = 1.0  # by definition; the paired ratios are all exactly 1 too
+        summary.update(estimated_dee_speedup(summary, runs[c.id], costs))
         summaries.append(summary)
     samples = [
         {"config": c.id, "prompt_index": r.prompt, "prompt_text": tok.decode(ids[r.prompt]), "tokens": r.tokens,
@@ -628,7 +638,31 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], setting
         "name": name, "role": role, "checkpoint": str(ckpt.path), "num_layers": num_layers,
         "num_parameters": model.num_parameters(), "train": ckpt.train_config,
         "configs": summaries, "samples": samples, "peak_rss_bytes": peak_rss_bytes(),
+        "step_costs": costs.to_dict() if costs else None,
     }
+
+
+def step_costs(model, configs: list[BenchConfig], settings: BenchSettings) -> StepCosts | None:
+    """Each piece of a decoding step, timed mid-generation; checks read the calibrated config's exit
+    head if there is one, else the sweep's (--exit_vocab)."""
+    if not settings.cost_repeats:
+        return None
+    calibrated = next((c for c in configs if c.options.get("calibrated")), None)
+    check_vocab = calibrated.options.get("exit_vocab") if calibrated else settings.exit_vocab
+    position = min(settings.prompt_tokens + settings.new_tokens // 2, model.config.max_seq_len - 1)
+    return measure_step_costs(model, check_vocab=check_vocab, position=position, repeats=settings.cost_repeats)
+
+
+def estimated_dee_speedup(summary: dict[str, Any], runs: list[Run], costs: StepCosts | None) -> dict[str, Any]:
+    """The cost model's speed-up for a softmax DEE config whose checks read the measured exit head
+    (layerskip.costs.dee_estimate), with and without the checks' cost; null for other configs."""
+    options = summary["options"]
+    applies = (costs is not None and summary["strategy"] == "dee" and options.get("measure") == "softmax"
+               and options.get("exit_vocab") == costs.check_vocab and summary.get("exit_layer_counts"))
+    if not applies:
+        return {"estimated_speedup": None, "estimated_speedup_free_checks": None}
+    estimate = dee_estimate(costs, summary["exit_layer_counts"], runs[0].stats.get("checked_layers"))
+    return {"estimated_speedup": estimate.speedup, "estimated_speedup_free_checks": estimate.speedup_free_checks}
 
 
 def run_bench(

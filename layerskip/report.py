@@ -128,7 +128,7 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = 
 CONFIG_HEADER = [
     "config", "tokens/s", "ms/token", "TTFT ms", "speed-up", "accept rate", "mean accepted",
     "mean exit layer", "blocks/token", "head evals/token", "short head evals/token", "token agreement", "ROUGE-L", "gen. ppl",
-    "peak memory",
+    "peak memory", "est. speed-up (free checks)",
 ]
 
 
@@ -151,8 +151,42 @@ def config_rows(model: dict[str, Any]) -> list[list[str]]:
             fmt(c.get("rouge_l"), 3),
             fmt(c.get("perplexity"), 2),
             fmt_bytes(c.get("peak_memory_bytes")),
+            estimate_cell(c),
         ])
     return rows
+
+
+def estimate_cell(config: dict[str, Any]) -> str:
+    est, free = config.get("estimated_speedup"), config.get("estimated_speedup_free_checks")
+    return "–" if est is None or free is None else f"{est:.2f}× ({free:.2f}×)"
+
+
+COST_HEADER = ["model", "AR step µs", "block µs", "all blocks", "full head µs", "check µs", "check / block",
+               "propagation µs", "rest µs"]
+
+
+def cost_rows(models: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per model with step costs: what each piece of one decoding step costs."""
+    rows = []
+    for m in models:
+        c = m.get("step_costs")
+        if not c:
+            continue
+        rows.append([m["name"], fmt(c["ar_step"], 1), fmt(c["block"], 1),
+                     f"{c['num_layers'] * c['block'] / c['ar_step']:.0%} of the step", fmt(c["full_head"], 1),
+                     fmt(c["check"], 1), fmt(c["check"] / c["block"], 2), fmt(c["propagate"], 1), fmt(c["rest"], 1)])
+    return rows
+
+
+def cost_note(models: list[dict[str, Any]]) -> str:
+    c = next(m["step_costs"] for m in models if m.get("step_costs"))
+    head = "the full head" if c.get("check_vocab") is None else f"the short head of {c['check_vocab']:,} tokens"
+    return (f"One token's decoding step at position {c['position']}, each piece timed {c['repeats']} times "
+            f"interleaved with the others ({c['threads']} thread(s)), medians. A check is DEE's softmax-maximum "
+            f"confidence through {head}; rest is the step minus its blocks and head. A softmax DEE config's "
+            "estimated speed-up charges its exit histogram these costs (l blocks, the checks up to l, "
+            "propagation or the full head); in brackets, the same with free checks: the most a cheaper "
+            "confidence measure could give at those exits.")
 
 
 def per_layer_table(models: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
@@ -210,6 +244,8 @@ GLOSSARY = [
     ("token agreement, ROUGE-L", "greedy configs only: against the same model's AR greedy output on the "
      "same prompt (agreement pooled over tokens; ROUGE-L F1 over tokens, mean over prompts)"),
     ("gen. ppl", "perplexity of the generated tokens under the full model, given their prompt"),
+    ("est. speed-up (free checks)", "softmax DEE only: the speed-up the step-cost table predicts for the "
+     "config's exit layers, and in brackets the same with confidence checks that cost nothing"),
     ("peak memory", "GPU: torch.cuda.max_memory_allocated during the config's runs; on CPU only the "
      "process's peak RSS is measurable (shown above)"),
 ]
@@ -524,6 +560,10 @@ def write_markdown(results: dict[str, Any], files: ReportFiles) -> str:
         parts += [per_layer_note(results["models"]), "", markdown_table(*table), ""]
     else:
         parts += ["Not in the results.", ""]
+    costs = cost_rows(results["models"])
+    if costs:
+        parts += ["## Where a decoding step's time goes", "", cost_note(results["models"]), "",
+                  markdown_table(COST_HEADER, costs), ""]
     for m in results["models"]:
         parts += [f"## {m['name']} ({m.get('checkpoint', '')})", "",
                   f"{m.get('num_layers', '–')} layers, {fmt(m.get('num_parameters'))} parameters. "
@@ -592,6 +632,10 @@ def write_html(results: dict[str, Any], files: ReportFiles) -> str:
     if table:
         body += ["<h2>Per-layer evaluation</h2>", f"<p>{html.escape(per_layer_note(results['models']))}</p>",
                  html_table(*table, "per-layer")]
+    costs = cost_rows(results["models"])
+    if costs:
+        body += ["<h2>Where a decoding step's time goes</h2>", f"<p>{html.escape(cost_note(results['models']))}</p>",
+                 html_table(COST_HEADER, costs, "costs")]
     for m in results["models"]:
         body += [f"<h2>{html.escape(m['name'])}</h2>",
                  f"<p>{html.escape(str(m.get('checkpoint', '')))}: {m.get('num_layers', '–')} layers, "

@@ -207,6 +207,34 @@ def test_dee_exit_statistics(results):
     assert any(c["mean_exit_layer"] < NUM_LAYERS for c in configs_of(results).values() if c["strategy"] == "dee")
 
 
+def test_step_costs_and_the_dee_estimates_they_give(results):
+    for index in range(2):
+        model = results["models"][index]
+        costs, configs = model["step_costs"], configs_of(results, index)
+        assert all(costs[p] > 0 for p in ("ar_step", "block", "full_head", "check", "propagate"))
+        assert costs["rest"] == pytest.approx(costs["ar_step"] - NUM_LAYERS * costs["block"] - costs["full_head"])
+        assert costs["check_vocab"] is None  # the calibrated file and the sweep read the full head
+        assert costs["position"] == TINY_SETTINGS.prompt_tokens + TINY_SETTINGS.new_tokens // 2
+        for c in configs.values():
+            estimated = c["strategy"] == "dee" and c["options"]["measure"] == "softmax"
+            assert (c["estimated_speedup"] is not None) == estimated, c["id"]
+            assert (c["estimated_speedup_free_checks"] is not None) == estimated, c["id"]
+        # never exiting: with free checks it is exactly the AR step, and every check is pure cost
+        full = configs["dee-softmax-2"]
+        assert full["estimated_speedup_free_checks"] == pytest.approx(1.0)
+        assert full["estimated_speedup"] < 1.0
+        early = configs["dee-softmax-0.3"]
+        assert early["estimated_speedup_free_checks"] >= full["estimated_speedup_free_checks"]
+
+
+def test_step_costs_can_be_skipped(tmp_path, tiny_corpus_dir, tiny_tokenizer):
+    settings = BenchSettings(num_prompts=1, prompt_tokens=8, new_tokens=4, ks=(2,), dee_measures=("softmax",),
+                             dee_thresholds=(0.5,), temperature=0, eval_tokens=0, threads=1, cost_repeats=0)
+    results = make_tiny_results(tmp_path, tiny_corpus_dir, tiny_tokenizer, settings)
+    assert results["models"][0]["step_costs"] is None
+    assert configs_of(results)["dee-softmax-0.5"]["estimated_speedup"] is None
+
+
 def test_per_layer_evaluation(results):
     for model in results["models"]:
         rows = model["per_layer"]

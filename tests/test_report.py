@@ -70,6 +70,11 @@ def test_markdown_tables_have_the_right_rows(report, results):
         assert ar[4] == "1.00×"  # AR's speed-up column
         ssd = [row for row, c in zip(rows, model["configs"]) if c["strategy"] == "ssd" and c["greedy"]]
         assert ssd and all(row[11] == "1.000" for row in ssd)  # greedy SSD's ROUGE-L
+        dee_softmax = [row for row, c in zip(rows, model["configs"]) if c["id"] == "dee-softmax-2"]
+        assert re.fullmatch(r"0\.\d\d× \(1\.00×\)", dee_softmax[0][-1])  # estimated (free checks)
+    costs = markdown_section_rows(md, "## Where a decoding step's time goes")
+    assert [row[0] for row in costs] == ["layerskip", "baseline"]
+    assert all(row[3].endswith("% of the step") for row in costs)
     headline = markdown_section_rows(md, "## Headline")
     assert [row[0] for row in headline] == ["layerskip", "baseline"]
     assert headline[0][6] == "DEE calibrated (saturation, δ=0.1)"  # calibrated DEE is featured when run

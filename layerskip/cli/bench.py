@@ -8,7 +8,9 @@ sampled SSD config. Per config: median tokens/s, ms/token and time to first toke
 over the same model's AR, acceptance rate and accepted-length histogram, exit layers, blocks
 and head evaluations per token, fidelity to AR greedy (token agreement, ROUGE-L), perplexity
 of the generated text under the full model, and peak memory (GPU). Plus the per-layer
-evaluation of each model, sample generations, the machine, versions and this command.
+evaluation of each model, where one decoding step's time goes (a block, the heads, a
+confidence check, propagation; layerskip.costs) with the speed-up that cost model predicts
+for each softmax DEE config, sample generations, the machine, versions and this command.
 
 Timing: warm-up runs first, then configs interleaved per prompt, time.perf_counter around
 each generation, medians. Draw the tables and plots with `layerskip report`.
@@ -57,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "eval_tokens", type=int, default=None,
              help="per-layer evaluation on the first N test tokens (default: the whole split, so word "
                   "perplexity is reported; 0 skips it)")
+    add_flag(parser, "cost_repeats", type=int, default=300,
+             help="timed repetitions of each piece of a decoding step (block, heads, check, propagation) for "
+                  "the step-cost breakdown and DEE's estimated speed-ups (default: 300; 0 skips them)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and sampling (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_data_dir_arg(parser)
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         dee_thresholds=tuple(args.dee_thresholds) if args.dee_thresholds else None,
         temperature=args.temperature, sample_draft_layer=args.sample_draft_layer, sample_k=args.sample_k,
         num_samples=args.num_samples, eval_tokens=args.eval_tokens, draft_vocab=args.draft_vocab,
-        exit_vocab=args.exit_vocab,
+        exit_vocab=args.exit_vocab, cost_repeats=args.cost_repeats,
         device=args.device, threads=args.threads,
     )
     results = run_bench(args.checkpoint, baseline=args.baseline, thresholds=args.thresholds, data_dir=args.data_dir,
