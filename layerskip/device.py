@@ -18,3 +18,42 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device must be auto, cpu, cuda or mps, got {device!r}")
     return torch.device(device)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_allocator_configured: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed CPU memory instead of returning it to the kernel; True when in effect.
+
+    A training step allocates and frees hundreds of MB of activations and logits. glibc
+    serves each large block with a fresh mmap and unmaps it on free, so every step
+    page-faults all of it in again: at the default size 14% of a study's CPU time went to
+    the kernel. With mmap off and trimming effectively off, freed blocks stay in the heap
+    and are reused. Five interleaved pairs of 40-step runs on 2 cores: page faults 3.35M ->
+    0.64M, kernel time 8.1 -> 2.7 s, mean step 0.630 -> 0.576 s (8.5% faster). The cost is
+    that the process keeps its peak memory until it exits. Set
+    LAYERSKIP_KEEP_FREED_MEMORY=0 to leave the allocator alone; without glibc (macOS,
+    musl) this does nothing.
+    """
+    global _allocator_configured
+    if _allocator_configured is None:
+        _allocator_configured = _configure_glibc_malloc()
+    return _allocator_configured
+
+
+def _configure_glibc_malloc() -> bool:
+    import ctypes
+    import os
+    import sys
+
+    if os.environ.get("LAYERSKIP_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter already uses
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

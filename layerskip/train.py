@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from layerskip.config import ModelConfig, TokenizerConfig, from_dict
-from layerskip.device import resolve_device
+from layerskip.device import keep_freed_memory, resolve_device
 from layerskip.errors import ConfigError, LayerskipError
 from layerskip.losses import (
     CURRICULA,
@@ -520,6 +520,7 @@ class Trainer:
                  stop_at_step: int | None = None, corpus: Any = None) -> None:
         self.cfg, self.out_dir, self.progress, self.stop_at_step = cfg, out_dir, progress, stop_at_step
         self.device = resolve_device(device)
+        keep_freed_memory()  # CPU steps ~8% faster: no page faults on every step's large blocks
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.world > 1:
             torch.cuda.set_device(self.dist.local_rank)

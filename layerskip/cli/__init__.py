@@ -85,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from layerskip.device import keep_freed_memory
     from layerskip.errors import LayerskipError
 
+    keep_freed_memory()  # training, evaluation and calibration reuse large CPU blocks instead of re-faulting them
     try:
         return int(args.handler(args) or 0)
     except LayerskipError as exc:
