@@ -9,6 +9,7 @@ set -eu
 pairs=${1:-3}
 out=${2:-runs/step_ratio}
 mkdir -p "$out"
+: > "$out/pairs.log"
 mean_step() {
   python - "$1/metrics.jsonl" <<'PY'
 import json, statistics, sys
@@ -23,5 +24,11 @@ for pair in $(seq "$pairs"); do
   layerskip train --out "$out/plain-$pair" --max_steps 40 --val_tokens 4096 --max_skip_prob 0 \
     --early_exit_scale 0 > /dev/null 2>&1
   ls=$(mean_step "$out/layerskip-$pair"); plain=$(mean_step "$out/plain-$pair")
-  python -c "print(f'pair $pair: LayerSkip {$ls:.3f} s/step, plain {$plain:.3f} s/step, ratio {$ls / $plain:.3f}')"
+  python -c "print(f'pair $pair: LayerSkip {$ls:.3f} s/step, plain {$plain:.3f} s/step, ratio {$ls / $plain:.3f}')" \
+    | tee -a "$out/pairs.log"
 done
+python - "$out/pairs.log" <<'PY'
+import statistics, sys
+ratios = [float(line.split()[-1]) for line in open(sys.argv[1])]
+print(f"median ratio over {len(ratios)} pairs: {statistics.median(ratios):.3f}")
+PY
