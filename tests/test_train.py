@@ -13,7 +13,7 @@ from layerskip.cli import main
 from layerskip.data import load_corpus
 from layerskip.errors import ConfigError
 from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS
-from layerskip.losses import exit_loss_reference, exit_weights
+from layerskip.losses import exit_loss_reference, exit_weights, lr_at
 from layerskip.model import Transformer
 from layerskip.train import (ExitLossModel, TrainConfig, TrainingDiverged, flat_positions, resume_config,
                              sample_early_positions, step_plan, train)
@@ -359,3 +359,16 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_corpus_dir):
     assert load_checkpoint(tmp_path / "two" / "last").meta["world_size"] == 2
     for name, w in weights(tmp_path / "one").items():
         torch.testing.assert_close(weights(tmp_path / "two")[name], w, rtol=0, atol=1e-4, msg=name)
+
+
+def test_cli_schedule_and_optimizer_flags_reach_the_config(tmp_path, tiny_corpus_dir):
+    out = tmp_path / "run"
+    args = CLI_TINY + ["--data-dir", str(tiny_corpus_dir), "--max_steps", "6", "--min_lr_ratio", "0", "--beta2", "0.9"]
+    assert main(["train", "--out", str(out)] + args) == 0
+    saved = load_checkpoint(out / "last").train_config
+    assert saved["min_lr_ratio"] == 0.0 and saved["beta2"] == 0.9
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if r["type"] == "train"]
+    expected = [lr_at(s, base_lr=3e-3, warmup=2, total_steps=6, min_ratio=0.0) for s in range(6)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[-1] < lr_at(5, base_lr=3e-3, warmup=2, total_steps=6, min_ratio=0.1)  # the default ends higher
