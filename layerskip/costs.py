@@ -17,7 +17,8 @@ token: a token exiting after block l < L runs l blocks, a check at every checked
 to l and propagation; a token reaching the last layer runs every block, every check and
 the full head. The same with free checks is the most any cheaper confidence measure could
 give at that exit histogram. Where the estimate matches the measured speed-up, the cost
-model explains it.
+model explains it. ``exit_share_needed`` runs it backwards: the share of tokens that must
+exit at each layer for a target speed-up.
 """
 
 from __future__ import annotations
@@ -128,28 +129,62 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
                      threads=torch.get_num_threads())
 
 
+def token_cost(costs: StepCosts, exit_layer: int, checked_layers: Sequence[int], *, free_checks: bool = False) -> float:
+    """Estimated microseconds of one token exiting after block `exit_layer` (1..L).
+
+    Propagation is charged at its measured cost whatever the exit layer: it is one product
+    for any number of skipped layers, whose size barely matters at this scale.
+    """
+    early = exit_layer < costs.num_layers
+    base = costs.rest + exit_layer * costs.block + (costs.propagate if early else costs.full_head)
+    checks = 0 if free_checks else sum(1 for c in checked_layers if c <= exit_layer)
+    return base + checks * costs.check
+
+
+def _checked(costs: StepCosts, checked_layers: Sequence[int] | None) -> list[int]:
+    return sorted(set(range(1, costs.num_layers) if checked_layers is None else checked_layers))
+
+
 def dee_estimate(costs: StepCosts, exit_counts: Sequence[int], checked_layers: Sequence[int] | None = None) -> DeeEstimate:
     """DEE's expected microseconds per token for an exit histogram (tokens exiting after block 1..L).
 
     checked_layers: where DEE checks its confidence (default every layer but the last).
-    Propagation is charged at its measured cost whatever the exit layer: it is one product
-    for any number of skipped layers, whose size barely matters at this scale.
     """
     num_layers = costs.num_layers
     if len(exit_counts) != num_layers or any(c < 0 for c in exit_counts) or not sum(exit_counts):
         raise ConfigError(f"an exit histogram needs {num_layers} non-negative counts (tokens exiting after block "
                           f"1..{num_layers}) with a positive sum, got {list(exit_counts)!r}")
-    checked = sorted(set(range(1, num_layers) if checked_layers is None else checked_layers))
+    checked = _checked(costs, checked_layers)
     total = sum(exit_counts)
-    with_checks = free_checks = 0.0
-    for layer, count in enumerate(exit_counts, start=1):
-        early = layer < num_layers
-        base = costs.rest + layer * costs.block + (costs.propagate if early else costs.full_head)
-        checks = sum(1 for c in checked if c <= layer)
-        free_checks += count * base
-        with_checks += count * (base + checks * costs.check)
+    with_checks = sum(c * token_cost(costs, layer, checked) for layer, c in enumerate(exit_counts, start=1)) / total
+    free_checks = sum(c * token_cost(costs, layer, checked, free_checks=True)
+                      for layer, c in enumerate(exit_counts, start=1)) / total
     mean_exit = sum(layer * c for layer, c in enumerate(exit_counts, start=1)) / total
-    with_checks, free_checks = with_checks / total, free_checks / total
     return DeeEstimate(us_per_token=with_checks, us_per_token_free_checks=free_checks,
                        speedup=costs.ar_step / with_checks, speedup_free_checks=costs.ar_step / free_checks,
                        mean_exit_layer=mean_exit)
+
+
+def exit_share_needed(costs: StepCosts, target_speedup: float, checked_layers: Sequence[int] | None = None,
+                      *, free_checks: bool = False) -> dict[int, float | None]:
+    """For each early exit layer l, the smallest share of tokens that must exit there for DEE to
+    reach `target_speedup` over AR, the other tokens running the whole model (and every check).
+
+    None where even every token exiting at l would not reach the target. It turns a speed-up
+    target into a question a calibrated exit histogram answers at a glance.
+    """
+    if not (isinstance(target_speedup, (int, float)) and target_speedup > 0):
+        raise ConfigError(f"the target speed-up must be a positive number, got {target_speedup!r}")
+    checked = _checked(costs, checked_layers)
+    budget = costs.ar_step / target_speedup  # microseconds per token the target allows
+    full = token_cost(costs, costs.num_layers, checked, free_checks=free_checks)
+    needed: dict[int, float | None] = {}
+    for layer in range(1, costs.num_layers):
+        early = token_cost(costs, layer, checked, free_checks=free_checks)
+        if full <= budget:
+            needed[layer] = 0.0
+        elif early >= budget:
+            needed[layer] = None
+        else:  # share * early + (1 - share) * full = budget
+            needed[layer] = (full - budget) / (full - early)
+    return needed

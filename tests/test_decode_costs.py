@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from layerskip.costs import PIECES, StepCosts, dee_estimate, measure_step_costs
+from layerskip.costs import PIECES, StepCosts, dee_estimate, exit_share_needed, measure_step_costs
 from layerskip.errors import ConfigError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_costs.py"
@@ -43,6 +43,25 @@ def test_dee_estimate_refuses_a_bad_histogram(counts):
         dee_estimate(costs(), counts)
 
 
+def test_exit_share_needed_inverts_the_estimate():
+    needed = exit_share_needed(costs(), 1.2)  # 308.3 us per token allowed; the full path costs 390
+    assert needed[1] == pytest.approx((390 - 370 / 1.2) / (390 - 135))
+    assert needed[2] == pytest.approx((390 - 370 / 1.2) / (390 - 245))
+    for layer, share in needed.items():  # that share exiting at the layer, the rest at the top, gives 1.2x
+        histogram = [0.0, 0.0, 1 - share]
+        histogram[layer - 1] += share
+        assert dee_estimate(costs(), histogram).speedup == pytest.approx(1.2)
+    free = exit_share_needed(costs(), 1.2, free_checks=True)
+    assert free[1] == pytest.approx((370 - 370 / 1.2) / (370 - 125)) and free[1] < needed[1]
+
+
+def test_exit_share_needed_says_when_a_target_is_out_of_reach_or_free():
+    assert exit_share_needed(costs(), 3.0) == {1: None, 2: None}  # 123 us allowed; one block alone costs more
+    assert exit_share_needed(costs(), 0.9) == {1: 0.0, 2: 0.0}  # the full path with checks already fits
+    with pytest.raises(ConfigError, match="target speed-up must be a positive number"):
+        exit_share_needed(costs(), 0)
+
+
 def test_measured_costs_are_positive_and_leave_the_cache_usable():
     model = tiny_model(0, num_layers=4).eval()
     measured = measure_step_costs(model, check_vocab=16, position=8, repeats=3)
@@ -65,3 +84,7 @@ def test_script_measures_a_random_model(capsys):
     assert re.search(r"mean exit layer 4\.50\): estimated \d+ us/token, \d+\.\d\dx over AR", out)
     with pytest.raises(ConfigError, match="needs 6 non-negative counts"):
         script.main(["--repeats", "1", "--exit_counts", "1,2,3"])
+    assert script.main(["--repeats", "3", "--target", "1.3"]) == 0
+    shares = re.findall(r"l=(\d): +(\d+%|out of reach) with checks, +(\d+%|out of reach) if checks were free",
+                        capsys.readouterr().out)
+    assert [layer for layer, _, _ in shares] == ["1", "2", "3", "4", "5"]

@@ -15,8 +15,8 @@ from layerskip.errors import ConfigError
 from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS
 from layerskip.losses import exit_loss_reference, exit_weights, lr_at
 from layerskip.model import Transformer
-from layerskip.train import (ExitLossModel, TrainConfig, TrainingDiverged, flat_positions, resume_config,
-                             sample_early_positions, step_plan, train)
+from layerskip.train import (ExitLossModel, OptimizerGroup, TrainConfig, TrainingDiverged, flat_positions,
+                             make_optimizer, resume_config, sample_early_positions, step_plan, train)
 
 TINY = dict(d_model=32, num_layers=4, num_heads=4, d_ff=64, dropout=0.1, vocab_size=400, seq_len=32,
             batch_size=8, warmup=3, lr=3e-3, precision="fp32", compile=False, eval_batch_size=8, loss_chunk=64)
@@ -54,7 +54,7 @@ def test_train_config_refuses_unknown_and_impossible_settings():
     for bad in (dict(max_skip_prob=1.5), dict(lr=0.0), dict(batch_size=0), dict(num_heads=5),
                 dict(early_exit_curriculum="random"), dict(precision="fp16"), dict(time_budget=-1.0),
                 dict(early_exit_scale=-1.0), dict(layer_dropout_schedule="cosine"), dict(max_steps=0),
-                dict(early_exit_tokens=0.0), dict(early_exit_tokens=1.5)):
+                dict(early_exit_tokens=0.0), dict(early_exit_tokens=1.5), dict(optimizer="sgd")):
         with pytest.raises(ConfigError):
             tiny_cfg(**bad)
     assert tiny_cfg(max_skip_prob=0, early_exit_scale=0).plain and not tiny_cfg().plain
@@ -153,6 +153,36 @@ def test_resume_after_stopping_gives_the_same_losses(tmp_path, corpus, curriculu
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     exits = [json.loads(x)["exits"] for x in lines if json.loads(x)["type"] == "train"]
     assert exits == [step_plan(cfg, s, 12)[0] for s in range(12)]
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    cfg = tiny_cfg(optimizer="muon")
+    model = Transformer(cfg.model_config(400))
+    opt = make_optimizer(model, cfg)
+    assert isinstance(opt, OptimizerGroup) and isinstance(opt.optimizers["muon"], torch.optim.Muon)
+    held = {name: {id(p) for g in o.param_groups for p in g["params"]} for name, o in opt.optimizers.items()}
+    block_matrices = {id(p) for p in model.layers.parameters() if p.dim() == 2}
+    assert held["muon"] == block_matrices and len(block_matrices) == 4 * 7
+    assert held["adamw"] == {id(p) for p in model.parameters()} - block_matrices
+    assert id(model.embed_tokens.weight) in held["adamw"]
+    for group in opt.param_groups:  # the trainer sets the LR of all of them at once
+        group["lr"] = 1e-3
+    assert all(g["lr"] == 1e-3 for o in opt.optimizers.values() for g in o.param_groups)
+    with pytest.raises(ConfigError, match="resume with the optimizer the run started with"):
+        opt.load_state_dict({"adamw": opt.optimizers["adamw"].state_dict()})
+
+
+def test_muon_run_learns_and_resumes_exactly(tmp_path, corpus):
+    cfg = tiny_cfg(max_steps=10, optimizer="muon", val_every=5, save_every=3)
+    whole = train(cfg, tmp_path / "whole", corpus=corpus, progress=False)
+    assert sum(whole.losses[-3:]) / 3 < whole.losses[0] - 0.2  # 5.99 -> 5.65 here: it learns
+    first = train(cfg, tmp_path / "split", corpus=corpus, progress=False, stop_at_step=4)
+    second = train(resume_config(tmp_path / "split"), tmp_path / "split", corpus=corpus, progress=False, resume=True)
+    assert first.losses + second.losses == whole.losses
+    saved = load_trainer_state(tmp_path / "split" / "last")["optimizer"]
+    assert set(saved) == {"adamw", "muon"} and saved["muon"]["state"]  # Muon's momentum buffers were saved
+    with pytest.raises(ConfigError, match="optimizer"):  # the optimizer is part of what a run is
+        resume_config(tmp_path / "split", {"optimizer": "adamw"})
 
 
 def test_compiled_blocks_match_eager_while_the_exit_set_changes(tmp_path, corpus):
@@ -363,10 +393,11 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_corpus_dir):
 
 def test_cli_schedule_and_optimizer_flags_reach_the_config(tmp_path, tiny_corpus_dir):
     out = tmp_path / "run"
-    args = CLI_TINY + ["--data-dir", str(tiny_corpus_dir), "--max_steps", "6", "--min_lr_ratio", "0", "--beta2", "0.9"]
+    args = CLI_TINY + ["--data-dir", str(tiny_corpus_dir), "--max_steps", "6", "--min_lr_ratio", "0", "--beta2", "0.9",
+                       "--optimizer", "muon"]
     assert main(["train", "--out", str(out)] + args) == 0
     saved = load_checkpoint(out / "last").train_config
-    assert saved["min_lr_ratio"] == 0.0 and saved["beta2"] == 0.9
+    assert saved["min_lr_ratio"] == 0.0 and saved["beta2"] == 0.9 and saved["optimizer"] == "muon"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows if r["type"] == "train"]
     expected = [lr_at(s, base_lr=3e-3, warmup=2, total_steps=6, min_ratio=0.0) for s in range(6)]
