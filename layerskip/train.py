@@ -2,8 +2,9 @@
 
 One step: sample the per-sample layer-dropout mask, run the trunk once collecting the
 hidden states of the exits the curriculum enables, and take the weighted early-exit loss
-of those exits through the shared head (``layerskip.losses``). AdamW, linear warm-up +
-cosine decay, gradient clipping; optional bf16 autocast and ``torch.compile`` of each block
+of those exits through the shared head (``layerskip.losses``). Muon for the blocks'
+matrices and AdamW for the rest (or AdamW alone), linear warm-up + cosine decay, gradient
+clipping; optional bf16 autocast and ``torch.compile`` of each block
 separately (compiling the whole model while the exit set changes between steps silently
 dropped exit losses on torch 2.13 CPU; per-block compilation does not, and a test checks it).
 
@@ -99,8 +100,10 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.1
     beta2: float = 0.95
-    # "muon": Muon (orthogonalised momentum) for the blocks' matrices, AdamW for the rest
-    optimizer: str = "adamw"
+    # "muon": Muon (orthogonalised momentum) for the blocks' matrices, AdamW for the rest.
+    # Interleaved 5-minute plain runs at lr 8e-3 (validation word perplexity): Muon 274, AdamW
+    # 372 at the same ~515 steps; Muon at lr 4e-3 315, at 1.2e-2 282.
+    optimizer: str = "muon"
     grad_clip: float = 1.0
     epochs: int | None = None
     max_steps: int | None = None

@@ -58,7 +58,7 @@ CHOICE_FLAGS: list[tuple[str, list[str], str]] = [
     ("layer_dropout_schedule", ["linear", "exp"], "how skip probability grows with depth (default linear)"),
     ("layer_dropout_ramp", ["constant", "exp"], "how it grows over training time (default constant)"),
     ("precision", ["fp32", "bf16"], "bf16 autocast or full fp32 (default bf16)"),
-    ("optimizer", ["adamw", "muon"], "adamw, or Muon for the blocks' matrices and AdamW for the rest (default adamw)"),
+    ("optimizer", ["adamw", "muon"], "muon: Muon for the blocks' matrices, AdamW for the rest (the default); adamw: AdamW for all"),
     ("tokenizer_type", ["bpe", "unigram"], "SentencePiece model type (default bpe)"),
 ]
 
