@@ -4,9 +4,9 @@ One step: sample the per-sample layer-dropout mask, run the trunk once collectin
 hidden states of the exits the curriculum enables, and take the weighted early-exit loss
 of those exits through the shared head (``layerskip.losses``). Muon for the blocks'
 matrices and AdamW for the rest (or AdamW alone), linear warm-up + cosine decay, gradient
-clipping; optional bf16 autocast and ``torch.compile`` of each block
-separately (compiling the whole model while the exit set changes between steps silently
-dropped exit losses on torch 2.13 CPU; per-block compilation does not, and a test checks it).
+clipping; optional bf16 autocast and ``torch.compile`` of each block separately (compiling
+the whole model while the exit set changes between steps silently dropped exit losses on
+torch 2.13 CPU; per-block compilation does not, and a test checks it).
 
 Everything random is derived from the seed, so a run is reproducible, and the trainer state
 saved with each checkpoint (optimizer, RNG, step, data position, estimated total steps)
