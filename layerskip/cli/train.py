@@ -35,7 +35,7 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("warmup", int, "linear warm-up steps before cosine decay (default 100)"),
     ("min_lr_ratio", float, "the cosine decay ends at this fraction of the peak LR (default 0.1)"),
     ("beta2", float, "AdamW's second-moment decay (default 0.95)"),
-    ("weight_decay", float, "AdamW weight decay of matrices (default 0.1)"),
+    ("weight_decay", float, "weight decay of matrices, Muon's and AdamW's (default 0.1)"),
     ("grad_clip", float, "gradient-norm clipping, 0 for none (default 1.0)"),
     ("epochs", int, "stop after this many epochs"),
     ("max_steps", int, "stop after this many steps"),
