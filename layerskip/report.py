@@ -94,6 +94,8 @@ def fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
+        if abs(value) >= 1e7:  # a degenerate generation's perplexity: digits nobody reads
+            return f"{value:.1e}"
         if abs(value) >= 1000:
             return f"{value:,.0f}"
         return f"{value:.{digits}f}"

@@ -12,7 +12,7 @@ from test_bench import shared_tiny_results
 from layerskip.bench import write_results
 from layerskip.cli import main
 from layerskip.errors import DataError
-from layerskip.report import PLOT_FILES, featured_samples, load_results, write_report
+from layerskip.report import PLOT_FILES, featured_samples, fmt, load_results, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -186,3 +186,9 @@ def test_an_output_path_that_is_a_file_is_one_clear_error(results, tmp_path, cap
     assert main(["report", str(results_path), "--out", str(taken)]) == 2
     assert "is a file; give a directory" in capsys.readouterr().err
     assert taken.read_text() == "keep me"
+
+
+def test_table_cells_round_and_keep_huge_values_readable():
+    assert (fmt(None), fmt(float("nan")), fmt(True), fmt(12345)) == ("–", "–", "yes", "12,345")
+    assert (fmt(3.14159), fmt(1234.5), fmt(9_999_999.0)) == ("3.14", "1,234", "9,999,999")
+    assert fmt(3.196e18) == "3.2e+18"  # a degenerate generation's perplexity, not 19 digits
