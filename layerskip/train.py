@@ -184,6 +184,17 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+# What runs saved before a setting existed were trained with, where its default changed since.
+SAVED_BEFORE_DEFAULTS: dict[str, Any] = {"optimizer": "adamw"}
+
+
+def saved_train_config(data: dict[str, Any]) -> TrainConfig:
+    """The training config a checkpoint records, read as the run that wrote it was trained."""
+    if isinstance(data, dict):
+        data = {**SAVED_BEFORE_DEFAULTS, **data}
+    return TrainConfig.from_dict(data)
+
+
 # Settings that may differ when resuming: they change when to stop or what is logged, not
 # the losses of the steps that are run.
 RESUME_OVERRIDABLE = frozenset({"epochs", "max_steps", "time_budget", "val_every", "val_tokens",
@@ -506,7 +517,7 @@ def resume_config(out_dir: str | Path, overrides: dict[str, Any] | None = None) 
     """The saved config of the run in out_dir, with settings that only change when to stop."""
     from layerskip.checkpoint import read_config, resolve_checkpoint_dir
 
-    saved = TrainConfig.from_dict(read_config(resolve_checkpoint_dir(Path(out_dir) / "last"))["train"])
+    saved = saved_train_config(read_config(resolve_checkpoint_dir(Path(out_dir) / "last"))["train"])
     changes = {k: v for k, v in (overrides or {}).items() if getattr(saved, k, object()) != v}
     refused = sorted(set(changes) - RESUME_OVERRIDABLE)
     if refused:
@@ -605,7 +616,7 @@ class Trainer:
 
         state = load_trainer_state(self.out_dir / "last")
         ckpt = load_checkpoint(self.out_dir / "last")
-        saved = TrainConfig.from_dict(ckpt.train_config)
+        saved = saved_train_config(ckpt.train_config)
         differ = [k for k in saved.to_dict() if k not in RESUME_OVERRIDABLE and getattr(saved, k) != getattr(self.cfg, k)]
         if differ:
             raise ConfigError(f"--resume: the saved run has {', '.join(f'{k}={getattr(saved, k)!r}' for k in differ)}; "

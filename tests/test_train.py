@@ -185,6 +185,20 @@ def test_muon_run_learns_and_resumes_exactly(tmp_path, corpus):
         resume_config(tmp_path / "split", {"optimizer": "adamw"})
 
 
+def test_a_run_saved_before_the_optimizer_setting_resumes_with_adamw(tmp_path, corpus):
+    cfg = tiny_cfg(max_steps=6, optimizer="adamw", save_every=2, val_every=100)
+    whole = train(cfg, tmp_path / "whole", corpus=corpus, progress=False)
+    first = train(cfg, tmp_path / "old", corpus=corpus, progress=False, stop_at_step=3)
+    config_file = tmp_path / "old" / "last" / "config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["train"]["optimizer"]  # as written before the setting existed (AdamW was all there was)
+    config_file.write_text(json.dumps(saved))
+    resumed_cfg = resume_config(tmp_path / "old")
+    assert resumed_cfg.optimizer == "adamw"
+    second = train(resumed_cfg, tmp_path / "old", corpus=corpus, progress=False, resume=True)
+    assert first.losses + second.losses == whole.losses
+
+
 def test_compiled_blocks_match_eager_while_the_exit_set_changes(tmp_path, corpus):
     cfg = tiny_cfg(max_steps=4, dropout=0.0, max_skip_prob=0.0, early_exit_rotation=2, val_every=100)
     eager = train(cfg, tmp_path / "eager", corpus=corpus, progress=False)
