@@ -10,7 +10,8 @@ Times each piece of one token's step (one block, the full head, a confidence che
 the short head, CALM propagation, the rest) in one process, one torch thread by default;
 with --exit_counts, estimates DEE's time per token from them, with and without the cost of
 the checks; with --target, prints the share of tokens that would have to exit at each layer
-(the others running the whole model) for DEE to reach that speed-up. `layerskip bench` records the same costs per model (layerskip.costs).
+(the others running the whole model) for DEE to reach that speed-up. `layerskip bench`
+records the same costs per model (layerskip.costs).
 """
 
 from __future__ import annotations
