@@ -328,11 +328,6 @@ class OptimizerGroup:
             opt.load_state_dict(state[name])
 
 
-def _adamw(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=fused or None)
-
-
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer | OptimizerGroup:
     """AdamW, weight decay on matrices only; the fused kernel where there is one.
 
@@ -343,7 +338,6 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimize
     scaled to AdamW's RMS ("match_rms_adamw") so the same LR and weight decay apply; the
     embedding (tied to the head) and the norms stay with AdamW, as Muon's authors advise.
     """
-    device = model.embed_tokens.weight.device
     block_matrices = {id(p) for p in model.layers.parameters() if p.dim() == 2}
     decay, no_decay, muon = [], [], []
     for p in model.parameters():
@@ -351,8 +345,9 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimize
             muon.append(p)
         else:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    adamw = _adamw([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                   cfg, device)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = model.embed_tokens.weight.device.type in ("cpu", "cuda")
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=fused or None)
     if cfg.optimizer == "adamw":
         return adamw
     return OptimizerGroup({
