@@ -63,6 +63,7 @@ from typing import Any
 import torch
 
 from layerskip import __version__
+from layerskip.config import MEASURES
 from layerskip.costs import StepCosts, dee_estimate, measure_step_costs
 from layerskip.device import resolve_device
 from layerskip.errors import ConfigError, DataError
@@ -71,7 +72,6 @@ from layerskip.tokenizer import Tokenizer
 
 RESULTS_FORMAT = "layerskip-bench"
 SCHEMA_VERSION = 1
-DEE_MEASURES = ("softmax", "margin", "saturation")
 # Global thresholds swept per measure, from permissive (early exits) to strict (near full depth).
 DEFAULT_DEE_THRESHOLDS = {
     "softmax": (0.5, 0.7, 0.9, 0.97),
@@ -93,7 +93,7 @@ class BenchSettings:
     warmup: int = 1
     draft_layers: tuple[int, ...] | None = None  # None: a spread over 1..L-1
     ks: tuple[int, ...] = (2, 4, 6)
-    dee_measures: tuple[str, ...] = DEE_MEASURES
+    dee_measures: tuple[str, ...] = MEASURES
     dee_thresholds: tuple[float, ...] | None = None  # None: DEFAULT_DEE_THRESHOLDS per measure
     temperature: float = 0.8  # for the sampled AR and SSD configs; 0 skips them
     sample_draft_layer: int | None = None  # None: the middle of the draft layers
@@ -115,9 +115,9 @@ class BenchSettings:
             raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if not self.ks or any(not (isinstance(k, int) and k >= 1) for k in self.ks):
             raise ConfigError(f"ks (draft lengths) must be integers >= 1, got {self.ks!r}")
-        bad = [m for m in self.dee_measures if m not in DEE_MEASURES]
+        bad = [m for m in self.dee_measures if m not in MEASURES]
         if bad:
-            raise ConfigError(f"unknown DEE measure(s) {bad}; choose from {list(DEE_MEASURES)}")
+            raise ConfigError(f"unknown DEE measure(s) {bad}; choose from {list(MEASURES)}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"temperature must be >= 0 (0 skips the sampled configs), got {self.temperature!r}")
         for name, least in (("draft_vocab", 1), ("exit_vocab", 2)):  # as SelfSpeculative / DynamicEarlyExit
@@ -287,7 +287,7 @@ def build_configs(num_layers: int, settings: BenchSettings, thresholds_path: str
 
 def calibrated_config(path: str | Path, num_layers: int, fingerprint: str | None) -> BenchConfig:
     """The DEE config of a thresholds.json written by `layerskip calibrate`."""
-    from layerskip.calibrate import load_thresholds
+    from layerskip.thresholds import load_thresholds
 
     th = load_thresholds(path, num_layers, fingerprint=fingerprint)
     risk = th.record.get("risk") or {}
@@ -612,7 +612,7 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], setting
     ids = [prompt_ids(p, tok, settings.prompt_tokens) for p in prompts]
     fingerprint = None
     if thresholds is not None:
-        from layerskip.calibrate import model_fingerprint
+        from layerskip.thresholds import model_fingerprint
 
         fingerprint = model_fingerprint(model)
     configs = build_configs(num_layers, settings, thresholds, fingerprint)

@@ -15,10 +15,20 @@ from layerskip.errors import ConfigError
 
 T = TypeVar("T")
 
+# Dynamic early exit's confidence measures, each in [0, 1] (see layerskip.generate.dee).
+MEASURES = ("softmax", "margin", "saturation")
+MEASURE_RANGE = (0.0, 1.0)
+
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def check_measure(measure: str) -> str:
+    """The measure itself, or a ConfigError naming the valid ones."""
+    _require(measure in MEASURES, f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
+    return measure
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, what: str | None = None) -> T:

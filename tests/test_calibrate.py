@@ -17,7 +17,8 @@ from layerskip.checkpoint import save_checkpoint
 from layerskip.cli import main
 from layerskip.config import TokenizerConfig
 from layerskip.errors import ConfigError
-from layerskip.generate.dee import MEASURES, DynamicEarlyExit
+from layerskip.config import MEASURES
+from layerskip.generate.dee import DynamicEarlyExit
 
 NUM_LAYERS = 4  # tiny_model's
 

@@ -20,9 +20,9 @@ import argparse
 import shlex
 import sys
 
+from layerskip.config import MEASURES
 from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_flag
 
-MEASURES = ("softmax", "margin", "saturation")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

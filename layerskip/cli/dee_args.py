@@ -10,9 +10,9 @@ import argparse
 import sys
 from typing import Any
 
+from layerskip.config import MEASURES
 from layerskip.cli.common import add_flag
 
-MEASURES = ("softmax", "margin", "saturation")
 DEFAULT_CONF = 0.9  # the seed study's default global threshold
 
 
@@ -58,7 +58,7 @@ def build_dee(args: argparse.Namespace, model: Any):
             1 if every is None else every,
             exit_vocab=vocab,
         )
-    from layerskip.calibrate import load_thresholds, model_fingerprint
+    from layerskip.thresholds import load_thresholds, model_fingerprint
 
     loaded = load_thresholds(path, model.num_layers, measure, fingerprint=model_fingerprint(model))
     changed = [f"--{name} {value} (calibrated with {calibrated})"

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from layerskip.cache import KVCache
+from layerskip.config import MEASURES, check_measure
 from layerskip.errors import ConfigError
 from layerskip.model import decoding, normalize
 from layerskip.generate.base import (
@@ -67,16 +68,6 @@ from layerskip.generate.base import (
     sample_token,
     sampling_probs,
 )
-
-MEASURES = ("softmax", "margin", "saturation")
-MEASURE_RANGE = (0.0, 1.0)  # every measure's confidence lies in [0, 1]
-
-
-def check_measure(measure: str) -> str:
-    if measure not in MEASURES:
-        raise ConfigError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
-    return measure
-
 
 def logit_confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
     """Confidence of exit logits (..., V) -> (...): softmax maximum or top-1 minus top-2."""
