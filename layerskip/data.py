@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import torch
 from layerskip.config import TokenizerConfig
 from layerskip.errors import DataError
 from layerskip.tokenizer import Tokenizer
+from layerskip.console import log
 
 SPLITS = ("train", "valid", "test")
 DATA_DIR_ENV = "LAYERSKIP_DATA_DIR"
@@ -37,10 +37,6 @@ SPLIT_FILE_NAMES = {
     "tokens": {s: (f"wiki.{s}.tokens", f"{s}.txt") for s in SPLITS},
     "raw": {s: (f"wiki.{s}.raw",) for s in SPLITS},
 }
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def cache_root() -> Path:

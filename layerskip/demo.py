@@ -10,7 +10,6 @@ LayerSkip-vs-plain comparison is at equal wall-clock training time.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from layerskip.errors import ConfigError, LayerskipError
 from layerskip.jsonfile import write_json
+from layerskip.console import log
 
 STATE_FILE = "demo.json"
 # Shares of the budget: the two trainings get most of it, equally.
@@ -124,10 +124,6 @@ def with_resume(stage: Stage) -> Stage:
         if run_dir.exists():
             return Stage(stage.name, [*stage.argv, "--overwrite"], stage.done_when)  # a run that never saved
     return stage
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def run_demo(settings: DemoSettings) -> Path:
