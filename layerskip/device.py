@@ -1,4 +1,4 @@
-"""`--device auto|cpu|cuda|mps` -> a torch.device, with one clear error when it is not there."""
+"""Devices: `--device auto|cpu|cuda|mps` -> a torch.device, timing across devices, CPU memory reuse."""
 
 from __future__ import annotations
 
@@ -18,6 +18,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device must be auto, cpu, cuda or mps, got {device!r}")
     return torch.device(device)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work, so a timer read afterwards measures it (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 # glibc mallopt parameters (malloc.h)
