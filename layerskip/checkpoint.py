@@ -47,6 +47,8 @@ RUN_SUBDIRS = ("best", "last")
 
 @dataclass
 class Checkpoint:
+    """A loaded checkpoint: the model (in eval mode), its tokenizer and configs, and where it came from."""
+
     model: Transformer
     tokenizer: Tokenizer
     model_config: ModelConfig
@@ -54,6 +56,11 @@ class Checkpoint:
     train_config: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's shape (an alias of model_config)."""
+        return self.model_config
 
 
 def _weights_state(model: Transformer) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ import torch
 from layerskip.data import eval_windows
 from layerskip.losses import exit_nll_sums
 from layerskip.model import Transformer
+
+if TYPE_CHECKING:
+    from layerskip.checkpoint import Checkpoint
 
 
 @dataclass
@@ -119,7 +122,7 @@ def evaluate_model(
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: Checkpoint | str | Path,
     *,
     split: str = "test",
     data_dir: str | Path | None = None,
@@ -127,13 +130,13 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     max_tokens: int | None = None,
 ) -> EvalResult:
-    """Evaluate a checkpoint (or a run directory's best one) on a WikiText-2 split."""
-    from layerskip.checkpoint import load_checkpoint
+    """Evaluate a loaded checkpoint, a checkpoint directory or a run directory's best one on a WikiText-2 split."""
+    from layerskip.checkpoint import Checkpoint, load_checkpoint
     from layerskip.data import load_corpus
     from layerskip.device import resolve_device
 
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, device=dev)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint,
+                                                                                   device=resolve_device(device))
     corpus = load_corpus(data_dir, tokenizer=ckpt.tokenizer)
     seq_len = int(ckpt.train_config.get("seq_len", ckpt.model_config.max_seq_len))
     result = evaluate_model(

@@ -1,19 +1,17 @@
 """Command-line options of dynamic early exit, shared by `generate --mode dee` (and anyone else).
 
 ``add_dee_arguments(parser)`` adds the flags (argparse only, no torch import);
-``build_dee(args, model)`` turns them into a ``DynamicEarlyExit``.
+``dee_options(args)`` turns them into ``layerskip.api.generate`` options.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from layerskip.config import MEASURES
+from layerskip.api import DEFAULT_CONF
 from layerskip.cli.common import add_flag
-
-DEFAULT_CONF = 0.9  # the seed study's default global threshold
+from layerskip.config import MEASURES
 
 
 def add_dee_arguments(parser: argparse._ActionsContainer) -> None:
@@ -37,42 +35,14 @@ def add_dee_arguments(parser: argparse._ActionsContainer) -> None:
              "(default: the file's, else 1)")
 
 
+def dee_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The DEE flags as options of ``layerskip.api.generate`` (unset flags are None: the documented defaults)."""
+    return {name: getattr(args, name, None)
+            for name in ("thresholds", "conf", "measure", "exit_vocab", "min_exit_layer", "check_every")}
+
+
 def build_dee(args: argparse.Namespace, model: Any):
     """The DynamicEarlyExit the flags describe; a thresholds file's settings are the defaults."""
-    from layerskip.errors import ConfigError
-    from layerskip.generate.dee import DynamicEarlyExit
+    from layerskip.api import build_strategy
 
-    conf = getattr(args, "conf", None)
-    path = getattr(args, "thresholds", None)
-    measure = getattr(args, "measure", None)
-    min_exit = getattr(args, "min_exit_layer", None)
-    every = getattr(args, "check_every", None)
-    vocab = getattr(args, "exit_vocab", None)
-    if conf is not None and path is not None:
-        raise ConfigError("give either --conf (one global threshold) or --thresholds FILE, not both")
-    if path is None:
-        return DynamicEarlyExit(
-            DEFAULT_CONF if conf is None else conf,
-            measure or "softmax",
-            1 if min_exit is None else min_exit,
-            1 if every is None else every,
-            exit_vocab=vocab,
-        )
-    from layerskip.thresholds import load_thresholds, model_fingerprint
-
-    loaded = load_thresholds(path, model.num_layers, measure, fingerprint=model_fingerprint(model))
-    changed = [f"--{name} {value} (calibrated with {calibrated})"
-               for name, value, calibrated in (("min_exit_layer", min_exit, loaded.min_exit_layer),
-                                                ("check_every", every, loaded.check_every),
-                                                ("exit_vocab", vocab, loaded.exit_vocab))
-               if value is not None and value != calibrated]
-    if changed:
-        print(f"warning: {', '.join(changed)}: the guarantee in {path} holds only for the policy it was "
-              "calibrated for", file=sys.stderr)
-    return DynamicEarlyExit(
-        loaded.thresholds,
-        loaded.measure,
-        loaded.min_exit_layer if min_exit is None else min_exit,
-        loaded.check_every if every is None else every,
-        exit_vocab=loaded.exit_vocab if vocab is None else vocab,
-    )
+    return build_strategy(model, "dee", **dee_options(args))

@@ -17,14 +17,12 @@ is full and the statistics say stop_reason "context".
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from typing import Any
 
 from layerskip.cli.common import add_checkpoint_arg, add_device_arg, add_flag
-
-HAS_DEE_ARGS = importlib.util.find_spec("layerskip.cli.dee_args") is not None
+from layerskip.cli.dee_args import add_dee_arguments, dee_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,10 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(ssd, "max_backoff", type=int, default=0,
              help="after a round with no accepted draft, decode the next 1, 2, 4, ... (at most N) tokens "
              "without drafting (default 0: off)")
-    if HAS_DEE_ARGS:
-        from layerskip.cli.dee_args import add_dee_arguments
-
-        add_dee_arguments(parser)
+    add_dee_arguments(parser)
     parser.add_argument("--json", default=None, metavar="OUT", help="also write text and statistics as JSON to OUT")
     add_flag(parser, "threads", type=int, default=None,
              help="torch CPU threads (default 1 on CPU: decoding one sequence of a small model is fastest "
@@ -96,21 +91,14 @@ class TextStream:
             self.printed = text
 
 
-def build_strategy(args: argparse.Namespace, model: Any):
-    from layerskip.errors import ConfigError
-    from layerskip.generate import make_strategy
-
-    if args.mode == "dee":
-        if not HAS_DEE_ARGS:
-            raise ConfigError("--mode dee is not built yet; use --mode ar or --mode ssd")
-        from layerskip.cli.dee_args import build_dee
-
-        return build_dee(args, model)
+def mode_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of the chosen mode, as options of ``layerskip.api.generate``."""
     if args.mode == "ssd":
-        draft_layer = args.draft_layer if args.draft_layer is not None else max(1, model.num_layers // 2)
-        return make_strategy("ssd", draft_layer=draft_layer, k=args.k, adaptive_threshold=args.adaptive_threshold,
-                             bonus=not args.no_bonus, max_backoff=args.max_backoff, draft_vocab=args.draft_vocab)
-    return make_strategy("ar")
+        return {"draft_layer": args.draft_layer, "k": args.k, "adaptive_threshold": args.adaptive_threshold,
+                "bonus": not args.no_bonus, "max_backoff": args.max_backoff, "draft_vocab": args.draft_vocab}
+    if args.mode == "dee":
+        return dee_options(args)
+    return {}
 
 
 def describe(summary: dict[str, Any]) -> str:
@@ -133,12 +121,6 @@ def describe(summary: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The new text as it reads after the prompt (decoding it alone would drop its leading space)."""
-    before, after = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
-    return after[len(before) :] if after.startswith(before) else tokenizer.decode(new_ids)
-
-
 def write_json(document: dict[str, Any], path: str) -> None:
     from layerskip.jsonfile import write_json as write
 
@@ -148,53 +130,41 @@ def write_json(document: dict[str, Any], path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from layerskip.api import generate, load
     from layerskip.device import resolve_device
-    from layerskip.checkpoint import load_checkpoint
     from layerskip.errors import ConfigError
-    from layerskip.generate import SamplingConfig
 
     if args.max_length < 1:
         raise ConfigError(f"--max_length must be >= 1, got {args.max_length}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    sampling = SamplingConfig(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
     device = resolve_device(args.device)
     if args.threads is not None or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
-    ckpt = load_checkpoint(args.checkpoint, device=device)
-    model, tokenizer = ckpt.model, ckpt.tokenizer
-    strategy = build_strategy(args, model)
-    prompt_ids = tokenizer.encode(args.prompt)
-    stream = TextStream(tokenizer, prompt_ids, sys.stdout)
-    stream.flush(final=False)  # the prompt, as the model sees it
-    result = strategy.generate(
-        model,
-        prompt_ids,
-        args.max_length,
-        sampling=sampling,
-        eos_id=tokenizer.eol_id if args.stop_at_eol else None,
-        generator=torch.Generator(device=model.embed_tokens.weight.device).manual_seed(args.seed),
-        on_tokens=stream.write,
-    )
+    ckpt = load(args.checkpoint, device=args.device)
+    temperature = 0.0 if args.greedy else args.temperature
+    stream = TextStream(ckpt.tokenizer, ckpt.tokenizer.encode(args.prompt), sys.stdout)  # prints the prompt too
+    out = generate(ckpt, args.prompt, mode=args.mode, max_new_tokens=args.max_length, temperature=temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eol=args.stop_at_eol,
+                   on_tokens=stream.write, **mode_options(args))
     stream.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    summary = result.summary()
-    print(describe(summary), file=sys.stderr)
+    print(describe(out.stats), file=sys.stderr)
     if args.json:
         write_json(
             {
                 "command": ["layerskip", *sys.argv[1:]],
                 "checkpoint": str(ckpt.path),
                 "mode": args.mode,
-                "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                "sampling": {"temperature": temperature, "top_k": args.top_k, "top_p": args.top_p,
                              "seed": args.seed},
                 "prompt": args.prompt,
-                "prompt_ids": prompt_ids,
-                "text": continuation(tokenizer, prompt_ids, result.tokens),
-                "tokens": result.tokens,
-                "summary": summary,
-                "token_info": result.token_info,
+                "prompt_ids": out.prompt_tokens,
+                "text": out.text,
+                "tokens": out.tokens,
+                "summary": out.stats,
+                "token_info": out.token_info,
             },
             args.json,
         )

@@ -1,0 +1,240 @@
+"""The front door: one call each to load, generate, evaluate, calibrate and train.
+
+    import layerskip
+
+    model = layerskip.load("runs/layerskip")
+    out = layerskip.generate(model, "The game", max_new_tokens=32, mode="ssd", draft_layer=3, k=4)
+    print(out.text)
+
+The `layerskip` command is a thin layer over these functions. Heavy modules (torch and the
+rest) are imported inside them, so that `import layerskip` and `layerskip --help` stay instant.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from layerskip.console import log
+from layerskip.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from layerskip.checkpoint import Checkpoint
+    from layerskip.evaluate import EvalResult
+    from layerskip.generate import Strategy
+    from layerskip.thresholds import Thresholds
+    from layerskip.train import TrainResult
+
+DEFAULT_CONF = 0.9  # the seed study's global DEE threshold, used when neither conf nor thresholds is given
+
+SSD_OPTIONS = ("draft_layer", "k", "adaptive_threshold", "draft_vocab", "max_backoff", "bonus")
+DEE_OPTIONS = ("thresholds", "conf", "measure", "exit_vocab", "min_exit_layer", "check_every")
+
+
+def load(path: str | os.PathLike[str], *, device: str = "auto") -> Checkpoint:
+    """A run or checkpoint directory -> a Checkpoint with ``.model``, ``.tokenizer``, ``.config`` and ``.path``.
+
+    A run directory means its best checkpoint (else its last). ``device``: auto (CUDA when
+    present), cpu, cuda or mps. The model is in eval mode, ready to generate.
+    """
+    from layerskip.checkpoint import load_checkpoint
+    from layerskip.device import resolve_device
+
+    return load_checkpoint(path, device=resolve_device(device))
+
+
+def _loaded(model: Checkpoint | str | os.PathLike[str]) -> Checkpoint:
+    from layerskip.checkpoint import Checkpoint
+
+    return model if isinstance(model, Checkpoint) else load(model)
+
+
+@dataclass
+class Generation:
+    """What ``generate`` returns: the new text and tokens, plus the strategy's statistics."""
+
+    text: str  # the continuation, as it reads after the prompt
+    tokens: list[int]  # the new token ids
+    prompt_tokens: list[int]
+    stats: dict[str, Any]  # tokens_per_second, ms_per_token, stop_reason, acceptance_rate (ssd), mean_exit_layer (dee)
+    token_info: list[dict[str, Any]] = field(default_factory=list)  # per new token: exit layer, or accepted draft
+
+
+def generate(
+    model: Checkpoint | str | os.PathLike[str],
+    prompt: str,
+    *,
+    mode: str = "ar",
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_at_eol: bool = False,
+    on_tokens: Callable[[list[int]], None] | None = None,
+    **options: Any,
+) -> Generation:
+    """Continue `prompt` with autoregressive ("ar"), self-speculative ("ssd") or early-exit ("dee") decoding.
+
+    Temperature 0 (the default) is greedy; greedy ssd and dee with an unreachable threshold
+    produce exactly what greedy ar produces. Mode options:
+
+    - ssd: ``draft_layer`` (E, default half the layers), ``k`` (drafts per round, default 4),
+      ``adaptive_threshold``, ``draft_vocab`` (draft through a short head), ``max_backoff``, ``bonus``.
+    - dee: ``thresholds`` (a thresholds.json path, or what ``calibrate`` returned) or ``conf``
+      (one threshold for every layer, default 0.9); ``measure``, ``exit_vocab``,
+      ``min_exit_layer``, ``check_every`` (default: the thresholds file's).
+
+    ``on_tokens`` is called with each batch of newly committed token ids (streaming).
+    An option that does not belong to `mode` is a ConfigError.
+    """
+    import torch
+
+    from layerskip.generate import SamplingConfig
+
+    ckpt = _loaded(model)
+    strategy = build_strategy(ckpt.model, mode, **options)
+    sampling = SamplingConfig(temperature, top_k, top_p)
+    prompt_ids = ckpt.tokenizer.encode(prompt)
+    device = ckpt.model.embed_tokens.weight.device
+    result = strategy.generate(
+        ckpt.model,
+        prompt_ids,
+        max_new_tokens,
+        sampling=sampling,
+        eos_id=ckpt.tokenizer.eol_id if stop_at_eol else None,
+        generator=torch.Generator(device=device).manual_seed(seed),
+        on_tokens=on_tokens,
+    )
+    return Generation(
+        text=continuation(ckpt.tokenizer, prompt_ids, result.tokens),
+        tokens=result.tokens,
+        prompt_tokens=prompt_ids,
+        stats=result.summary(),
+        token_info=result.token_info,
+    )
+
+
+def continuation(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The new text as it reads after the prompt (decoding it alone would drop its leading space)."""
+    before, after = tokenizer.decode(list(prompt_ids)), tokenizer.decode(list(prompt_ids) + list(new_ids))
+    return after[len(before) :] if after.startswith(before) else tokenizer.decode(list(new_ids))
+
+
+def build_strategy(model: torch.nn.Module, mode: str, **options: Any) -> Strategy:
+    """The decoding strategy for `mode` with its options; unset options take their documented defaults."""
+    from layerskip.generate import MODES, make_strategy
+
+    if mode not in MODES:
+        raise ConfigError(f"unknown generation mode {mode!r}; choose one of {', '.join(MODES)}")
+    allowed = {"ar": (), "ssd": SSD_OPTIONS, "dee": DEE_OPTIONS}[mode]
+    unknown = sorted(set(options) - set(SSD_OPTIONS) - set(DEE_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown generation option(s) {unknown}; mode ssd takes {list(SSD_OPTIONS)}, "
+                          f"mode dee takes {list(DEE_OPTIONS)}")
+    misplaced = sorted(name for name, value in options.items() if value is not None and name not in allowed)
+    if misplaced:
+        raise ConfigError(f"option(s) {misplaced} do not apply to mode {mode!r}")
+    given = {name: value for name, value in options.items() if value is not None}
+    if mode == "ssd":
+        given.setdefault("draft_layer", max(1, model.num_layers // 2))
+        return make_strategy("ssd", **given)
+    if mode == "dee":
+        return _early_exit(model, **given)
+    return make_strategy("ar")
+
+
+def _early_exit(model: torch.nn.Module, *, thresholds: Thresholds | str | os.PathLike[str] | None = None,
+                conf: float | None = None, measure: str | None = None, exit_vocab: int | None = None,
+                min_exit_layer: int | None = None, check_every: int | None = None) -> Strategy:
+    """DynamicEarlyExit from one global threshold, or from calibrated thresholds whose settings are the defaults."""
+    from layerskip.generate.dee import DynamicEarlyExit
+
+    if conf is not None and thresholds is not None:
+        raise ConfigError("give either conf (one global threshold) or thresholds (calibrated), not both")
+    if thresholds is None:
+        return DynamicEarlyExit(DEFAULT_CONF if conf is None else conf, measure or "softmax",
+                                1 if min_exit_layer is None else min_exit_layer,
+                                1 if check_every is None else check_every, exit_vocab=exit_vocab)
+    policy = _checked_thresholds(model, thresholds, measure)
+    overridden = [f"--{name} {value} (calibrated with {calibrated})"
+                  for name, value, calibrated in (("min_exit_layer", min_exit_layer, policy.min_exit_layer),
+                                                   ("check_every", check_every, policy.check_every),
+                                                   ("exit_vocab", exit_vocab, policy.exit_vocab))
+                  if value is not None and value != calibrated]
+    if overridden:
+        log(f"warning: {', '.join(overridden)}: the guarantee in {policy.path} holds only for the policy it was "
+            "calibrated for")
+    return DynamicEarlyExit(
+        policy.thresholds,
+        policy.measure,
+        policy.min_exit_layer if min_exit_layer is None else min_exit_layer,
+        policy.check_every if check_every is None else check_every,
+        exit_vocab=policy.exit_vocab if exit_vocab is None else exit_vocab,
+    )
+
+
+def _checked_thresholds(model: torch.nn.Module, thresholds: Thresholds | str | os.PathLike[str],
+                        measure: str | None) -> Thresholds:
+    """A thresholds file (or loaded thresholds) checked against this model's weights, depth and measure."""
+    from layerskip.thresholds import Thresholds, load_thresholds, model_fingerprint
+
+    if not isinstance(thresholds, Thresholds):
+        return load_thresholds(thresholds, model.num_layers, measure, fingerprint=model_fingerprint(model))
+    made_for = (thresholds.record.get("model") or {}).get("fingerprint")
+    if thresholds.num_layers != model.num_layers:
+        raise ConfigError(f"these thresholds were made for a {thresholds.num_layers}-layer model, but this model "
+                          f"has {model.num_layers} layers")
+    if measure is not None and measure != thresholds.measure:
+        raise ConfigError(f"these thresholds were calibrated for the {thresholds.measure!r} measure, not {measure!r}")
+    if made_for is not None and made_for != model_fingerprint(model):
+        raise ConfigError("these thresholds were calibrated for another model; their guarantee does not carry "
+                          "over: calibrate this one")
+    return thresholds
+
+
+def evaluate(model: Checkpoint | str | os.PathLike[str], split: str = "test", *,
+             data_dir: str | os.PathLike[str] | None = None, batch_size: int = 16,
+             max_tokens: int | None = None) -> EvalResult:
+    """Loss, token- and word-level perplexity of every exit 1..L on a WikiText-2 split ("valid" or "test").
+
+    ``.table()`` prints it; ``.layers[-1]`` is the full model. ``data_dir`` defaults to
+    $LAYERSKIP_DATA_DIR, then the per-user cache, then a download.
+    """
+    from layerskip.evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(_loaded(model), split=split, data_dir=data_dir, batch_size=batch_size,
+                               max_tokens=max_tokens)
+
+
+def calibrate(model: Checkpoint | str | os.PathLike[str], *, delta: float = 0.01, epsilon: float = 0.05,
+              output: str | os.PathLike[str] | None = None, **options: Any) -> Thresholds:
+    """Per-layer DEE thresholds whose disagreement with the full model is <= delta with probability >= 1 - epsilon.
+
+    Reads only the validation split. ``output``: also write thresholds.json there. Options as
+    `layerskip calibrate` (measure, method, exit_vocab, min_exit_layer, check_every, data_dir,
+    max_tokens, ...). Pass the result to ``generate(..., mode="dee", thresholds=...)``.
+    """
+    from layerskip.calibrate import calibrate_checkpoint
+
+    return calibrate_checkpoint(_loaded(model), delta=delta, epsilon=epsilon, output=output, **options)
+
+
+def train(out_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None, resume: bool = False,
+          overwrite: bool = False, device: str = "auto", progress: bool = True, **settings: Any) -> TrainResult:
+    """Train a model into out_dir (best/, last/, metrics.jsonl); settings are TrainConfig's fields.
+
+    LayerSkip is on by default (layer dropout + early-exit loss); ``max_skip_prob=0,
+    early_exit_scale=0`` trains a plain model. ``resume=True`` continues the run in out_dir.
+    Returns the result, whose ``.best`` is the best checkpoint's path.
+    """
+    from layerskip.train import TrainConfig, resume_config
+    from layerskip.train import train as run_training
+
+    cfg = resume_config(out_dir, settings) if resume else TrainConfig.from_dict(settings)
+    return run_training(cfg, out_dir, data_dir=data_dir, resume=resume, overwrite=overwrite, device=device,
+                        progress=progress)
