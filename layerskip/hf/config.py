@@ -47,34 +47,23 @@ def hf_config(cfg: ModelConfig, *, eos_id: int | None, extra: dict[str, Any]) ->
     }
 
 
-def refusal(where: Path, message: str) -> CheckpointError:
-    """The error for a model layerskip cannot represent exactly."""
-    return CheckpointError(f"{where}: {message}; layerskip can only import Llama-architecture models it can "
-                           "represent exactly")
-
-
-def _rope_theta(hf: dict[str, Any], where: Path) -> float:
-    """Rotary theta from the 4.x or 5.x fields; scaled or partial rotary positions are refused."""
-    scaling = hf.get("rope_scaling")
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict):  # transformers 5: {"rope_type": ..., "rope_theta": ...}
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise refusal(where, f"rope_parameters has rope_type {rope_type!r} (only plain rotary, 'default', "
-                                 "is supported)")
-        extra = sorted(set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
-        if extra or params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise refusal(where, f"rope_parameters has settings {extra or ['partial_rotary_factor']} "
-                                 "that plain rotary positions do not have")
-    elif params is not None:
-        raise refusal(where, f"rope_parameters is {params!r}, expected an object")
-    if scaling is not None and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type"))
-                                    == "default" and set(scaling) <= {"rope_type", "type", "rope_theta"}):
-        raise refusal(where, f"rope_scaling is {scaling!r} (only none is supported)")
-    theta = (params or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    if "rope_theta" in hf and theta != hf["rope_theta"]:
-        raise refusal(where, f"rope_theta {hf['rope_theta']} disagrees with rope_parameters' {theta}")
-    return float(theta)
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """config.json of a Hugging Face model directory, refusing what is not one."""
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir} is not a directory; pass a Hugging Face model directory "
+                              "(config.json + *.safetensors)")
+    path = hf_dir / HF_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{hf_dir} has no {HF_CONFIG}; it is not a Hugging Face model directory")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    if config.get("format") == "layerskip-checkpoint":
+        raise CheckpointError(f"{hf_dir} is already a layerskip checkpoint; use it directly")
+    return config
 
 
 def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
@@ -127,6 +116,36 @@ def _refuse_what_we_lack(hf: dict[str, Any], where: Path) -> None:
                              f"{hf['hidden_size']}/{heads} (ours always is)")
 
 
+def _rope_theta(hf: dict[str, Any], where: Path) -> float:
+    """Rotary theta from the 4.x or 5.x fields; scaled or partial rotary positions are refused."""
+    scaling = hf.get("rope_scaling")
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict):  # transformers 5: {"rope_type": ..., "rope_theta": ...}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise refusal(where, f"rope_parameters has rope_type {rope_type!r} (only plain rotary, 'default', "
+                                 "is supported)")
+        extra = sorted(set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+        if extra or params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise refusal(where, f"rope_parameters has settings {extra or ['partial_rotary_factor']} "
+                                 "that plain rotary positions do not have")
+    elif params is not None:
+        raise refusal(where, f"rope_parameters is {params!r}, expected an object")
+    if scaling is not None and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type"))
+                                    == "default" and set(scaling) <= {"rope_type", "type", "rope_theta"}):
+        raise refusal(where, f"rope_scaling is {scaling!r} (only none is supported)")
+    theta = (params or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    if "rope_theta" in hf and theta != hf["rope_theta"]:
+        raise refusal(where, f"rope_theta {hf['rope_theta']} disagrees with rope_parameters' {theta}")
+    return float(theta)
+
+
+def refusal(where: Path, message: str) -> CheckpointError:
+    """The error for a model layerskip cannot represent exactly."""
+    return CheckpointError(f"{where}: {message}; layerskip can only import Llama-architecture models it can "
+                           "represent exactly")
+
+
 def own_export(hf: dict[str, Any]) -> dict[str, Any] | None:
     """The section ``export_hf`` keeps in config.json (our configs and metadata); None for other models."""
     extra = hf.get(LAYERSKIP_KEY)
@@ -151,23 +170,3 @@ def own_tokenizer_config(own: dict[str, Any]) -> TokenizerConfig | None:
         return TokenizerConfig.from_dict(own.get("tokenizer", {}))
     except (ConfigError, TypeError):
         return None
-
-
-def read_hf_config(hf_dir: Path) -> dict[str, Any]:
-    """config.json of a Hugging Face model directory, refusing what is not one."""
-    if not hf_dir.is_dir():
-        raise CheckpointError(f"{hf_dir} is not a directory; pass a Hugging Face model directory "
-                              "(config.json + *.safetensors)")
-    path = hf_dir / HF_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{hf_dir} has no {HF_CONFIG}; it is not a Hugging Face model directory")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    if config.get("format") == "layerskip-checkpoint":
-        raise CheckpointError(f"{hf_dir} is already a layerskip checkpoint; use it directly")
-    return config
-
