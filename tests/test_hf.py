@@ -165,11 +165,11 @@ def test_round_trip_ours_hf_ours_is_exact(variant, tmp_path, tiny_tokenizer):
 
 
 def test_import_builds_the_plain_way_when_the_fast_build_leaves_state_unset(exported, monkeypatch):
-    import layerskip.hf as hf_module
+    import layerskip.hf.weights as weights_module
 
     model, directory = exported
     meta = torch.empty(0, device="meta")
-    monkeypatch.setattr(hf_module, "rotary_tables", lambda *args: (meta, meta))
+    monkeypatch.setattr(weights_module, "rotary_tables", lambda *args: (meta, meta))
     back = import_hf(directory)
     idx = torch.randint(0, model.config.vocab_size, (1, 20))
     with torch.no_grad():
