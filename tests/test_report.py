@@ -12,7 +12,10 @@ from test_bench import shared_tiny_results
 from layerskip.bench import write_results
 from layerskip.cli import main
 from layerskip.errors import DataError
-from layerskip.report import PLOT_FILES, featured_samples, fmt, load_results, write_report
+from layerskip.report import PLOT_FILES, load_results, write_report
+from layerskip.report.featured import featured_dee
+from layerskip.report.format import fmt
+from layerskip.report.samples import featured_samples
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -112,8 +115,6 @@ def test_html_colours_every_sample_token(report, results):
 
 
 def test_featured_dee_prefers_calibrated_then_early_and_faithful(results):
-    from layerskip.report import featured_dee
-
     main, baseline = results["models"]
     assert featured_dee(main)["id"] == "dee-calibrated"
     chosen = featured_dee(baseline)  # no calibration: never the unreachable-threshold (full model) config
@@ -160,7 +161,6 @@ def test_cli_report(results, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-
 def test_partial_evaluation_is_labelled(results, tmp_path):
     partial = copy.deepcopy(results)
     for model in partial["models"]:
@@ -175,12 +175,8 @@ def test_partial_evaluation_is_labelled(results, tmp_path):
 
 
 def test_an_output_path_that_is_a_file_is_one_clear_error(results, tmp_path, capsys):
-    import json as _json
-
-    from layerskip.cli import main
-
     results_path = tmp_path / "results.json"
-    results_path.write_text(_json.dumps(results))
+    results_path.write_text(json.dumps(results))
     taken = tmp_path / "report.txt"
     taken.write_text("keep me")
     assert main(["report", str(results_path), "--out", str(taken)]) == 2
