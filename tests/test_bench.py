@@ -9,14 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REAL_DATA_DIR, tiny_model
 
-from layerskip.bench import (
-    BenchSettings,
-    lcs_length,
-    rouge_l,
-    run_bench,
-    select_prompts,
-    write_results,
-)
+from layerskip.bench import BenchSettings, lcs_length, rouge_l, run_bench, select_prompts, write_results
 from layerskip.checkpoint import load_checkpoint, save_checkpoint
 from layerskip.cli import main
 from layerskip.config import TokenizerConfig
