@@ -2,26 +2,22 @@
 
     python benchmarks/ar_baseline.py
 
-The minimal loop is the throwaway the SSD issue quotes (~2.1 ms/token eager at d128/6 layers
-on a quiet machine): a full forward per token with the KV cache, the model's lm_head, argmax.
-Random default-size model, one thread, 15 interleaved pairs of 100-token generations;
-prints both medians and the median of the paired ratios.
+The minimal loop is the throwaway the SSD issue quotes: a full forward per token with the KV
+cache, the model's lm_head, argmax. Random default-size model (layerskip.bench.models), one
+thread, 15 interleaved pairs of 100-token generations; prints both medians and the median of
+the paired ratios.
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from layerskip.config import ModelConfig  # noqa: E402
-from layerskip.generate import Autoregressive  # noqa: E402
-from layerskip.model import Transformer  # noqa: E402
+from layerskip.bench.models import load_model
+from layerskip.generate import Autoregressive
+from layerskip.model import Transformer
 
 
 @torch.inference_mode()
@@ -39,10 +35,9 @@ def minimal_loop(model: Transformer, prompt: list[int], n: int) -> float:
 
 
 def main() -> None:
-    torch.manual_seed(0)
     torch.set_num_threads(1)
-    model = Transformer(ModelConfig(dropout=0.0)).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (20,)).tolist()
+    bench = load_model()
+    model, prompt = bench.model, bench.prompts(1, 20)[0]
     loop, ours = [], []
     for _ in range(15):
         loop.append(minimal_loop(model, prompt, 100))

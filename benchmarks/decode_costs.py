@@ -17,17 +17,12 @@ records the same costs per model (layerskip.costs).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from layerskip.config import ModelConfig  # noqa: E402
-from layerskip.costs import PIECES, StepCosts, dee_estimate, exit_share_needed, measure_step_costs  # noqa: E402
-from layerskip.errors import run_script  # noqa: E402
-from layerskip.model import Transformer  # noqa: E402
+from layerskip.bench.models import load_model
+from layerskip.costs import PIECES, StepCosts, dee_estimate, exit_share_needed, measure_step_costs
+from layerskip.errors import run_script
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,19 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load(checkpoint: str | None) -> Transformer:
-    if checkpoint is None:
-        torch.manual_seed(0)
-        return Transformer(ModelConfig(dropout=0.0)).eval()
-    from layerskip.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint).model.eval()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load(args.checkpoint)
+    model = load_model(args.checkpoint).model
     counts = None if args.exit_counts is None else [int(x) for x in args.exit_counts.split(",") if x.strip()]
     costs = measure_step_costs(model, check_vocab=args.exit_vocab or None, position=args.position,
                                repeats=args.repeats)

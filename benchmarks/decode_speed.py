@@ -1,9 +1,9 @@
 """Decode speed: autoregressive vs self-speculative decoding, greedy, over a sweep of E and k.
 
-    # a trained checkpoint, prompts from the WikiText-2 test split ($LAYERSKIP_DATA_DIR)
+    # a trained checkpoint on the prompts `layerskip bench` decodes (seeded test-split paragraphs)
     python benchmarks/decode_speed.py --checkpoint runs/layerskip --prompts 100
-    # no checkpoint: a random default-size model (d128, 6 layers, vocab 8192, context 256);
-    # --best_case zeroes what blocks 1..L-1 add to the residual stream, so every draft is
+    # no checkpoint: a random default-size model (d128, 6 layers, vocab 8192, context 256) on
+    # random prompts (both from layerskip.bench.models); --best_case zeroes what blocks 1..L-1 add to the residual stream, so every draft is
     # accepted at the same compute cost: the ceiling of SSD's speed-up on this machine
     python benchmarks/decode_speed.py --best_case --draft_layers 2,3 --ks 2,4,6
 
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import random
 import statistics
 import sys
 import time
@@ -28,12 +26,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from layerskip.config import ModelConfig  # noqa: E402
-from layerskip.errors import run_script  # noqa: E402
-from layerskip.generate import Autoregressive, SelfSpeculative  # noqa: E402
-from layerskip.model import Transformer  # noqa: E402
+from layerskip.bench.machine import cpu_model
+from layerskip.bench.models import load_model
+from layerskip.errors import run_script
+from layerskip.generate import Autoregressive, SelfSpeculative
 
 
 def int_list(text: str) -> list[int]:
@@ -73,37 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_model(args) -> tuple[Transformer, list[list[int]], str]:
-    """The model and the prompts (token ids), and where the prompts came from."""
-    rng = random.Random(args.seed)
-    if args.checkpoint is None:
-        torch.manual_seed(args.seed)
-        model = Transformer(ModelConfig(dropout=0.0)).eval()
-        if args.best_case:
-            with torch.no_grad():
-                for block in model.layers[1:]:
-                    block.attn.o_proj.weight.mul_(args.residual_scale)
-                    block.mlp.down_proj.weight.mul_(args.residual_scale)
-        vocab = model.config.vocab_size
-        prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.prompts + args.warmup)]
-        return model, prompts, "random token ids"
-    from layerskip.checkpoint import load_checkpoint
-    from layerskip.data import find_split_files, read_lines, resolve_data_dir
-
-    ckpt = load_checkpoint(args.checkpoint)
-    lines = read_lines(find_split_files(resolve_data_dir(args.data_dir))["test"])
-    paragraphs = [line for line in lines if line.strip() and not line.strip().startswith("=")]
-    rng.shuffle(paragraphs)
-    prompts = []
-    for line in paragraphs:
-        ids = ckpt.tokenizer.encode(line)
-        if len(ids) >= args.prompt_len:
-            prompts.append(ids[: args.prompt_len])
-        if len(prompts) == args.prompts + args.warmup:
-            break
-    return ckpt.model, prompts, "WikiText-2 test paragraphs (first prompt_len tokens), shuffled with --seed"
-
-
 def strategies(args, num_layers: int) -> dict[str, object]:
     configs: dict[str, object] = {"ar": Autoregressive()}
     for e in args.draft_layers or range(1, num_layers):
@@ -128,49 +93,20 @@ def strategies(args, num_layers: int) -> dict[str, object]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, prompts, source = load_model(args)
-    model = model.to(getattr(torch, args.dtype))
+    bench = load_model(args.checkpoint, seed=args.seed, best_case_after=1 if args.best_case else None,
+                       residual_scale=args.residual_scale)
+    prompts = bench.prompts(args.prompts + args.warmup, args.prompt_len, args.seed, args.data_dir)
+    model = bench.model.to(getattr(torch, args.dtype))
     configs = strategies(args, model.num_layers)
-    names = list(configs)
-    runs: dict[str, list[dict]] = {name: [] for name in names}
     started = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
-        results = {name: configs[name].generate(model, prompt, args.new_tokens) for name in order}
-        if i < args.warmup:
-            continue
-        for name, r in results.items():
-            runs[name].append({"ms_per_token": r.ms_per_token, "tokens": r.tokens, "stats": r.stats,
-                               "speedup": results["ar"].seconds / r.seconds,
-                               "identical": r.tokens == results["ar"].tokens})
-        print(f"\rprompt {i + 1 - args.warmup}/{len(prompts) - args.warmup}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    rows = []
-    for name in names:
-        rs = runs[name]
-        drafted = sum(r["stats"].get("drafted_tokens", 0) for r in rs)
-        accepted = sum(r["stats"].get("accepted_tokens", 0) for r in rs)
-        rounds = sum(r["stats"].get("rounds", 0) for r in rs)
-        rows.append({
-            "config": name,
-            "ms_per_token": statistics.median(r["ms_per_token"] for r in rs),
-            "speedup": statistics.median(r["speedup"] for r in rs),
-            "acceptance_rate": accepted / drafted if drafted else None,
-            "mean_accepted_per_round": accepted / rounds if rounds else None,
-            "identical_to_ar": sum(r["identical"] for r in rs) / len(rs),
-        })
-    print(f"{'config':<36} {'ms/token':>9} {'speed-up':>9} {'accept':>7} {'acc/round':>9} {'== AR':>6}")
-    for row in rows:
-        acc = "" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
-        per = "" if row["mean_accepted_per_round"] is None else f"{row['mean_accepted_per_round']:.2f}"
-        print(f"{row['config']:<36} {row['ms_per_token']:>9.3f} {row['speedup']:>8.2f}x {acc:>7} {per:>9} "
-              f"{100 * row['identical_to_ar']:>5.0f}%")
+    runs = measure(model, configs, prompts, args.new_tokens, args.warmup)
+    rows = [summarize(name, config_runs) for name, config_runs in runs.items()]
+    print_table(rows)
     if args.json:
         doc = {
             "command": [sys.executable, *sys.argv],
-            "settings": vars(args) | {"prompt_source": source},
-            "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads()},
+            "settings": vars(args) | {"prompt_source": bench.prompt_source},
+            "machine": {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()},
             "model": model.config.to_dict(),
             "wall_seconds": time.perf_counter() - started,
             "results": rows,
@@ -178,6 +114,49 @@ def main(argv=None) -> int:
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
+
+
+def measure(model, configs: dict[str, object], prompts: list[list[int]], new_tokens: int,
+            warmup: int) -> dict[str, list[dict]]:
+    """Every config on every prompt, back to back in rotating order; the first warmup prompts untimed."""
+    names = list(configs)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for i, prompt in enumerate(prompts):
+        order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
+        results = {name: configs[name].generate(model, prompt, new_tokens) for name in order}
+        if i < warmup:
+            continue
+        for name, r in results.items():
+            runs[name].append({"ms_per_token": r.ms_per_token, "tokens": r.tokens, "stats": r.stats,
+                               "speedup": results["ar"].seconds / r.seconds,
+                               "identical": r.tokens == results["ar"].tokens})
+        print(f"\rprompt {i + 1 - warmup}/{len(prompts) - warmup}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return runs
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    """Medians over prompts; acceptance pooled over all rounds."""
+    drafted = sum(r["stats"].get("drafted_tokens", 0) for r in runs)
+    accepted = sum(r["stats"].get("accepted_tokens", 0) for r in runs)
+    rounds = sum(r["stats"].get("rounds", 0) for r in runs)
+    return {
+        "config": name,
+        "ms_per_token": statistics.median(r["ms_per_token"] for r in runs),
+        "speedup": statistics.median(r["speedup"] for r in runs),
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_accepted_per_round": accepted / rounds if rounds else None,
+        "identical_to_ar": sum(r["identical"] for r in runs) / len(runs),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'config':<36} {'ms/token':>9} {'speed-up':>9} {'accept':>7} {'acc/round':>9} {'== AR':>6}")
+    for row in rows:
+        acc = "" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
+        per = "" if row["mean_accepted_per_round"] is None else f"{row['mean_accepted_per_round']:.2f}"
+        print(f"{row['config']:<36} {row['ms_per_token']:>9.3f} {row['speedup']:>8.2f}x {acc:>7} {per:>9} "
+              f"{100 * row['identical_to_ar']:>5.0f}%")
 
 
 if __name__ == "__main__":

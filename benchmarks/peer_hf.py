@@ -19,6 +19,9 @@ With --checkpoint the model is exported with `layerskip export-hf` into a tempor
 directory and transformers loads it from there. --random builds the default model shape with
 random weights in which the layers after --draft-layer are switched off (their output
 projections zeroed), so every draft is accepted: the best case for both implementations.
+Prompts (layerskip.bench.models): with --checkpoint those `layerskip bench` decodes (seeded
+test-split paragraphs from --data-dir, else $LAYERSKIP_DATA_DIR or the cache), with --random
+seeded random token ids; both cut to --prompt-tokens.
 One JSON document (versions, exact command, every sample, ratios) goes to --out, a summary
 table to stderr.
 """
@@ -38,17 +41,11 @@ from pathlib import Path
 import torch
 
 from layerskip import __version__
-from layerskip.config import ModelConfig
+from layerskip.bench.models import BenchModel, load_model
+from layerskip.console import log
+from layerskip.device import synchronize
 from layerskip.errors import run_script
 from layerskip.generate import Autoregressive, SelfSpeculative
-from layerskip.model import Transformer
-
-DEFAULT_PROMPTS = [
-    " = Valkyria Chronicles III = ",
-    " The game began development in 2010 , carrying over a large portion of the work done on",
-    " Robert Boulter is an English film , television and theatre actor . He had a guest @-@ starring role",
-    " The ship was laid down at the naval yard in 1911 and launched the following year , when",
-]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,46 +75,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_models(args: argparse.Namespace, workdir: Path):
-    """(our model, transformers' model from the exported directory, our tokenizer or None)."""
+    """(ours as a BenchModel, transformers' model of the same weights): a checkpoint exported with
+    `layerskip export-hf` into workdir, or the best-case random model converted in memory."""
     from transformers import AutoModelForCausalLM
 
-    from layerskip.checkpoint import load_checkpoint
-    from layerskip.hf import export_hf, hf_config, hf_name
+    from layerskip.hf import export_hf
 
-    if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint)
-        hf_dir = export_hf(ckpt, workdir / "hf")
-        return ckpt.model.eval(), AutoModelForCausalLM.from_pretrained(hf_dir).float().eval(), ckpt.tokenizer
+    bench = load_model(args.checkpoint, best_case_after=args.draft_layer)
+    if bench.checkpoint is not None:
+        hf_dir = export_hf(bench.checkpoint, workdir / "hf")
+        return bench, AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
+    return bench, random_hf_model(bench)
+
+
+def random_hf_model(bench: BenchModel):
+    """LlamaForCausalLM with our random model's weights, and no eos so it runs every token."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(dropout=0.0)).eval()
-    with torch.no_grad():
-        for block in model.layers[args.draft_layer:]:  # blocks after E add nothing: drafts always accepted
-            block.attn.o_proj.weight.zero_()
-            block.mlp.down_proj.weight.zero_()
+    from layerskip.hf import hf_config, hf_name
+
+    model = bench.model
     config = {k: v for k, v in hf_config(model.config, eos_id=None, extra={}).items() if k != "layerskip"}
     hf = LlamaForCausalLM(LlamaConfig(**config)).float().eval()
     state = {hf_name(k): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.generation_config.eos_token_id = None
-    return model, hf, None
-
-
-def make_prompts(args: argparse.Namespace, tokenizer, vocab_size: int) -> list[list[int]]:
-    if tokenizer is None:
-        g = torch.Generator().manual_seed(0)
-        return [torch.randint(3, vocab_size, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.prompts)]
-    texts = DEFAULT_PROMPTS
-    data_dir = args.data_dir or os.environ.get("LAYERSKIP_DATA_DIR")
-    if data_dir:
-        from layerskip.data import find_split_files, read_lines
-
-        lines = read_lines(find_split_files(Path(data_dir))["test"])
-        texts = [line for line in lines if len(line.split()) > 2 * args.prompt_tokens and " = " not in line[:4]]
-    prompts = [tokenizer.encode(text)[: args.prompt_tokens] for text in texts]
-    return [p for p in prompts if p][: args.prompts]
+    return hf
 
 
 # ----------------------------------------------------------------------------- runners
@@ -128,20 +112,15 @@ def ours(strategy, model, prompt: list[int], n: int) -> tuple[list[int], float, 
     return result.tokens, result.seconds, result.stats
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def hf_generate(hf, prompt: list[int], n: int, **kwargs) -> tuple[list[int], float, dict]:
     """transformers' generate; its generation config has no eos, so it runs n tokens like ours."""
     ids = torch.tensor([prompt], device=hf.device)
-    sync(hf.device)
+    synchronize(hf.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                           pad_token_id=0, **kwargs)
-    sync(hf.device)
+    synchronize(hf.device)
     seconds = time.perf_counter() - start
     return out[0, len(prompt):].tolist(), seconds, {}
 
@@ -209,7 +188,7 @@ def measure(configs: dict, prompts: list[list[int]], n: int, repeats: int) -> di
                 results[label]["tokens"][i] = tokens
                 if r == 0 and stats:
                     results[label]["stats"].append(stats)
-        print(f"repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+        log(f"repeat {r + 1}/{repeats} done")
     for entry in results.values():
         entry["median_ms_per_token"] = statistics.median(entry["ms_per_token"])
     return results
@@ -270,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()  # deprecation chatter from inside assisted generation
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as workdir:
-        model, hf, tokenizer = load_models(args, Path(workdir))
-    model, hf = model.to(device), hf.to(device)
+        bench, hf = load_models(args, Path(workdir))
+    model, hf = bench.model.to(device), hf.to(device)
     cfg = model.config
     if not 1 <= args.draft_layer < cfg.num_layers:
         raise SystemExit(f"--draft-layer must be in 1..{cfg.num_layers - 1}")
-    prompts = make_prompts(args, tokenizer, cfg.vocab_size)
+    prompts = bench.prompts(args.prompts, args.prompt_tokens, data_dir=args.data_dir)
     n = min(args.max_new_tokens, cfg.max_seq_len - max(map(len, prompts)))
     results = measure(build_configs(args, model, hf), prompts, n, args.repeats)
     summary = summarize(results)
@@ -292,11 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(doc, indent=2))
     width = max(map(len, results))
     for label, entry in results.items():
-        print(f"{label:<{width}}  {entry['median_ms_per_token']:8.3f} ms/token  same tokens as greedy: "
-              f"{summary['same_tokens_as_plain_greedy'][label]}", file=sys.stderr)
+        log(f"{label:<{width}}  {entry['median_ms_per_token']:8.3f} ms/token  same tokens as greedy: "
+            f"{summary['same_tokens_as_plain_greedy'][label]}")
     for name, value in summary["ratios"].items():
-        print(f"{name}: {value:.2f}x", file=sys.stderr)
-    print(f"wrote {args.out}", file=sys.stderr)
+        log(f"{name}: {value:.2f}x")
+    log(f"wrote {args.out}")
     return 0
 
 

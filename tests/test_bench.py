@@ -10,11 +10,11 @@ import pytest
 from conftest import REAL_DATA_DIR, tiny_model
 
 from layerskip.bench import BenchSettings, lcs_length, rouge_l, run_bench, select_prompts, write_results
-from layerskip.thresholds import model_fingerprint
 from layerskip.checkpoint import load_checkpoint, save_checkpoint
 from layerskip.cli import main
 from layerskip.config import TokenizerConfig
 from layerskip.errors import ConfigError
+from layerskip.thresholds import model_fingerprint
 
 NUM_LAYERS = 4
 TINY_SETTINGS = BenchSettings(
@@ -262,9 +262,9 @@ def test_prompt_choice_is_seeded(tiny_corpus_dir, tiny_tokenizer):
     from layerskip.data import read_lines
 
     lines = read_lines(tiny_corpus_dir / "wiki.test.tokens")
-    first = select_prompts(lines, tiny_tokenizer, BenchSettings(num_prompts=5, prompt_tokens=8))
-    again = select_prompts(lines, tiny_tokenizer, BenchSettings(num_prompts=5, prompt_tokens=8))
-    other = select_prompts(lines, tiny_tokenizer, BenchSettings(num_prompts=5, prompt_tokens=8, seed=1))
+    first = select_prompts(lines, tiny_tokenizer, num_prompts=5, prompt_tokens=8, seed=0)
+    again = select_prompts(lines, tiny_tokenizer, num_prompts=5, prompt_tokens=8, seed=0)
+    other = select_prompts(lines, tiny_tokenizer, num_prompts=5, prompt_tokens=8, seed=1)
     assert first == again and first != other
     for p in first:
         assert not p.text.strip().startswith("=") and len(tiny_tokenizer.encode(p.text)) > 8
@@ -275,7 +275,7 @@ def test_prompts_from_the_real_test_split_are_paragraphs(tiny_tokenizer):
     from layerskip.data import find_split_files, read_lines
 
     lines = read_lines(find_split_files(Path(REAL_DATA_DIR))["test"])
-    prompts = select_prompts(lines, tiny_tokenizer, BenchSettings(num_prompts=16, prompt_tokens=32))
+    prompts = select_prompts(lines, tiny_tokenizer, num_prompts=16, prompt_tokens=32, seed=0)
     assert len(prompts) == 16 and len({p.paragraph for p in prompts}) == 16
     for p in prompts:
         assert lines[p.paragraph] == p.text and p.text.strip() and not p.text.strip().startswith("= ")
