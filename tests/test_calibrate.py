@@ -19,6 +19,7 @@ from layerskip.config import TokenizerConfig
 from layerskip.errors import ConfigError
 from layerskip.config import MEASURES
 from layerskip.generate.dee import DynamicEarlyExit
+from layerskip.thresholds import load_thresholds, model_fingerprint
 
 NUM_LAYERS = 4  # tiny_model's
 
@@ -186,7 +187,7 @@ def test_bad_calibration_settings(scores, kwargs, match):
 def write_file(tmp_path, scores, model, delta=0.2):
     out = cal.calibrate_scores(scores, delta=delta)
     record = cal.thresholds_record(out, data={"split": "valid", "tokens": scores.num_tokens},
-                                   model_info={"fingerprint": cal.model_fingerprint(model), "num_layers": 4})
+                                   model_info={"fingerprint": model_fingerprint(model), "num_layers": 4})
     return out, cal.write_json_atomic(tmp_path / "thresholds.json", record)
 
 
@@ -196,7 +197,7 @@ def test_thresholds_file_round_trip(tmp_path, scores, model):
     for key in ("thresholds", "measure", "delta", "epsilon", "data", "risk", "model", "method", "guarantee"):
         assert key in record
     assert record["data"]["split"] == "valid" and record["risk"]["test_tokens"] == out.test_tokens
-    loaded = cal.load_thresholds(path, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(model))
+    loaded = load_thresholds(path, NUM_LAYERS, "softmax", fingerprint=model_fingerprint(model))
     assert loaded.thresholds == out.thresholds and list(loaded) == out.thresholds
     assert loaded.delta == 0.2 and loaded.measure == "softmax"
     dee = loaded.strategy()
@@ -204,20 +205,20 @@ def test_thresholds_file_round_trip(tmp_path, scores, model):
     # min_exit_layer / check_every in the file are part of the policy: unchecked layers read as inf.
     record = json.loads(path.read_text())
     (tmp_path / "m.json").write_text(json.dumps(edit(record, thresholds=[0.5, 0.5, 0.5], min_exit_layer=2)))
-    assert cal.load_thresholds(tmp_path / "m.json", NUM_LAYERS).thresholds == [math.inf, 0.5, 0.5]
+    assert load_thresholds(tmp_path / "m.json", NUM_LAYERS).thresholds == [math.inf, 0.5, 0.5]
 
 
 def test_short_head_calibration_is_recorded_and_restored(tmp_path, counted_model):
     s = cal.exit_scores(counted_model, random_text(3200, 6), "softmax", batch_size=50, exit_vocab=20)
     out = cal.calibrate_scores(s, delta=0.2)
     assert out.exit_vocab == 20
-    record = cal.thresholds_record(out, data={}, model_info={"fingerprint": cal.model_fingerprint(counted_model)})
+    record = cal.thresholds_record(out, data={}, model_info={"fingerprint": model_fingerprint(counted_model)})
     path = cal.write_json_atomic(tmp_path / "short.json", record)
     assert json.loads(path.read_text())["exit_vocab"] == 20
-    loaded = cal.load_thresholds(path, NUM_LAYERS, fingerprint=cal.model_fingerprint(counted_model))
+    loaded = load_thresholds(path, NUM_LAYERS, fingerprint=model_fingerprint(counted_model))
     assert loaded.exit_vocab == 20 and loaded.strategy().exit_vocab == 20
     # the token counts choose the short head, so they are part of the model's fingerprint
-    assert cal.model_fingerprint(counted_model) != cal.model_fingerprint(tiny_model(seed=0))
+    assert model_fingerprint(counted_model) != model_fingerprint(tiny_model(seed=0))
 
 
 def edit(record, **changes):
@@ -256,15 +257,15 @@ def test_malformed_or_mismatched_thresholds_file_is_refused(tmp_path, scores, mo
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(make(json.loads(path.read_text()))))  # json writes NaN as NaN
     with pytest.raises(ConfigError, match=match):
-        cal.load_thresholds(bad, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(model))
+        load_thresholds(bad, NUM_LAYERS, "softmax", fingerprint=model_fingerprint(model))
 
 
 def test_unreadable_thresholds_files_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        cal.load_thresholds(tmp_path / "missing.json", NUM_LAYERS)
+        load_thresholds(tmp_path / "missing.json", NUM_LAYERS)
     (tmp_path / "t.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        cal.load_thresholds(tmp_path / "t.json", NUM_LAYERS)
+        load_thresholds(tmp_path / "t.json", NUM_LAYERS)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -292,7 +293,7 @@ def test_cli_calibrate_end_to_end(tmp_path, tiny_checkpoint, tiny_corpus_dir, ca
     from layerskip.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(tiny_checkpoint)
-    loaded = cal.load_thresholds(out, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(ckpt.model))
+    loaded = load_thresholds(out, NUM_LAYERS, "softmax", fingerprint=model_fingerprint(ckpt.model))
     assert len(loaded.thresholds) == NUM_LAYERS - 1
     # The file, measured afterwards on the test split.
     rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--evaluate", str(out), "--split", "test",
