@@ -156,7 +156,8 @@ def log_calibration(result: Calibration, record: dict[str, Any], generated: dict
 def progress_bar(done: int, total: int) -> None:
     """One stderr line for the scoring pass, redrawn every 10 batches."""
     if done == total or done % 10 == 0:
-        print(f"\r  exit scores: {done}/{total} batches", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        end = "\n" if done == total else ""
+        print(f"\r  exit scores: {done}/{total} batches", end=end, file=sys.stderr, flush=True)
 
 
 def _checkpoint_on(checkpoint: Checkpoint | str | Path, device: str) -> tuple[Checkpoint, torch.device]:

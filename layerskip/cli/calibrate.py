@@ -20,8 +20,8 @@ import argparse
 import json
 import shlex
 
-from layerskip.config import MEASURES
 from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_flag
+from layerskip.config import MEASURES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,9 +101,9 @@ def check_args(args: argparse.Namespace) -> None:
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this calibration (every setting spelled out)."""
     parts = ["layerskip", "calibrate"]
-    for name in ("checkpoint", "output", "evaluate", "split", "delta", "epsilon", "measure", "method", "min_exit_layer", "check_every",
-                 "data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts", "gen_tokens", "seed", "threads",
-                 "device"):
+    for name in ("checkpoint", "output", "evaluate", "split", "delta", "epsilon", "measure", "method",
+                 "min_exit_layer", "check_every", "data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts",
+                 "gen_tokens", "seed", "threads", "device"):
         value = getattr(args, name, None)
         if value is not None:
             parts += [f"--{name}", str(value)]
