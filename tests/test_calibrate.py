@@ -292,6 +292,8 @@ def test_entry_points_refuse_bad_settings(tiny_checkpoint, tiny_corpus_dir):
         cal.calibrate_checkpoint(tiny_checkpoint, data_dir=tiny_corpus_dir, seq_len=0)
     with pytest.raises(ConfigError, match="epsilon must be in"):
         cal.calibrate_checkpoint(tiny_checkpoint, data_dir=tiny_corpus_dir, epsilon=0.0)
+    with pytest.raises(ConfigError, match="unknown calibration method 'best'"):
+        cal.calibrate_checkpoint("no/such/checkpoint", method="best")  # refused before anything is loaded
     with pytest.raises(ConfigError, match="split must be valid or test"):
         cal.evaluate_thresholds(tiny_checkpoint, "t.json", split="train")
 

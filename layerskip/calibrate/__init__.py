@@ -71,7 +71,9 @@ from layerskip.calibrate.policy import (
     AUTO_RISK_LEVELS,
     METHODS,
     Calibration,
+    auto_method,
     calibrate_scores,
+    check_method,
     global_family,
     head_evals,
     learn_half_exit_layers,
@@ -94,8 +96,9 @@ from layerskip.calibrate.stats import (
 
 __all__ = [
     "AUTO_RISK_LEVELS", "METHODS", "RISK_DEFINITION", "Calibration", "ExitScores", "FixedSequenceResult",
-    "binomial_cdf", "binomial_pvalue", "calibrate_checkpoint", "calibrate_scores", "evaluate_thresholds",
-    "exit_scores", "fixed_sequence_test", "generated_disagreement", "global_family", "guarantee_text", "head_evals",
-    "isotonic_increasing", "learn_half_exit_layers", "local_error_curve", "per_layer_family", "per_layer_grid",
-    "policy_disagreements", "policy_exit_layers", "split_scores", "thresholds_record", "write_json_atomic",
+    "auto_method", "binomial_cdf", "binomial_pvalue", "calibrate_checkpoint", "calibrate_scores", "check_method",
+    "evaluate_thresholds", "exit_scores", "fixed_sequence_test", "generated_disagreement", "global_family",
+    "guarantee_text", "head_evals", "isotonic_increasing", "learn_half_exit_layers", "local_error_curve",
+    "per_layer_family", "per_layer_grid", "policy_disagreements", "policy_exit_layers", "split_scores",
+    "thresholds_record", "write_json_atomic",
 ]

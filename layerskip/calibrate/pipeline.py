@@ -14,7 +14,13 @@ import numpy as np
 import torch
 
 from layerskip.calibrate.generated import generated_disagreement
-from layerskip.calibrate.policy import Calibration, calibrate_scores, head_evals, policy_disagreements
+from layerskip.calibrate.policy import (
+    Calibration,
+    calibrate_scores,
+    check_method,
+    head_evals,
+    policy_disagreements,
+)
 from layerskip.calibrate.record import thresholds_record, write_json_atomic
 from layerskip.calibrate.scores import ExitScores, exit_scores
 from layerskip.checkpoint import Checkpoint, load_checkpoint
@@ -63,6 +69,7 @@ def calibrate_checkpoint(
     Returns the policy, whose ``.record`` is the whole thresholds record and ``.strategy()`` the DEE.
     """
     check_risk_settings(delta, epsilon)
+    check_method(method)
     check_counts(dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, gen_prompts=gen_prompts,
                       gen_tokens=gen_tokens))
     ckpt, device = _checkpoint_on(checkpoint, device)

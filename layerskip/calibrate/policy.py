@@ -149,6 +149,13 @@ class Calibration:
         return self.test_disagreements / self.test_tokens if self.test_tokens else 0.0
 
 
+def check_method(method: str) -> str:
+    """The method itself, or a ConfigError naming the valid ones."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
 def split_scores(scores: ExitScores, learn_fraction: float, seed: int) -> tuple[ExitScores, ExitScores]:
     """Disjoint learn / test halves, by whole windows in a seeded random order."""
     ids = np.unique(scores.window)
@@ -171,9 +178,7 @@ def calibrate_scores(
 ) -> Calibration:
     """Learn-then-Test on precomputed exit scores (see the package docstring)."""
     check_risk_settings(delta, epsilon)
-    requested = method
-    if method not in METHODS:
-        raise ConfigError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    requested = check_method(method)
     DynamicEarlyExit(0.0, scores.measure, min_exit_layer, check_every)  # validates the settings
     if not 0 < learn_fraction < 1:
         raise ConfigError(f"learn_fraction must be in (0, 1), got {learn_fraction!r}")
