@@ -65,16 +65,16 @@ def run(args: argparse.Namespace) -> int:
     from layerskip.calibrate import calibrate_checkpoint, evaluate_thresholds
 
     check_args(args)
-    sizes = {name: getattr(args, name) for name in ("data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts",
-                                                    "gen_tokens", "device")}
+    shared = {name: getattr(args, name) for name in ("data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts",
+                                                     "gen_tokens", "device")}
     if args.evaluate is not None:
-        report = evaluate_thresholds(args.checkpoint, args.evaluate, split=args.split, command=_command(args), **sizes)
+        report = evaluate_thresholds(args.checkpoint, args.evaluate, split=args.split, command=_command(args), **shared)
         print(json.dumps(report, indent=2))
         return 0
     policy = calibrate_checkpoint(
         args.checkpoint, output=args.output, delta=args.delta, epsilon=args.epsilon, measure=args.measure,
         method=args.method, exit_vocab=args.exit_vocab, min_exit_layer=args.min_exit_layer,
-        check_every=args.check_every, seed=args.seed, command=_command(args), **sizes,
+        check_every=args.check_every, seed=args.seed, command=_command(args), **shared,
     )
     print(policy.path)
     return 0
