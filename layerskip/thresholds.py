@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,8 +64,8 @@ class Thresholds:
     check_every: int
     delta: float | None
     epsilon: float | None
-    record: dict[str, Any]
-    path: Path
+    record: dict[str, Any]  # the whole file
+    path: Path | None  # None: a record that was never written
     exit_vocab: int | None = None
 
     def strategy(self) -> DynamicEarlyExit:
@@ -89,16 +90,22 @@ def load_thresholds(path: str | Path, num_layers: int, measure: str | None = Non
                     fingerprint: str | None = None) -> Thresholds:
     """Read a thresholds file, refusing anything malformed or made for another model/measure."""
     path = Path(path)
-
-    def bad(message: str) -> ConfigError:
-        return ConfigError(f"thresholds file {path}: {message}")
-
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"thresholds file {path} does not exist; create it with `layerskip calibrate`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"not valid JSON ({exc})") from None
+        raise ConfigError(f"thresholds file {path}: not valid JSON ({exc})") from None
+    return thresholds_from_record(record, num_layers, measure, fingerprint, path=path)
+
+
+def thresholds_from_record(record: Any, num_layers: int, measure: str | None = None,
+                           fingerprint: str | None = None, *, path: Path | None = None) -> Thresholds:
+    """The policy in a thresholds record (a file's parsed JSON), checked as load_thresholds checks a file."""
+
+    def bad(message: str) -> ConfigError:
+        return ConfigError(f"thresholds file {path}: {message}" if path is not None else f"thresholds: {message}")
+
     if not isinstance(record, dict):
         raise bad("must hold a JSON object with 'measure', 'num_layers' and 'thresholds'")
     if record.get("format", FORMAT) != FORMAT:
@@ -118,18 +125,7 @@ def load_thresholds(path: str | Path, num_layers: int, measure: str | None = Non
     if not isinstance(values, list) or len(values) != num_layers - 1:
         raise bad(f"'thresholds' must be a list of {num_layers - 1} entries (layers 1..{num_layers - 1}), "
                   f"got {len(values) if isinstance(values, list) else type(values).__name__}")
-    lo, hi = MEASURE_RANGE
-    thresholds = []
-    for i, value in enumerate(values):
-        if value is None:
-            thresholds.append(math.inf)
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise bad(f"threshold of layer {i + 1} is {value!r}; it must be a number in [{lo:g}, {hi:g}] or null")
-        if not lo <= value <= hi:
-            raise bad(f"threshold of layer {i + 1} is {value!r}, outside the {file_measure} measure's "
-                      f"range [{lo:g}, {hi:g}] (null means never exit)")
-        thresholds.append(float(value))
+    thresholds = [_threshold(layer, value, file_measure, bad) for layer, value in enumerate(values, start=1)]
     file_fp = (record.get("model") or {}).get("fingerprint")
     if fingerprint is not None and file_fp is not None and file_fp != fingerprint:
         raise bad(f"was calibrated for another model (fingerprint {file_fp}, this one is {fingerprint}); "
@@ -151,3 +147,16 @@ def load_thresholds(path: str | Path, num_layers: int, measure: str | None = Non
                       min_exit_layer=settings["min_exit_layer"], check_every=settings["check_every"],
                       delta=record.get("delta"), epsilon=record.get("epsilon"), record=record, path=path,
                       exit_vocab=record.get("exit_vocab"))
+
+
+def _threshold(layer: int, value: Any, measure: str, bad: Callable[[str], ConfigError]) -> float:
+    """One entry of a record's 'thresholds' (null: inf, never exit at that layer)."""
+    if value is None:
+        return math.inf
+    lo, hi = MEASURE_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise bad(f"threshold of layer {layer} is {value!r}; it must be a number in [{lo:g}, {hi:g}] or null")
+    if not lo <= value <= hi:
+        raise bad(f"threshold of layer {layer} is {value!r}, outside the {measure} measure's "
+                  f"range [{lo:g}, {hi:g}] (null means never exit)")
+    return float(value)

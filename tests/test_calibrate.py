@@ -1,11 +1,13 @@
-"""Calibration: the statistics, the Learn-then-Test choice, the thresholds file and the CLI."""
+"""Calibration: exit scores, the Learn-then-Test choice, the record, calibrate_checkpoint and the CLI.
+
+The statistics are tested in test_calibrate_stats.py, reading the file back in test_thresholds.py.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from fractions import Fraction
-from math import comb
 
 import numpy as np
 import pytest
@@ -15,10 +17,10 @@ from conftest import tiny_model
 from layerskip import calibrate as cal
 from layerskip.checkpoint import save_checkpoint
 from layerskip.cli import main
-from layerskip.config import TokenizerConfig
+from layerskip.config import MEASURES, TokenizerConfig
 from layerskip.errors import ConfigError
-from layerskip.config import MEASURES
 from layerskip.generate.dee import DynamicEarlyExit
+from layerskip.thresholds import load_thresholds, model_fingerprint
 
 NUM_LAYERS = 4  # tiny_model's
 
@@ -41,38 +43,6 @@ def scores(model):
 @pytest.fixture(scope="module")
 def held_out(model):
     return cal.exit_scores(model, random_text(12800, 2), "softmax", batch_size=50)
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-@pytest.mark.parametrize("n,p", [(1, 0.3), (10, 0.05), (37, 0.5), (200, 0.01)])
-def test_binomial_cdf_equals_exact_sum(n, p):
-    q = Fraction(str(p))
-    for k in range(-1, n + 1):
-        exact = sum(comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(0, k + 1))
-        assert cal.binomial_cdf(k, n, p) == pytest.approx(float(exact), rel=1e-9, abs=1e-300)
-
-
-def test_fixed_sequence_stops_at_the_first_failure():
-    # n = 1000, delta = 0.1: 50 losses rejects "risk > 0.1", 150 does not; member 3 would
-    # pass again but is never reached.
-    losses = [0, 50, 150, 0]
-    result = cal.fixed_sequence_test(lambda i: losses[i], len(losses), 1000, 0.1, 0.05)
-    assert result.chosen == 1
-    assert [t["index"] for t in result.tested] == [0, 1, 2]
-    assert result.tested[1]["p_value"] <= 0.05 < result.tested[2]["p_value"]
-    none = cal.fixed_sequence_test(lambda i: 500, 3, 1000, 0.1, 0.05)
-    assert none.chosen == -1 and len(none.tested) == 1
-
-
-def test_isotonic_fit_is_monotone_and_preserves_mass():
-    values = np.array([0.1, 0.5, 0.2, 0.4, 0.3, 0.9])
-    weights = np.array([1.0, 2.0, 1.0, 3.0, 1.0, 1.0])
-    fit = cal.isotonic_increasing(values, weights)
-    assert np.all(np.diff(fit) >= 0)
-    assert (fit * weights).sum() == pytest.approx((values * weights).sum())
-    assert np.array_equal(cal.isotonic_increasing(np.sort(values), weights), np.sort(values))
 
 
 # ----------------------------------------------------------------------------- scores and the policy
@@ -186,85 +156,31 @@ def test_bad_calibration_settings(scores, kwargs, match):
 def write_file(tmp_path, scores, model, delta=0.2):
     out = cal.calibrate_scores(scores, delta=delta)
     record = cal.thresholds_record(out, data={"split": "valid", "tokens": scores.num_tokens},
-                                   model_info={"fingerprint": cal.model_fingerprint(model), "num_layers": 4})
+                                   model_info={"fingerprint": model_fingerprint(model), "num_layers": 4})
     return out, cal.write_json_atomic(tmp_path / "thresholds.json", record)
 
 
-def test_thresholds_file_round_trip(tmp_path, scores, model):
-    out, path = write_file(tmp_path, scores, model)
-    record = json.loads(path.read_text())
-    for key in ("thresholds", "measure", "delta", "epsilon", "data", "risk", "model", "method", "guarantee"):
-        assert key in record
-    assert record["data"]["split"] == "valid" and record["risk"]["test_tokens"] == out.test_tokens
-    loaded = cal.load_thresholds(path, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(model))
-    assert loaded.thresholds == out.thresholds and list(loaded) == out.thresholds
-    assert loaded.delta == 0.2 and loaded.measure == "softmax"
-    dee = loaded.strategy()
-    assert dee.layer_thresholds(NUM_LAYERS) == out.thresholds and dee.exit_vocab is None
-    # min_exit_layer / check_every in the file are part of the policy: unchecked layers read as inf.
-    record = json.loads(path.read_text())
-    (tmp_path / "m.json").write_text(json.dumps(edit(record, thresholds=[0.5, 0.5, 0.5], min_exit_layer=2)))
-    assert cal.load_thresholds(tmp_path / "m.json", NUM_LAYERS).thresholds == [math.inf, 0.5, 0.5]
+def test_record_states_the_policy_and_its_guarantee(scores, model):
+    out = cal.calibrate_scores(scores, delta=0.3, min_exit_layer=2, check_every=2, method="global")
+    record = cal.thresholds_record(out, data={"split": "valid"}, model_info={}, command="layerskip calibrate")
+    assert record["thresholds"] == [None, out.thresholds[1], None]  # never-exit layers are null
+    assert record["method"]["name"] == "global" and record["method"]["p_value"] == out.p_value
+    assert record["risk"]["definition"] == cal.RISK_DEFINITION
+    assert f"at most {0.3:g}" in record["guarantee"] and f"{out.test_tokens} held-out" in record["guarantee"]
+    assert record["data"]["test_tokens"] == out.test_tokens and record["command"] == "layerskip calibrate"
 
 
 def test_short_head_calibration_is_recorded_and_restored(tmp_path, counted_model):
     s = cal.exit_scores(counted_model, random_text(3200, 6), "softmax", batch_size=50, exit_vocab=20)
     out = cal.calibrate_scores(s, delta=0.2)
     assert out.exit_vocab == 20
-    record = cal.thresholds_record(out, data={}, model_info={"fingerprint": cal.model_fingerprint(counted_model)})
+    record = cal.thresholds_record(out, data={}, model_info={"fingerprint": model_fingerprint(counted_model)})
     path = cal.write_json_atomic(tmp_path / "short.json", record)
     assert json.loads(path.read_text())["exit_vocab"] == 20
-    loaded = cal.load_thresholds(path, NUM_LAYERS, fingerprint=cal.model_fingerprint(counted_model))
+    loaded = load_thresholds(path, NUM_LAYERS, fingerprint=model_fingerprint(counted_model))
     assert loaded.exit_vocab == 20 and loaded.strategy().exit_vocab == 20
     # the token counts choose the short head, so they are part of the model's fingerprint
-    assert cal.model_fingerprint(counted_model) != cal.model_fingerprint(tiny_model(seed=0))
-
-
-def edit(record, **changes):
-    record = json.loads(json.dumps(record))
-    for key, value in changes.items():
-        if value is KeyError:
-            record.pop(key)
-        else:
-            record[key] = value
-    return record
-
-
-BAD_FILES = {
-    "wrong number of layers": (lambda r: edit(r, num_layers=6), "6-layer model"),
-    "wrong number of thresholds": (lambda r: edit(r, thresholds=[0.5, 0.5]), "list of 3"),
-    "NaN": (lambda r: edit(r, thresholds=[0.5, float("nan"), 0.5]), "nan"),
-    "above the range": (lambda r: edit(r, thresholds=[0.5, 1.5, 0.5]), "outside"),
-    "below the range": (lambda r: edit(r, thresholds=[-0.1, 0.5, 0.5]), "outside"),
-    "not a number": (lambda r: edit(r, thresholds=[0.5, "high", 0.5]), "must be a number"),
-    "wrong measure": (lambda r: edit(r, measure="margin"), "calibrated for the 'margin' measure"),
-    "unknown measure": (lambda r: edit(r, measure="entropy"), "unknown measure"),
-    "missing thresholds": (lambda r: edit(r, thresholds=KeyError), "missing thresholds"),
-    "not an object": (lambda r: [0.5, 0.5, 0.5], "JSON object"),
-    "other format": (lambda r: edit(r, format="layerskip-bench"), "format"),
-    "bad delta": (lambda r: edit(r, delta=2.0), "delta"),
-    "bad check_every": (lambda r: edit(r, check_every=0), "check_every"),
-    "bad exit_vocab": (lambda r: edit(r, exit_vocab=1), "exit_vocab"),
-    "another model": (lambda r: edit(r, model={"fingerprint": "0123456789abcdef"}), "another model"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_malformed_or_mismatched_thresholds_file_is_refused(tmp_path, scores, model, case):
-    _, path = write_file(tmp_path, scores, model)
-    make, match = BAD_FILES[case]
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(make(json.loads(path.read_text()))))  # json writes NaN as NaN
-    with pytest.raises(ConfigError, match=match):
-        cal.load_thresholds(bad, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(model))
-
-
-def test_unreadable_thresholds_files_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
-        cal.load_thresholds(tmp_path / "missing.json", NUM_LAYERS)
-    (tmp_path / "t.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        cal.load_thresholds(tmp_path / "t.json", NUM_LAYERS)
+    assert model_fingerprint(counted_model) != model_fingerprint(tiny_model(seed=0))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -292,7 +208,7 @@ def test_cli_calibrate_end_to_end(tmp_path, tiny_checkpoint, tiny_corpus_dir, ca
     from layerskip.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(tiny_checkpoint)
-    loaded = cal.load_thresholds(out, NUM_LAYERS, "softmax", fingerprint=cal.model_fingerprint(ckpt.model))
+    loaded = load_thresholds(out, NUM_LAYERS, "softmax", fingerprint=model_fingerprint(ckpt.model))
     assert len(loaded.thresholds) == NUM_LAYERS - 1
     # The file, measured afterwards on the test split.
     rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--evaluate", str(out), "--split", "test",
@@ -309,6 +225,77 @@ def test_cli_calibrate_errors_are_one_line(tmp_path, tiny_checkpoint, tiny_corpu
     assert rc == 2 and "delta must be in (0, 1)" in capsys.readouterr().err
     rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_corpus_dir)])
     assert rc == 2 and "--output FILE" in capsys.readouterr().err
+    rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "t.json"),
+               "--data-dir", str(tiny_corpus_dir), "--split", "test"])
+    assert rc == 2 and "reads only the validation split" in capsys.readouterr().err
+    rc = main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "t.json"),
+               "--data-dir", str(tiny_corpus_dir), "--gen_prompts", "-1"])
+    assert rc == 2 and "--gen_prompts must be >= 0, got -1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the Python entry points
+
+CLI_SETTINGS = dict(delta=0.3, epsilon=0.1, seq_len=16, gen_prompts=2, gen_tokens=6, device="cpu")
+
+
+def test_calibrate_checkpoint_writes_what_the_cli_writes(tmp_path, tiny_checkpoint, tiny_corpus_dir, capsys):
+    by_cli = tmp_path / "cli.json"
+    assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--output", str(by_cli), "--data-dir",
+                 str(tiny_corpus_dir), "--delta", "0.3", "--epsilon", "0.1", "--seq_len", "16",
+                 "--gen_prompts", "2", "--gen-tokens", "6", "--device", "cpu"]) == 0
+    cli_record = json.loads(by_cli.read_text())
+    capsys.readouterr()
+    by_api = tmp_path / "api.json"
+    policy = cal.calibrate_checkpoint(tiny_checkpoint, output=by_api, data_dir=tiny_corpus_dir,
+                                      command=cli_record["command"], progress=False, **CLI_SETTINGS)
+    assert "exit scores" not in capsys.readouterr().err  # progress=False: quiet
+    assert by_api.read_text() == by_cli.read_text()  # byte for byte (the command is the CLI's)
+    assert policy.path == by_api and policy.record == json.loads(by_api.read_text())
+    assert policy.strategy().layer_thresholds(NUM_LAYERS) == policy.thresholds
+
+
+def test_calibrate_checkpoint_takes_a_loaded_checkpoint_and_writes_nothing(tmp_path, tiny_checkpoint,
+                                                                          tiny_corpus_dir, capsys):
+    from layerskip.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    policy = cal.calibrate_checkpoint(ckpt, data_dir=tiny_corpus_dir, **CLI_SETTINGS)
+    assert policy.path is None and not list(tmp_path.iterdir())
+    assert "calibrate: " in capsys.readouterr().err  # progress=True logs as the CLI does
+    record = policy.record
+    assert record["command"] is None and record["model"]["device"] == "cpu"
+    assert record["model"]["fingerprint"] == model_fingerprint(ckpt.model)
+    assert [None if math.isinf(t) else t for t in policy.thresholds] == record["thresholds"]
+    # The returned policy is ready for DEE and for evaluate_thresholds.
+    report = cal.evaluate_thresholds(ckpt, policy, split="test", data_dir=tiny_corpus_dir, seq_len=16,
+                                     gen_prompts=0, progress=False)
+    assert report["thresholds_file"] is None and report["split"] == "test" and report["generated_text"] == {}
+    assert sum(report["exit_layer_counts"]) == report["tokens"] > 0
+    with pytest.raises(ConfigError, match="another model"):
+        other = dataclasses.replace(ckpt, model=tiny_model(seed=5, vocab_size=ckpt.model.config.vocab_size))
+        cal.evaluate_thresholds(other, policy, data_dir=tiny_corpus_dir, progress=False)
+
+
+def test_evaluate_thresholds_reports_what_the_cli_prints(tmp_path, tiny_checkpoint, tiny_corpus_dir, capsys):
+    path = tmp_path / "t.json"
+    cal.calibrate_checkpoint(tiny_checkpoint, output=path, data_dir=tiny_corpus_dir, progress=False, **CLI_SETTINGS)
+    assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--evaluate", str(path), "--split", "test",
+                 "--data-dir", str(tiny_corpus_dir), "--seq_len", "16", "--gen_prompts", "1", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = cal.evaluate_thresholds(tiny_checkpoint, path, split="test", data_dir=tiny_corpus_dir, seq_len=16,
+                                     gen_prompts=1, device="cpu", command=printed["command"], progress=False)
+    assert report == printed
+
+
+def test_entry_points_refuse_bad_settings(tiny_checkpoint, tiny_corpus_dir):
+    with pytest.raises(ConfigError, match=r"^seq_len must be >= 1, got 0$"):
+        cal.calibrate_checkpoint(tiny_checkpoint, data_dir=tiny_corpus_dir, seq_len=0)
+    with pytest.raises(ConfigError, match="epsilon must be in"):
+        cal.calibrate_checkpoint(tiny_checkpoint, data_dir=tiny_corpus_dir, epsilon=0.0)
+    with pytest.raises(ConfigError, match="unknown calibration method 'best'"):
+        cal.calibrate_checkpoint("no/such/checkpoint", method="best")  # refused before anything is loaded
+    with pytest.raises(ConfigError, match="split must be valid or test"):
+        cal.evaluate_thresholds(tiny_checkpoint, "t.json", split="train")
 
 
 def test_dee_args_build_the_strategy(tmp_path, scores, model):
