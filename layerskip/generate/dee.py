@@ -60,8 +60,11 @@ from layerskip.model import Transformer
 
 Propagate = Callable[[Transformer, torch.Tensor, int, int, KVCache], int]  # propagate_kv's signature
 
+
 @dataclass
 class StepResult:
+    """What feeding one token did: its exit logits and layer, and the work it took."""
+
     logits: torch.Tensor  # (V,) exit logits of the token fed at this step (-inf outside a short head)
     exit_layer: int
     head_evals: int  # full-head evaluations
