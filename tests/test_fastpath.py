@@ -1,4 +1,4 @@
-"""The decoding fast path computes the model's own functions, follows weight changes, and is only taken when asked for."""
+"""The decoding fast path: the model's own functions, following weight changes, taken only when asked for."""
 
 from __future__ import annotations
 
@@ -113,16 +113,19 @@ def test_the_model_takes_the_plain_path_whatever_the_mode():
     """model(idx), run_blocks and the heads mean the same under inference mode, bit for bit, and build no copy."""
     model = tiny_model(seed=3)
     idx = tokens(1, 6)
-    with torch.no_grad():
+
+    def outputs() -> list[torch.Tensor]:
         hidden = model.run_blocks(model.embed(idx), 0, model.num_layers)
-        expected = (model(idx).logits, model(idx[:, -1:]).logits, hidden, model.unembed(hidden[:, -1:]),
-                    model.unembed_short(hidden[:, -1:], 5)[0])
+        last = hidden[:, -1:]  # one row: what decoding unembeds
+        return [model(idx).logits, model(idx[:, -1:]).logits, hidden, model.unembed(last),
+                model.unembed_short(last, 5)[0]]
+
+    with torch.no_grad():
+        expected = outputs()
     for mode in (torch.inference_mode, decoding):
         with mode():
-            got = (model(idx).logits, model(idx[:, -1:]).logits, model.run_blocks(model.embed(idx), 0, model.num_layers),
-                   model.unembed(hidden[:, -1:]), model.unembed_short(hidden[:, -1:], 5)[0])
-        for g, e in zip(got, expected):
-            assert torch.equal(g, e)
+            got = outputs()
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
     assert model not in fastpath._DECODERS  # no decoder, hence no decoding copy, was made
 
 
