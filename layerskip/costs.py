@@ -1,7 +1,8 @@
 """Where a batch-1 decoding step's time goes, and what that leaves early exit to save.
 
-``measure_step_costs`` times, in the decoding scope and with the pieces interleaved so
-drift hits all alike, each piece of one token's step at a mid-context position:
+``measure_step_costs`` times, on the decoding fast path as the strategies run it and with the
+pieces interleaved so drift hits all alike, each piece of one token's step at a mid-context
+position:
 
 - ``ar_step``: the whole autoregressive step (embed, every block, the full head, argmax),
   as the Autoregressive strategy runs it;
@@ -30,8 +31,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from layerskip.device import synchronize
 from layerskip.errors import ConfigError
-from layerskip.model import Transformer, decoding
+from layerskip.fastpath import FastDecoder, decoding
+from layerskip.generate.measures import logit_confidence
+from layerskip.generate.propagation import FusedPropagation
+from layerskip.model import Transformer
 
 PIECES = ("ar_step", "block", "full_head", "check", "propagate", "rest")
 
@@ -67,17 +72,13 @@ class DeeEstimate:
 
 def time_pieces(pieces: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median microseconds of each piece, interleaved, the device synchronised around each."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     samples: dict[str, list[float]] = {name: [] for name in pieces}
     for _ in range(repeats):
         for name, run in pieces.items():
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             run()
-            sync()
+            synchronize(device)
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
 
@@ -86,8 +87,6 @@ def time_pieces(pieces: dict[str, Callable[[], object]], repeats: int, device: t
 def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, position: int = 64,
                        repeats: int = 300) -> StepCosts:
     """Time each piece of one token's step at `position` (a random prompt fills the cache before it)."""
-    from layerskip.generate.dee import FusedPropagation, logit_confidence
-
     num_layers, max_len = model.num_layers, model.config.max_seq_len
     if not (isinstance(position, int) and 1 <= position < max_len):
         raise ConfigError(f"the position must be in 1..{max_len - 1} (the model's context is {max_len}), got {position!r}")
@@ -98,26 +97,27 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
     device = model.embed_tokens.weight.device
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(model.config.vocab_size, (1, position), generator=generator).to(device)
+    fast = FastDecoder.of(model)
     cache = model.new_cache()
-    model.run_blocks(model.embed(prompt), 0, num_layers, cache=cache, pos=0)
+    fast.run_blocks(model.embed(prompt), 0, num_layers, cache=cache, pos=0)
     token = prompt[:, -1:]
-    hidden = model.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
+    hidden = fast.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
     rope = model.rotary(position, 1)
     propagate = FusedPropagation.for_model(model)
     middle = num_layers // 2
 
     def ar_step() -> int:  # the Autoregressive strategy's loop body
-        h = model.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
-        return int(model.unembed(h)[0, -1].argmax())
+        h = fast.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
+        return int(fast.unembed(h)[0, -1].argmax())
 
     def check() -> float:
-        logits = model.unembed(hidden) if check_vocab is None else model.unembed_short(hidden, check_vocab)[0]
+        logits = fast.unembed(hidden) if check_vocab is None else fast.unembed_short(hidden, check_vocab)[0]
         return logit_confidence(logits, "softmax").item()
 
     pieces = {
         "ar_step": ar_step,
-        "block": lambda: model.run_blocks(hidden, middle, middle + 1, cache=cache, pos=position, rope=rope),
-        "full_head": lambda: int(model.unembed(hidden)[0, -1].argmax()),
+        "block": lambda: fast.run_blocks(hidden, middle, middle + 1, cache=cache, pos=position, rope=rope),
+        "full_head": lambda: int(fast.unembed(hidden)[0, -1].argmax()),
         "check": check,
         "propagate": lambda: propagate(model, hidden, middle, position, cache),
     }

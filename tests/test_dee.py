@@ -8,16 +8,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from layerskip.config import MEASURES
 from layerskip.errors import ConfigError
 from layerskip.generate.base import SamplingConfig, sample_token, sampling_probs
-from layerskip.generate.dee import (
-    MEASURES,
-    DynamicEarlyExit,
-    FusedPropagation,
-    logit_confidence,
-    propagate_kv,
-    saturation_confidence,
-)
+from layerskip.generate.dee import DynamicEarlyExit
+from layerskip.generate.measures import logit_confidence, saturation_confidence
 from layerskip.model import apply_rotary
 
 PROMPT = [5, 17, 3, 42, 8, 11]
@@ -189,36 +184,6 @@ def test_cache_complete_and_consistent_after_dee(model, measure):
     assert result.stats["kv_projections_per_token"] == sum(model.num_layers - e for e in exits) / n
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(num_kv_heads=2)], ids=["mha", "gqa"])
-def test_fused_propagation_equals_per_layer_project_kv(overrides):
-    model = tiny_model(seed=2, **overrides)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) + 0.5)
-        h = torch.randn(1, 1, model.config.d_model, generator=torch.Generator().manual_seed(5))
-        fused = FusedPropagation(model)
-        for start in range(model.num_layers):
-            a, b = model.new_cache(), model.new_cache()
-            for cache in (a, b):
-                model(torch.tensor([[3, 1, 4]]), cache=cache)
-            assert propagate_kv(model, h, start, 3, a) == fused(model, h, start, 3, b) == model.num_layers - start
-            assert a.lengths == b.lengths == [3] * start + [4] * (model.num_layers - start)
-            torch.testing.assert_close(b.k, a.k, **TOL)
-            torch.testing.assert_close(b.v, a.v, **TOL)
-
-
-def test_fused_propagation_is_built_once_and_follows_weight_changes():
-    model = tiny_model(seed=2)
-    first = FusedPropagation.for_model(model)
-    assert FusedPropagation.for_model(model) is first
-    with torch.no_grad():
-        model.layers[1].attn.v_proj.weight.mul_(2.0)
-    second = FusedPropagation.for_model(model)
-    assert second is not first
-    torch.testing.assert_close(second.weight, FusedPropagation(model).weight)
-
-
 def test_sampling_with_unreachable_threshold_equals_plain_sampling(model):
     sampling = SamplingConfig(temperature=0.9, top_k=20, top_p=0.9)
     got = DynamicEarlyExit(2.0).generate(model, PROMPT, 15, sampling=sampling,
@@ -268,13 +233,3 @@ def test_wrong_number_of_thresholds_or_min_exit_refused(model):
         DynamicEarlyExit([0.5, 0.5]).generate(model, PROMPT, 3)
     with pytest.raises(ConfigError, match="min_exit_layer"):
         DynamicEarlyExit(0.5, min_exit_layer=9).generate(model, PROMPT, 3)
-
-
-def test_confidence_measures_on_known_logits():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    assert torch.allclose(logit_confidence(logits, "softmax"), torch.tensor([0.5]))
-    assert torch.allclose(logit_confidence(logits, "margin"), torch.tensor([0.2]))
-    h = torch.tensor([[1.0, 0.0]])
-    assert saturation_confidence(h, h).item() == pytest.approx(1.0)
-    assert saturation_confidence(h, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0)
-    assert saturation_confidence(h, -h).item() == 0.0  # clamped

@@ -9,7 +9,6 @@ from torch.testing import assert_close
 
 from layerskip.cache import KVCache
 from layerskip.errors import PromptError
-from layerskip.model import PLAIN_ATTENTION_MAX_QUERIES, DerivedWeights, decoding, rotate_half_rows
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -32,31 +31,6 @@ def test_cached_incremental_equals_uncached_forward_at_every_position(model):
     step_logits = [model(idx[:, t : t + 1], cache=cache, pos=t).logits for t in range(idx.shape[1])]
     assert_close(torch.cat(step_logits, dim=1), full, **TOL)
     assert cache.lengths == [20] * model.num_layers
-
-
-@pytest.mark.parametrize("prefill_len", [5, PLAIN_ATTENTION_MAX_QUERIES + 4])
-def test_inference_mode_decoding_equals_the_plain_blocks(model, prefill_len):
-    """Decoding (inference mode) runs blocks from DecodingWeights with plain attention for few
-    queries and SDPA for many: the same numbers as the training-time blocks."""
-    idx = tokens(1, prefill_len + 14)
-    with torch.no_grad():
-        full = model(idx).logits  # the plain blocks
-    with torch.inference_mode():
-        cache = model.new_cache()
-        prefill = model(idx[:, :prefill_len], cache=cache, pos=0).logits
-        chunk = model(idx[:, prefill_len : prefill_len + 7], cache=cache, pos=prefill_len).logits
-        rest = [model(idx[:, t : t + 1], cache=cache, pos=t).logits for t in range(prefill_len + 7, idx.shape[1])]
-        uncached = model(idx).logits
-        assert all(block.decoding_weights() is block.decoding_weights() for block in model.layers)  # built once
-    assert_close(torch.cat([prefill, chunk, *rest], dim=1), full, **TOL)
-    assert_close(uncached, full, **TOL)
-    with torch.no_grad():  # a weight changed in place: the stacked copy must follow
-        model.layers[0].attn.k_proj.weight.mul_(0.5)
-        model.layers[0].mlp.up_proj.weight.mul_(2.0)
-        changed = model(idx).logits
-    with torch.inference_mode():
-        assert_close(model(idx).logits, changed, **TOL)
-    assert not torch.allclose(changed, full, atol=1e-3)
 
 
 @torch.no_grad()
@@ -195,40 +169,3 @@ def test_tied_embeddings_share_one_tensor():
     assert m.lm_head.weight.data_ptr() == m.embed_tokens.weight.data_ptr()
     u = tiny_model(tie_embeddings=False)
     assert u.lm_head.weight.data_ptr() != u.embed_tokens.weight.data_ptr()
-
-
-def test_rotate_half_rows_project_to_the_rotated_projection():
-    torch.manual_seed(0)
-    weight, x = torch.randn(3 * 8, 5), torch.randn(2, 5)
-    rotated = (x @ weight.t()).view(2, 3, 8)
-    expected = torch.cat((-rotated[..., 4:], rotated[..., :4]), dim=-1)
-    assert_close((x @ rotate_half_rows(weight, 8).t()).view(2, 3, 8), expected)
-
-
-def test_derived_weights_follow_their_weights_and_are_checked_once_per_decoding_scope():
-    weight = torch.nn.Parameter(torch.ones(3))
-    derived, checks = DerivedWeights(), []
-
-    def sources():
-        checks.append(1)
-        return (weight,)
-
-    def doubled():
-        return weight.detach() * 2
-
-    assert_close(derived.get("w", sources, doubled), torch.full((3,), 2.0))
-    with torch.no_grad():
-        weight.mul_(3)  # an in-place change: the copy must follow
-    assert_close(derived.get("w", sources, doubled), torch.full((3,), 6.0))
-    checks.clear()
-    with decoding():
-        for _ in range(5):
-            derived.get("w", sources, doubled)
-    assert len(checks) == 1  # checked at first use in the scope, then trusted
-    with torch.no_grad():
-        weight.mul_(2)
-    with decoding():
-        assert_close(derived.get("w", sources, doubled), torch.full((3,), 12.0))  # a new scope checks again
-    with torch.inference_mode():
-        made_in_inference = torch.ones(3)
-    assert derived.get("x", lambda: (made_in_inference,), doubled) is None  # no version counter: never cached

@@ -10,6 +10,7 @@ from conftest import tiny_model
 
 from layerskip.cache import KVCache
 from layerskip.errors import ConfigError
+from layerskip.fastpath import FastDecoder, decoding
 from layerskip.generate import Autoregressive, SelfSpeculative, make_strategy
 
 NEW_TOKENS = 30
@@ -94,8 +95,8 @@ def test_short_draft_head_drafts_only_frequent_tokens():
     assert result.tokens == Autoregressive().generate(model, prompt, NEW_TOKENS).tokens
     assert drafted and set(drafted) <= set(frequent)
     h = torch.randn(1, 2, model.config.d_model)
-    with torch.inference_mode():
-        logits, ids = model.unembed_short(h, 5)
+    with decoding():
+        logits, ids = FastDecoder.of(model).unembed_short(h, 5)
         full = model.unembed(h)
     assert logits.shape == (1, 2, 5) and ids.tolist() == frequent
     torch.testing.assert_close(logits, full[..., frequent], rtol=1e-5, atol=1e-5)
@@ -204,7 +205,7 @@ class StubEmbedding:
 
 
 class ScriptedModel:
-    """A stand-in model whose logits the test writes, indexed by position.
+    """A stand-in model, and its own fast path, whose logits the test writes, indexed by position.
 
     The hidden state of a position is (token, position, blocks run so far). After E blocks the
     draft's logits put `draft_scale[p]` on `draft_next[p]`; after all L blocks the full model
@@ -218,6 +219,7 @@ class ScriptedModel:
         self.num_layers, self.vocab, self.training = num_layers, vocab, False
         self.config = SimpleNamespace(max_seq_len=64, num_layers=num_layers)
         self.embed_tokens = StubEmbedding()
+        self.model = self  # as a FastDecoder: the model it runs
         self.calls: list[tuple[int, int, int, int]] = []  # (start, end, pos, T)
         self.cache_views: list[list[list[int]]] = []  # per call, per layer: cached tokens of [0, pos)
 
@@ -263,7 +265,9 @@ def run_stub(draft_next, *, k=3, max_new=12, eos=None, draft_scale=None, thresho
     model = ScriptedModel(FULL, draft_next, 2, draft_scale=draft_scale)
     prompt = [5, 6]
     strategy = SelfSpeculative(2, k, adaptive_threshold=threshold, bonus=bonus, max_backoff=backoff)
-    result = strategy.generate(model, prompt, max_new, eos_id=eos)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FastDecoder, "of", staticmethod(lambda stub: stub))
+        result = strategy.generate(model, prompt, max_new, eos_id=eos)
     sequence = prompt + result.tokens
     # Where a round starts (its first draft call, and its verify call) the cache holds exactly
     # the committed tokens: rejected drafts never survive a round.

@@ -12,13 +12,16 @@ from typing import Any
 from layerskip.errors import ConfigError
 from layerskip.generate.autoregressive import Autoregressive
 from layerskip.generate.base import GenerationResult, SamplingConfig, Strategy, check_prompt, sampling_probs
+from layerskip.generate.dee import DynamicEarlyExit
 from layerskip.generate.ssd import SelfSpeculative
 
-MODES = ("ar", "ssd", "dee")
+STRATEGIES: dict[str, Any] = {"ar": Autoregressive, "ssd": SelfSpeculative, "dee": DynamicEarlyExit}
+MODES = tuple(STRATEGIES)
 
 __all__ = [
     "MODES",
     "Autoregressive",
+    "DynamicEarlyExit",
     "GenerationResult",
     "SamplingConfig",
     "SelfSpeculative",
@@ -34,17 +37,9 @@ def make_strategy(mode: str, **options: Any) -> Strategy:
 
     Unknown modes and options are ConfigErrors naming what is valid.
     """
-    if mode == "ar":
-        factory: Any = Autoregressive
-    elif mode == "ssd":
-        factory = SelfSpeculative
-    elif mode == "dee":
-        from layerskip.generate.dee import DynamicEarlyExit  # written separately; imported when asked for
-
-        factory = DynamicEarlyExit
-    else:
+    if mode not in STRATEGIES:
         raise ConfigError(f"unknown generation mode {mode!r}; choose one of {', '.join(MODES)}")
     try:
-        return factory(**options)
+        return STRATEGIES[mode](**options)
     except TypeError as exc:  # an unknown or missing keyword
         raise ConfigError(f"bad options for mode {mode!r}: {exc}") from None

@@ -1,8 +1,11 @@
-"""What every decoding strategy shares: sampling settings, the result type, prompt checks.
+"""What every decoding strategy shares: sampling settings, prompt checks, the decoding loop's state.
 
 A strategy (autoregressive, self-speculative, dynamic early exit) is a small object with
 ``generate(model, prompt_ids, max_new_tokens, ...) -> GenerationResult``. Randomness flows
-through an explicit ``torch.Generator``; nothing reads global RNG state.
+through an explicit ``torch.Generator``; nothing reads global RNG state. ``Decoding`` is the
+bookkeeping of one generation (committing tokens, stopping at end-of-sequence / the length
+limit / the context, streaming, timing); ``prefill``, ``token_buffer`` and ``pick`` are the
+steps every strategy's loop shares.
 
 Prompt policy (documented in README): an empty prompt, or one that leaves no room in the
 context for a single new token, is a ``PromptError``. When ``prompt + max_new_tokens``
@@ -13,13 +16,18 @@ exceeds the context, generation stops when the context is full and the result sa
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from layerskip.cache import KVCache
+from layerskip.device import synchronize
 from layerskip.errors import ConfigError, PromptError
+from layerskip.fastpath import FastDecoder
+from layerskip.model import Transformer
 
 OnTokens = Callable[[list[int]], None]  # called with newly committed tokens, for streaming
 
@@ -73,6 +81,13 @@ def sampling_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 def sample_token(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from a 1-D distribution."""
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def pick(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
+    """One token from logits (V,): the argmax when greedy, else a draw from sampling_probs."""
+    if sampling.greedy:
+        return int(logits.argmax())
+    return sample_token(sampling_probs(logits, sampling), generator)
 
 
 def check_prompt(prompt_ids: Sequence[int], max_new_tokens: int, max_seq_len: int) -> int:
@@ -131,6 +146,89 @@ class GenerationResult:
             "stop_reason": self.stop_reason,
             **self.stats,
         }
+
+
+@dataclass
+class Decoding:
+    """The state of one generation: tokens committed so far, and why it stopped."""
+
+    prompt_len: int
+    max_new_tokens: int
+    budget: int  # new tokens that fit: min(max_new_tokens, context - prompt)
+    eos_id: int | None
+    on_tokens: OnTokens | None
+    device: torch.device  # waited for before the clock is read at the end
+    start: float = field(default_factory=time.perf_counter)
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    stop_reason: str | None = None  # set once generation must stop
+
+    @classmethod
+    def begin(
+        cls,
+        model: Transformer,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        eos_id: int | None,
+        on_tokens: OnTokens | None,
+    ) -> Decoding:
+        if model.training:
+            raise ValueError("generation needs the model in eval mode (dropout off); call model.eval() first")
+        budget = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len)
+        return cls(len(prompt_ids), max_new_tokens, budget, eos_id, on_tokens, model.embed_tokens.weight.device)
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - len(self.tokens)
+
+    def commit(self, new: Sequence[int]) -> int:
+        """Append tokens, cut at the first end-of-sequence or the budget; returns how many were kept."""
+        kept: list[int] = []
+        for token in new:
+            if len(self.tokens) + len(kept) >= self.budget:
+                break
+            kept.append(token)
+            if token == self.eos_id:
+                self.stop_reason = "eos"
+                break
+        if kept:
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.tokens.extend(kept)
+            if self.on_tokens is not None:
+                self.on_tokens(kept)
+        if self.stop_reason is None and len(self.tokens) >= self.budget:
+            self.stop_reason = "length" if self.budget == self.max_new_tokens else "context"
+        return len(kept)
+
+    def result(self, strategy: str, stats: dict | None = None, token_info: list | None = None) -> GenerationResult:
+        synchronize(self.device)
+        end = time.perf_counter()
+        return GenerationResult(
+            tokens=list(self.tokens),
+            prompt_len=self.prompt_len,
+            strategy=strategy,
+            seconds=end - self.start,
+            time_to_first_token=(self.first_token_at or end) - self.start,
+            stop_reason=self.stop_reason or "length",
+            stats=stats or {},
+            token_info=token_info if token_info is not None else [{} for _ in self.tokens],
+        )
+
+
+def token_buffer(model: Transformer, prompt_ids: Sequence[int], budget: int) -> torch.Tensor:
+    """(1, prompt + budget) int64 buffer holding the prompt; new tokens are written into it."""
+    device = model.embed_tokens.weight.device
+    buf = torch.zeros(1, len(prompt_ids) + budget, dtype=torch.long, device=device)
+    buf[0, : len(prompt_ids)] = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+    return buf
+
+
+def prefill(fast: FastDecoder, prompt: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run prompt (1, T) through all blocks, filling the cache; returns the last hidden state (1, 1, C)."""
+    model = fast.model
+    h = fast.run_blocks(model.embed(prompt), 0, model.num_layers, cache=cache, pos=0)
+    return h[:, -1:]
 
 
 class Strategy(Protocol):

@@ -1,44 +1,30 @@
 """Dynamic early exit (DEE): each new token leaves at the first layer confident enough.
 
 Policy. For every new token the blocks run one at a time. After block l (``exit_layer=l``,
-"after l blocks") for a *checked* layer l, a confidence in [0, 1] is computed and the
-token exits when it reaches that layer's threshold lambda_l; after the last block L the
-token always exits. The exit's hidden state goes through the one shared final norm + LM
-head (``model.unembed``), and the next token is the argmax (greedy) or a sample drawn
-through ``sampling_probs`` (temperature / top-k / top-p) from those exit logits.
+"after l blocks") for a *checked* layer l, a confidence in [0, 1] (``measures.py``) is
+computed and the token exits when it reaches that layer's threshold lambda_l; after the
+last block L the token always exits. The exit's hidden state goes through the one shared
+final norm + LM head (``unembed``), and the next token is the argmax (greedy) or a sample
+drawn through ``sampling_probs`` (temperature / top-k / top-p) from those exit logits.
 
 Checked layers are l = min_exit_layer, min_exit_layer + check_every, ... below L whose
 threshold is finite; an infinite threshold (``None`` in a thresholds file) means "never
 exit here" and costs nothing. Thresholds above 1 are unreachable, so the output is the
-full model's; threshold 0 exits every token at min_exit_layer.
+full model's; threshold 0 exits every token at min_exit_layer. A check through the head
+(``softmax``, ``margin``) costs a head evaluation (vocabulary x d_model), which
+``stats["head_evals_per_token"]`` shows.
 
-Confidence measures (all in [0, 1]):
+Short exit head (``exit_vocab=N``). A small model's shared head can read as many weights as
+several blocks, so an early exit that still pays the whole head saves little. With
+``exit_vocab`` the checks and the early exits use the short head (the shared head's rows of
+the N most frequent tokens, ``Transformer.unembed_short``): the confidence is measured over
+those N tokens and an early-exiting token is one of them. A token that reaches the last
+layer uses the full head. Calibration runs this exact policy, so its guarantee covers the
+restriction.
 
-- ``softmax``: the exit distribution's largest probability (the seed study's measure).
-- ``margin``: top-1 minus top-2 probability.
-- ``saturation``: cosine similarity of the hidden states after blocks l-1 and l (after 0
-  blocks: the embedding), clamped to [0, 1]. It needs no LM head, so a token costs one
-  head evaluation (at its exit) whatever the number of checked layers; with the other two
-  measures every checked layer costs a head evaluation (vocabulary x d_model, about one
-  block's wall time at d_model 128), which ``stats["head_evals_per_token"]`` shows.
-
-Short exit head (``exit_vocab=N``). With a vocabulary of 8192 at d_model 128 the shared
-head reads as many weights as four blocks, so an early exit that still pays the whole head
-saves little. With ``exit_vocab`` the checks and the early exits use the short head (the
-shared head's rows of the N most frequent tokens, ``Transformer.unembed_short``): the
-confidence is measured over those N tokens and an early-exiting token is one of them. A
-token that reaches the last layer uses the full head. Calibration runs this exact policy,
-so its guarantee covers the restriction.
-
-Skipped layers' keys and values: **CALM-style propagation**. A token that exits after
-block e has no K/V in layers [e, L), yet later tokens attend to it there. Right after it
-exits, its exited hidden state h_e is copied up to every skipped layer j and that layer's
-K/V are computed from it: ``k, v = layers[j].attn.project_kv(layers[j].attn_norm(h_e))``
-at the token's rotary position, written with ``cache.write(j, pos, k, v)``. Every layer's
-cache therefore holds every position after each step (``cache.lengths`` all equal); the
-cost is two d_model x d_model projections per skipped layer, counted in
-``stats["kv_projections_per_token"]``, done for all skipped layers in one batched matmul
-(``FusedPropagation``, equal to the per-layer ``propagate_kv`` up to float rounding).
+Skipped layers' keys and values: CALM-style propagation (``propagation.py``), right after a
+token exits, so every layer's cache holds every position after each step; counted in
+``stats["kv_projections_per_token"]``.
 
 Prompt handling. The prompt except its last token is prefilled through all L blocks
 (exact K/V); the last prompt token then goes through the same per-token exit loop as
@@ -50,103 +36,35 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from layerskip.cache import KVCache
-from layerskip.config import MEASURES, check_measure
+from layerskip.config import check_measure
 from layerskip.errors import ConfigError
-from layerskip.model import decoding, normalize
+from layerskip.fastpath import FastDecoder, decoding
 from layerskip.generate.base import (
+    Decoding,
     GenerationResult,
     OnTokens,
     SamplingConfig,
-    check_prompt,
-    sample_token,
-    sampling_probs,
+    pick,
+    prefill,
+    token_buffer,
 )
+from layerskip.generate.measures import logit_confidence, saturation_confidence
+from layerskip.generate.propagation import FusedPropagation, propagate_kv
+from layerskip.model import Transformer
 
-def logit_confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
-    """Confidence of exit logits (..., V) -> (...): softmax maximum or top-1 minus top-2."""
-    if measure not in ("softmax", "margin"):
-        raise ConfigError(f"measure {measure!r} is not computed from logits")
-    probs = torch.softmax(logits.float(), dim=-1)  # one kernel: cheaper per check than logsumexp
-    if measure == "softmax":
-        return probs.amax(dim=-1)
-    top2 = torch.topk(probs, 2, dim=-1).values  # (..., 2)
-    return top2[..., 0] - top2[..., 1]
-
-
-def saturation_confidence(hidden: torch.Tensor, prev_hidden: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of consecutive layers' hidden states (..., C) -> (...), clamped to [0, 1]."""
-    cos = torch.nn.functional.cosine_similarity(hidden.float(), prev_hidden.float(), dim=-1)
-    return cos.clamp(0.0, 1.0)
-
-
-def propagate_kv(model: torch.nn.Module, hidden: torch.Tensor, start: int, pos: int, cache: KVCache) -> int:
-    """CALM propagation: K/V of layers [start, L) for hidden (1, T, C) at positions [pos, pos+T).
-
-    Each skipped layer j sees the exited hidden state as its input: its keys and values
-    are ``project_kv(attn_norm_j(hidden))``. Returns the number of layers written.
-    """
-    cos, sin = model.rotary(pos, hidden.shape[1])
-    for j in range(start, model.num_layers):
-        block = model.layers[j]
-        k, v = block.attn.project_kv(block.attn_norm(hidden), cos, sin)
-        cache.write(j, pos, k, v)
-    return model.num_layers - start
-
-
-class FusedPropagation:
-    """``propagate_kv`` in one batched product for all skipped layers (the same K/V up to rounding).
-
-    attn_norm_j(h) = w_j * n(h) with n the weightless RMS normalisation, so layer j's keys
-    and values are (W_kv_j diag(w_j)) n(h): exactly the key, value and rotated-key columns
-    of the blocks' ``DecodingWeights``, which already fold the norm weights in. Stacked over
-    the layers, they give every skipped layer's K/V from one product, rotary as one
-    multiply-add, and one copy into the cache.
-    """
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module) -> FusedPropagation:
-        """The model's FusedPropagation, built once and rebuilt only when a weight it folds changes.
-
-        Stacking the weights costs milliseconds, which per generation of 64 tokens was ~5% of DEE's time.
-        """
-        def sources() -> tuple[torch.Tensor, ...]:
-            return tuple(w for b in model.layers for w in (b.attn.k_proj.weight, b.attn.v_proj.weight,
-                                                           b.attn_norm.weight))
-
-        return model.derived.get("propagation", sources, lambda: cls(model)) or cls(model)
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        attn = model.layers[0].attn
-        self.eps = model.layers[0].eps
-        self.kv_heads, self.head_dim = attn.kv_heads, attn.head_dim
-        self.num_layers = len(model.layers)
-        q, kv = attn.num_heads * attn.head_dim, attn.kv_heads * attn.head_dim  # column widths in qkv_rot
-        keys, values, rotated_keys = slice(q, q + kv), slice(q + kv, q + 2 * kv), slice(2 * q + 2 * kv, None)
-        self.weight = torch.stack([
-            torch.cat((w.qkv_rot[:, keys], w.qkv_rot[:, rotated_keys], w.qkv_rot[:, values]), dim=1)
-            for w in (block.decoding_weights() for block in model.layers)
-        ])  # (L, C, 3 * H_kv * D): keys | rotated keys | values
-
-    def __call__(self, model: torch.nn.Module, hidden: torch.Tensor, start: int, pos: int, cache: KVCache) -> int:
-        """K/V of layers [start, L) for the exited hidden (1, 1, C) at position pos."""
-        count = self.num_layers - start
-        kv = torch.matmul(normalize(hidden.reshape(1, -1), self.eps), self.weight[start:])  # (count, 1, 3 * H_kv * D)
-        kv = kv.view(count, 1, 3, self.kv_heads, 1, self.head_dim)  # (count, B=1, k|rot k|v, H_kv, T=1, D)
-        cos, sin = model.rotary(pos, 1)
-        keys = torch.addcmul(kv[:, :, 0] * cos, kv[:, :, 1], sin)
-        cache.write_layers(start, pos, keys, kv[:, :, 2])
-        return count
+Propagate = Callable[[Transformer, torch.Tensor, int, int, KVCache], int]  # propagate_kv's signature
 
 
 @dataclass
 class StepResult:
+    """What feeding one token did: its exit logits and layer, and the work it took."""
+
     logits: torch.Tensor  # (V,) exit logits of the token fed at this step (-inf outside a short head)
     exit_layer: int
     head_evals: int  # full-head evaluations
@@ -212,31 +130,32 @@ class DynamicEarlyExit:
             if math.isfinite(lams[layer - 1])
         }
 
-    def step(self, model: torch.nn.Module, token: torch.Tensor, pos: int, cache: KVCache, checks: dict[int, float],
-             propagate=propagate_kv) -> StepResult:
+    def step(self, fast: FastDecoder, token: torch.Tensor, pos: int, cache: KVCache, checks: dict[int, float],
+             propagate: Propagate = propagate_kv) -> StepResult:
         """Feed one token (1, 1) at position pos; exit, fill the skipped layers' K/V with `propagate`."""
+        model = fast.model
         num_layers = model.num_layers
         h = model.embed(token)  # (1, 1, C)
         rope = model.rotary(pos, 1)
         exit_layer, counts = num_layers, {"full": 0, "short": 0}
         checked = None  # (logits, ids) of the last checked layer
         for layer in range(1, num_layers + 1):
-            prev, h = h, model.run_blocks(h, layer - 1, layer, cache=cache, pos=pos, rope=rope)
+            prev, h = h, fast.run_blocks(h, layer - 1, layer, cache=cache, pos=pos, rope=rope)
             threshold = checks.get(layer)
             if threshold is None:
                 continue
             if self.measure == "saturation":
                 checked, conf = None, saturation_confidence(h, prev)
             else:
-                checked = self.exit_head(model, h, counts)
+                checked = self.exit_head(fast, h, counts)
                 conf = logit_confidence(checked[0], self.measure)
             if conf.item() >= threshold:
                 exit_layer = layer
                 break
         if exit_layer == num_layers:
-            logits, counts["full"] = model.unembed(h).reshape(-1), counts["full"] + 1
+            logits, counts["full"] = fast.unembed(h).reshape(-1), counts["full"] + 1
         else:
-            logits, ids = checked if checked is not None else self.exit_head(model, h, counts)
+            logits, ids = checked if checked is not None else self.exit_head(fast, h, counts)
             logits = logits.reshape(-1)
             if ids is not None:  # the short head's columns -> the whole vocabulary, -inf elsewhere
                 logits = logits.new_full((model.config.vocab_size,), -math.inf).index_copy_(0, ids, logits)
@@ -244,19 +163,22 @@ class DynamicEarlyExit:
         return StepResult(logits=logits, exit_layer=exit_layer, head_evals=counts["full"], kv_projections=kv,
                           short_head_evals=counts["short"])
 
-    def exit_head(self, model: torch.nn.Module, h: torch.Tensor,
+    def exit_head(self, decoder: FastDecoder | Transformer, h: torch.Tensor,
                   counts: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Early-exit logits of h: the full head's (..., V) and None, or the short head's (..., N) and their ids."""
+        """Early-exit logits of h: the full head's (..., V) and None, or the short head's (..., N) and their ids.
+
+        decoder: the model's FastDecoder while decoding, or the model itself (the plain path).
+        """
         if self.exit_vocab is None:
             counts["full"] += 1
-            return model.unembed(h), None
+            return decoder.unembed(h), None
         counts["short"] += 1
-        return model.unembed_short(h, self.exit_vocab)
+        return decoder.unembed_short(h, self.exit_vocab)
 
     @decoding()
     def generate(
         self,
-        model: torch.nn.Module,
+        model: Transformer,
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         *,
@@ -267,65 +189,34 @@ class DynamicEarlyExit:
         cache: KVCache | None = None,
     ) -> GenerationResult:
         """Generate up to max_new_tokens; `cache` (empty) may be passed in to inspect it afterwards."""
-        if model.training:
-            raise ValueError("generation needs the model in eval mode (dropout off); call model.eval() first")
-        num_layers = model.num_layers
-        n = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len)
-        checks = self.checked_layers(num_layers)
-        start = time.perf_counter()
+        run = Decoding.begin(model, prompt_ids, max_new_tokens, eos_id, on_tokens)
+        checks = self.checked_layers(model.num_layers)
+        fast = FastDecoder.of(model)
         propagate = FusedPropagation.for_model(model)
-        device = model.embed_tokens.weight.device
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, P)
         if cache is None:
             cache = model.new_cache()
         elif any(cache.lengths):
             raise ValueError("DynamicEarlyExit.generate needs an empty cache")
-        prompt_len = ids.shape[1]
-        if prompt_len > 1:
-            model(ids[:, :-1], cache=cache, pos=0, compute_logits=False)  # exact K/V for the prompt
-        token, pos = ids[:, -1:], prompt_len - 1
-        tokens: list[int] = []
-        info: list[dict[str, int]] = []
-        head_evals = kv_projections = short_head_evals = 0
-        ttft, stop_reason = 0.0, "length"
-        for i in range(n):
-            step = self.step(model, token, pos, cache, checks, propagate)
-            if sampling.greedy:
-                next_id = int(step.logits.argmax())
-            else:
-                next_id = sample_token(sampling_probs(step.logits, sampling), generator)
-            if i == 0:
-                ttft = time.perf_counter() - start
-            tokens.append(next_id)
-            info.append({"exit_layer": step.exit_layer})
-            head_evals += step.head_evals
-            short_head_evals += step.short_head_evals
-            kv_projections += step.kv_projections
-            if on_tokens is not None:
-                on_tokens([next_id])
-            if eos_id is not None and next_id == eos_id:
-                stop_reason = "eos"
-                break
-            token, pos = torch.tensor([[next_id]], dtype=torch.long, device=device), pos + 1
-        if stop_reason == "length" and n < max_new_tokens:
-            stop_reason = "context"
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        exits = [t["exit_layer"] for t in info]
-        return GenerationResult(
-            tokens=tokens,
-            prompt_len=prompt_len,
-            strategy=self.name,
-            seconds=seconds,
-            time_to_first_token=ttft,
-            stop_reason=stop_reason,
-            stats=self._stats(exits, head_evals, kv_projections, num_layers, seconds, checks, short_head_evals),
-            token_info=info,
-        )
+        buf = token_buffer(model, prompt_ids, run.budget)
+        pos = len(prompt_ids) - 1  # the newest token's: it goes through the exit loop like every new one
+        if pos:
+            prefill(fast, buf[:, :pos], cache)  # exact K/V for the rest of the prompt
+        steps: list[StepResult] = []
+        while run.stop_reason is None:
+            step = self.step(fast, buf[:, pos : pos + 1], pos, cache, checks, propagate)
+            token = pick(step.logits, sampling, generator)
+            steps.append(step)
+            run.commit((token,))
+            pos += 1
+            buf[0, pos] = token
+        result = run.result(self.name, token_info=[{"exit_layer": s.exit_layer} for s in steps])
+        result.stats = self.stats(steps, model.num_layers, checks, result.tokens_per_second)
+        return result
 
-    def _stats(self, exits: list[int], head_evals: int, kv: int, num_layers: int, seconds: float,
-               checks: dict[int, float], short_head_evals: int = 0) -> dict:
+    def stats(self, steps: list[StepResult], num_layers: int, checks: dict[int, float],
+              tokens_per_second: float) -> dict:
+        """The policy and what it did: exit layers, and blocks, head evaluations and K/V projections per token."""
+        exits = [s.exit_layer for s in steps]
         count = max(len(exits), 1)
         return {
             "measure": self.measure,
@@ -340,11 +231,11 @@ class DynamicEarlyExit:
             # Decode blocks per token (the prompt prefill is not counted): a token exiting
             # after block l ran exactly l blocks.
             "blocks_per_token": sum(exits) / count,
-            "head_evals_per_token": head_evals / count,
+            "head_evals_per_token": sum(s.head_evals for s in steps) / count,
             "exit_vocab": self.exit_vocab,
-            "short_head_evals_per_token": short_head_evals / count,
-            "kv_projections_per_token": kv / count,
-            "tokens_per_second": len(exits) / seconds if seconds > 0 else 0.0,
+            "short_head_evals_per_token": sum(s.short_head_evals for s in steps) / count,
+            "kv_projections_per_token": sum(s.kv_projections for s in steps) / count,
+            "tokens_per_second": tokens_per_second,
         }
 
 

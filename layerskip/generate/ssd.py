@@ -20,6 +20,7 @@ One round, with n the position of the newest committed token (not yet in the cac
 3. Verify: ONE ``run_blocks(kept_hidden, E, L)`` over all those positions, reusing the
    draft's work in [0, E) (never recomputed); the full model's logits at positions
    n .. n + m come from the shared head (on CPU row by row, only up to the first rejection).
+   Drafts and verification run the model's fast path (``layerskip.fastpath``).
 4. Accept the longest prefix of drafts the full model agrees with (greedy: equal to its
    argmax; sampling: speculative rejection sampling, accept with probability min(1, p/q),
    else resample from normalize(max(p - q, 0))), then add one token from the full model (the
@@ -39,9 +40,18 @@ import torch
 
 from layerskip.cache import KVCache
 from layerskip.errors import ConfigError
-from layerskip.generate.autoregressive import Decoding, prefill, token_buffer
-from layerskip.generate.base import GenerationResult, OnTokens, SamplingConfig, sample_token, sampling_probs
-from layerskip.model import Transformer, decoding
+from layerskip.fastpath import FastDecoder, decoding
+from layerskip.generate.base import (
+    Decoding,
+    GenerationResult,
+    OnTokens,
+    SamplingConfig,
+    prefill,
+    sample_token,
+    sampling_probs,
+    token_buffer,
+)
+from layerskip.model import Transformer
 
 
 @dataclass
@@ -175,16 +185,17 @@ class SelfSpeculative:
                 f"got {self.draft_layer}"
             )
         run = Decoding.begin(model, prompt_ids, max_new_tokens, eos_id, on_tokens)
+        fast = FastDecoder.of(model)
         buf = token_buffer(model, prompt_ids, run.budget)
         cache = model.new_cache(max_len=len(prompt_ids) + run.budget)
         if len(prompt_ids) > 1:  # everything but the newest token goes in the cache
-            prefill(model, buf[:, : len(prompt_ids) - 1], cache)
+            prefill(fast, buf[:, : len(prompt_ids) - 1], cache)
         stats, token_info, backoff = SpecStats(self.k), [], Backoff(self.max_backoff)
         while run.stop_reason is None:
             n = len(prompt_ids) - 1 + len(run.tokens)  # position of the newest token
             max_drafts = min(self.k, run.remaining - 1) if backoff.draft_now() else 0
-            draft = self.draft(model, buf, n, cache, max_drafts, sampling, eos_id, generator)
-            verdict = self.verify(model, draft, n, cache, sampling, generator)
+            draft = self.draft(fast, buf, n, cache, max_drafts, sampling, eos_id, generator)
+            verdict = self.verify(fast, draft, n, cache, sampling, generator)
             if max_drafts:
                 backoff.update(verdict.accepted > 0)
             kept = run.commit(verdict.tokens)
@@ -199,7 +210,7 @@ class SelfSpeculative:
 
     def draft(
         self,
-        model: Transformer,
+        fast: FastDecoder,
         buf: torch.Tensor,  # (1, S) tokens; drafts are written after position n
         n: int,
         cache: KVCache,
@@ -209,21 +220,21 @@ class SelfSpeculative:
         generator: torch.Generator | None,
     ) -> Draft:
         """Propose up to max_drafts tokens with blocks [0, E), keeping their exit hidden states."""
-        embed, run_blocks, e = model.embed_tokens, model.run_blocks, self.draft_layer
+        embed, run_blocks, e = fast.model.embed_tokens, fast.run_blocks, self.draft_layer
         hidden: list[torch.Tensor] = []
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(max_drafts):
             h = run_blocks(embed(buf[:, n + i : n + i + 1]), 0, e, cache=cache, pos=n + i)  # (1, 1, C)
             hidden.append(h)
-            logits, ids = self.draft_logits(model, h)
+            logits, ids = self.draft_logits(fast, h)
             token, q = self.propose(logits, sampling, generator)
             if token is None:  # not confident: drop it; this input's hidden state is already kept
                 return Draft(tokens, probs, torch.cat(hidden, dim=1))
             if ids is not None:  # back from the short head's columns to token ids
                 token = int(ids[token])
                 if q is not None:  # the draft's distribution over the whole vocabulary
-                    q = torch.zeros(model.config.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, ids, q)
+                    q = torch.zeros(fast.model.config.vocab_size, dtype=q.dtype, device=q.device).index_copy_(0, ids, q)
             tokens.append(token)
             if q is not None:
                 probs.append(q)
@@ -236,11 +247,11 @@ class SelfSpeculative:
         hidden.append(run_blocks(embed(buf[:, n + m : n + m + 1]), 0, e, cache=cache, pos=n + m))
         return Draft(tokens, probs, torch.cat(hidden, dim=1))
 
-    def draft_logits(self, model: Transformer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def draft_logits(self, fast: FastDecoder, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The draft's logits for exit hidden h (1, 1, C): (V,) and None, or the short head's (N,) and its ids."""
         if self.draft_vocab is None:
-            return model.unembed(h)[0, -1], None
-        logits, ids = model.unembed_short(h, self.draft_vocab)
+            return fast.unembed(h)[0, -1], None
+        logits, ids = fast.unembed_short(h, self.draft_vocab)
         return logits[0, -1], ids
 
     def propose(
@@ -261,7 +272,7 @@ class SelfSpeculative:
 
     def verify(
         self,
-        model: Transformer,
+        fast: FastDecoder,
         draft: Draft,
         n: int,
         cache: KVCache,
@@ -273,8 +284,8 @@ class SelfSpeculative:
         Row j of the verified positions predicts the token after position n + j. Rows are
         unembedded only up to the first rejected draft (see ``RowLogits``).
         """
-        h = model.run_blocks(draft.hidden, self.draft_layer, model.num_layers, cache=cache, pos=n)
-        rows = RowLogits(model, h, lazy=self.lazy_head and h.device.type == "cpu")
+        h = fast.run_blocks(draft.hidden, self.draft_layer, fast.model.num_layers, cache=cache, pos=n)
+        rows = RowLogits(fast, h, lazy=self.lazy_head and h.device.type == "cpu")
         drafts = draft.tokens
         for j in range(h.shape[1]):
             logits = rows[j]  # (V,)
@@ -301,16 +312,15 @@ class RowLogits:
     """The full model's logits of verified rows, on demand: ``rows[j]`` is (V,).
 
     lazy: unembed one row at a time when first asked for. On CPU the LM head's cost grows
-    with the rows it is given (MKL's fp32 products of a few rows are compute bound here), so
-    rows after a rejected draft are never unembedded; measured 1.42x -> 1.49x (all accepted),
-    1.21x -> 1.35x (88% accepted) at d128/6 layers, E=3, k=4. Otherwise: all rows at once.
+    with the rows it is given (MKL's fp32 products of a few rows are compute bound), so rows
+    after a rejected draft are never unembedded. Otherwise: all rows at once.
     """
 
-    def __init__(self, model: Transformer, h: torch.Tensor, *, lazy: bool) -> None:
-        self.model, self.h = model, h  # h: (1, T, C)
-        self.all = None if lazy else model.unembed(h)[0]  # (T, V)
+    def __init__(self, fast: FastDecoder, h: torch.Tensor, *, lazy: bool) -> None:
+        self.fast, self.h = fast, h  # h: (1, T, C)
+        self.all = None if lazy else fast.unembed(h)[0]  # (T, V)
 
     def __getitem__(self, j: int) -> torch.Tensor:
         if self.all is not None:
             return self.all[j]
-        return self.model.unembed(self.h[:, j : j + 1])[0, -1]
+        return self.fast.unembed(self.h[:, j : j + 1])[0, -1]
