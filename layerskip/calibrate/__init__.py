@@ -83,7 +83,12 @@ from layerskip.calibrate.policy import (
     policy_exit_layers,
     split_scores,
 )
-from layerskip.calibrate.record import RISK_DEFINITION, guarantee_text, thresholds_record, write_json_atomic
+from layerskip.calibrate.record import (
+    RISK_DEFINITION,
+    guarantee_text,
+    thresholds_record,
+    write_json_atomic,
+)
 from layerskip.calibrate.scores import ExitScores, exit_scores
 from layerskip.calibrate.stats import (
     FixedSequenceResult,

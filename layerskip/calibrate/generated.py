@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from layerskip.fastpath import decoding
 from layerskip.generate.base import SamplingConfig
 from layerskip.generate.dee import DynamicEarlyExit
-from layerskip.model import decoding
 
 
 @decoding()

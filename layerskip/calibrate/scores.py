@@ -14,8 +14,9 @@ import torch
 
 from layerskip.config import check_measure
 from layerskip.errors import ConfigError
-from layerskip.generate.dee import DynamicEarlyExit, logit_confidence, saturation_confidence
-from layerskip.model import decoding
+from layerskip.fastpath import decoding
+from layerskip.generate.dee import DynamicEarlyExit
+from layerskip.generate.measures import logit_confidence, saturation_confidence
 
 
 @dataclass
