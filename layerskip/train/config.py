@@ -95,7 +95,8 @@ class TrainConfig:
         for name in ("d_model", "num_layers", "num_heads", "d_ff", "seq_len", "batch_size",
                      "eval_batch_size", "loss_chunk", "early_exit_rotation", "save_every", "log_every"):
             v = getattr(self, name)
-            _req(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive integer, got {v!r}")
+            _req(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 f"{name} must be a positive integer, got {v!r}")
         for name in ("epochs", "max_steps", "val_tokens", "early_exit_gradual_steps"):
             v = getattr(self, name)
             _req(v is None or (isinstance(v, int) and v >= 1), f"{name} must be a positive integer, got {v!r}")
@@ -118,9 +119,10 @@ class TrainConfig:
              f"early_exit_scale must be >= 0 (0: plain training loss), got {self.early_exit_scale!r}")
 
     def _check_choices(self) -> None:
-        for name, allowed in (("layer_dropout_schedule", LAYER_DROPOUT_SCHEDULES), ("layer_dropout_ramp", TIME_RAMPS),
-                              ("early_exit_curriculum", CURRICULA), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
-                              ("tokenizer_type", ("bpe", "unigram"))):
+        choices = (("layer_dropout_schedule", LAYER_DROPOUT_SCHEDULES), ("layer_dropout_ramp", TIME_RAMPS),
+                   ("early_exit_curriculum", CURRICULA), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
+                   ("tokenizer_type", ("bpe", "unigram")))
+        for name, allowed in choices:
             _req(getattr(self, name) in allowed, f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:

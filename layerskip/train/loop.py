@@ -216,7 +216,7 @@ class Trainer:
                            "world_size": self.dist.world, "device": str(self.device),
                            "steps_per_epoch": self.order.steps_per_epoch, "torch": torch.__version__})
         losses: list[float] = []
-        self.val, self.val_step = None, -1
+        self.last_val, self.last_val_step = None, -1  # the latest validation's result and step
         try:
             stopped = self._run_steps(metrics, bar, losses)
             self._save_at_stop(stopped, metrics)
@@ -228,7 +228,7 @@ class Trainer:
         metrics.close()
         barrier(self.dist)
         return TrainResult(run_dir=self.out_dir, best=self.out_dir / "best", last=self.out_dir / "last",
-                           step=self.step, stopped=stopped, losses=losses, val=self.val)
+                           step=self.step, stopped=stopped, losses=losses, val=self.last_val)
 
     def _open_metrics(self) -> MetricsLog:
         path = self.out_dir / METRICS_FILE
@@ -255,17 +255,22 @@ class Trainer:
             losses.append(stats.loss)
             self._repace(pace, bar)
             self._log_step(stats, metrics, bar)
-            if self.step % self.order.steps_per_epoch == 0 or (self.cfg.val_every and self.step % self.cfg.val_every == 0):
-                self.val, self.val_step = self._validate_and_save(metrics), self.step
+            if self._validation_due():
+                self.last_val, self.last_val_step = self._validate_and_save(metrics), self.step
                 pace.restart(self.step)  # validations are not steps
             elif self.step % self.cfg.save_every == 0 and self.dist.main:
                 self.save("last")
 
+    def _validation_due(self) -> bool:
+        """At the end of every epoch, and every val_every steps when set."""
+        val_every = self.cfg.val_every
+        return self.step % self.order.steps_per_epoch == 0 or bool(val_every and self.step % val_every == 0)
+
     def _save_at_stop(self, stopped: str, metrics: MetricsLog) -> None:
         """Validate and save a finished run; only save one stopped as if interrupted."""
-        if stopped != "stop_at_step" and self.val_step != self.step and self.step > 0:
-            self.val = self._validate_and_save(metrics)
-        elif self.dist.main and self.val_step != self.step:
+        if stopped != "stop_at_step" and self.last_val_step != self.step and self.step > 0:
+            self.last_val = self._validate_and_save(metrics)
+        elif self.dist.main and self.last_val_step != self.step:
             self.save("last")
 
     def _log_step(self, stats: StepStats, metrics: MetricsLog, bar: Any) -> None:

@@ -143,6 +143,7 @@ class ExitLossModel(nn.Module):
         last_loss, last_nll = self._loss(last, flat_targets, weights[-1:])
         return early_loss + last_loss, torch.cat([early_nll, last_nll])
 
-    def _loss(self, normed: torch.Tensor, targets: torch.Tensor, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, normed: torch.Tensor, targets: torch.Tensor,
+              weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         return exit_loss(normed, self.model.lm_head.weight, targets, weights, chunk_size=self.chunk_size,
                          chunk_fn=self.chunk_fn)
