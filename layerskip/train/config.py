@@ -1,0 +1,176 @@
+"""What a training run is given and what it gives back.
+
+``TrainConfig`` (validated on creation, stored in every checkpoint), how a saved config is
+read back and which of its settings a resume may change, ``TrainResult`` and ``TrainingDiverged``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerskip.config import ModelConfig, TokenizerConfig, from_dict
+from layerskip.errors import ConfigError, LayerskipError
+from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS
+
+PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("adamw", "muon")
+
+
+class TrainingDiverged(LayerskipError):
+    """The loss became NaN or infinite."""
+
+
+def _req(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; stored in every checkpoint it writes.
+
+    Defaults train the LayerSkip model; ``max_skip_prob=0, early_exit_scale=0`` is plain
+    training (the baseline). Stopping: the first of ``epochs``, ``max_steps`` and
+    ``time_budget`` (minutes) reached; with none of them, one epoch.
+    """
+
+    # model (the tokenizer's vocabulary is the model's)
+    d_model: int = 128
+    num_layers: int = 6
+    num_heads: int = 8
+    d_ff: int = 512
+    dropout: float = 0.0  # not the seed's 0.1: attention dropout leaves SDPA's fused path, slowing every step
+    vocab_size: int = 8192
+    tokenizer_type: str = "bpe"
+    seq_len: int = 256
+    # optimisation; tuned on short plain runs: small models want many steps, so small batches
+    batch_size: int = 16
+    lr: float = 8e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    # "muon": Muon (orthogonalised momentum) for the blocks' matrices, AdamW for the rest;
+    # it reached a lower validation perplexity than AdamW in the same number of steps.
+    optimizer: str = "muon"
+    grad_clip: float = 1.0
+    epochs: int | None = None
+    max_steps: int | None = None
+    time_budget: float | None = None  # minutes, for the whole run including validation
+    seed: int = 0
+    # LayerSkip
+    max_skip_prob: float = 0.1
+    layer_dropout_schedule: str = "linear"
+    layer_dropout_ramp: str = "constant"
+    early_exit_scale: float = 1.0
+    early_exit_curriculum: str = "rotational"
+    early_exit_rotation: int = 2
+    early_exit_gradual_steps: int | None = None  # None: the whole run
+    # Fraction of tokens the early (not last) exits' loss is estimated on: their LM-head work
+    # dominates a small model's LayerSkip step.
+    early_exit_tokens: float = 0.25
+    # speed
+    precision: str = "bf16"
+    compile: bool = True
+    loss_chunk: int = 4096
+    # validation and checkpoints
+    val_every: int = 0  # steps; 0: at the end of each epoch only
+    val_tokens: int | None = 65536  # validate on the first N valid tokens (None: all); `eval` reads all
+    eval_batch_size: int = 16
+    save_every: int = 50  # steps between last/ checkpoints
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        self._check_counts()
+        self._check_ranges()
+        self._check_choices()
+        self.model_config(self.vocab_size)  # model shape errors surface now
+        self.tokenizer_config()
+
+    def _check_counts(self) -> None:
+        for name in ("d_model", "num_layers", "num_heads", "d_ff", "seq_len", "batch_size",
+                     "eval_batch_size", "loss_chunk", "early_exit_rotation", "save_every", "log_every"):
+            v = getattr(self, name)
+            _req(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 f"{name} must be a positive integer, got {v!r}")
+        for name in ("epochs", "max_steps", "val_tokens", "early_exit_gradual_steps"):
+            v = getattr(self, name)
+            _req(v is None or (isinstance(v, int) and v >= 1), f"{name} must be a positive integer, got {v!r}")
+        for name in ("warmup", "val_every", "seed"):
+            v = getattr(self, name)
+            _req(isinstance(v, int) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+
+    def _check_ranges(self) -> None:
+        _req(self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget > 0),
+             f"time_budget must be a positive number of minutes, got {self.time_budget!r}")
+        _req(math.isfinite(self.lr) and self.lr > 0, f"lr must be positive, got {self.lr!r}")
+        _req(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        _req(0 <= self.weight_decay < 1, f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
+        _req(0 < self.beta2 < 1, f"beta2 must be in (0, 1), got {self.beta2!r}")
+        _req(self.grad_clip >= 0, f"grad_clip must be >= 0 (0: off), got {self.grad_clip!r}")
+        _req(0 < self.early_exit_tokens <= 1,
+             f"early_exit_tokens must be a fraction in (0, 1], got {self.early_exit_tokens!r}")
+        _req(0 <= self.max_skip_prob <= 1, f"max_skip_prob must be in [0, 1], got {self.max_skip_prob!r}")
+        _req(self.early_exit_scale >= 0 and math.isfinite(self.early_exit_scale),
+             f"early_exit_scale must be >= 0 (0: plain training loss), got {self.early_exit_scale!r}")
+
+    def _check_choices(self) -> None:
+        choices = (("layer_dropout_schedule", LAYER_DROPOUT_SCHEDULES), ("layer_dropout_ramp", TIME_RAMPS),
+                   ("early_exit_curriculum", CURRICULA), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
+                   ("tokenizer_type", ("bpe", "unigram")))
+        for name, allowed in choices:
+            _req(getattr(self, name) in allowed, f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, d_model=self.d_model, num_layers=self.num_layers,
+                           num_heads=self.num_heads, d_ff=self.d_ff, dropout=self.dropout, max_seq_len=self.seq_len)
+
+    def tokenizer_config(self) -> TokenizerConfig:
+        return TokenizerConfig(vocab_size=self.vocab_size, model_type=self.tokenizer_type)
+
+    @property
+    def plain(self) -> bool:
+        """No layer dropout and no early-exit loss: the baseline."""
+        return self.max_skip_prob == 0 and self.early_exit_scale == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return from_dict(cls, data, what="training config")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# What runs saved before a setting existed were trained with, where its default changed since.
+SAVED_BEFORE_DEFAULTS: dict[str, Any] = {"optimizer": "adamw"}
+
+
+def saved_train_config(data: dict[str, Any]) -> TrainConfig:
+    """The training config a checkpoint records, read as the run that wrote it was trained."""
+    if isinstance(data, dict):
+        data = {**SAVED_BEFORE_DEFAULTS, **data}
+    return TrainConfig.from_dict(data)
+
+
+# Settings that may differ when resuming: they change when to stop or what is logged, not
+# the losses of the steps that are run.
+RESUME_OVERRIDABLE = frozenset({"epochs", "max_steps", "time_budget", "val_every", "val_tokens",
+                                "eval_batch_size", "save_every", "log_every"})
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best: Path
+    last: Path
+    step: int
+    stopped: str  # "max_steps" | "epochs" | "time_budget" | "stop_at_step"
+    losses: list[float] = field(default_factory=list)  # train loss of every step run in this call
+    val: Any = None  # the last EvalResult

@@ -1,0 +1,149 @@
+"""What one training step computes and draws.
+
+The step's plan (enabled exits, their weights, per-block skip probabilities), its random
+draws (each from its own seed, so a run is reproducible and resumable at any step), and
+``ExitLossModel``: the trunk plus the weighted early-exit loss in one forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from layerskip.losses import (
+    chunk_nll_and_grads,
+    enabled_exits,
+    exit_loss,
+    exit_weights,
+    layer_dropout_probs,
+    sample_layer_keep,
+)
+from layerskip.model import Transformer
+from layerskip.train.config import TrainConfig
+
+# Random streams of a step besides nn.Dropout's, whose stream is the rank.
+LAYER_SKIP_STREAM = -1
+EARLY_POSITIONS_STREAM = -2
+
+
+@dataclass
+class StepStats:
+    loss: float
+    exits: list[int]
+    exit_losses: list[float]
+    lr: float
+    grad_norm: float | None
+    seconds: float
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def step_plan(cfg: TrainConfig, step: int, total_steps: int) -> tuple[list[int], list[float], list[float]]:
+    """(enabled exits, their weights, per-block skip probabilities) at `step`."""
+    L = cfg.num_layers
+    if cfg.early_exit_scale == 0:
+        exits = [L]
+    else:
+        exits = enabled_exits(cfg.early_exit_curriculum, step, L, rotation=cfg.early_exit_rotation,
+                              gradual_steps=cfg.early_exit_gradual_steps or total_steps)
+    weights = exit_weights(exits, L, cfg.early_exit_scale)
+    probs = layer_dropout_probs(L, cfg.max_skip_prob, cfg.layer_dropout_schedule, step=step,
+                                total_steps=total_steps, ramp=cfg.layer_dropout_ramp)
+    return exits, weights, probs
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """Independent seeds per (seed, step, stream): dropout (stream = rank), layer skipping
+    (LAYER_SKIP_STREAM) and the early-exit loss positions (EARLY_POSITIONS_STREAM)."""
+    return ((seed * 1_000_003 + step) * 1_009 + stream + 7) % (2**62)
+
+
+def layer_keep(cfg: TrainConfig, step: int, probs: list[float], rows: slice) -> torch.Tensor | None:
+    """(L, rows) bool: which blocks each of this process's samples runs (None: no layer dropout).
+
+    Drawn for the global batch, then sliced, so processes under torchrun reproduce one process.
+    """
+    if not cfg.max_skip_prob > 0:
+        return None
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, LAYER_SKIP_STREAM))
+    return sample_layer_keep(probs, cfg.batch_size, generator)[:, rows]
+
+
+def early_positions(cfg: TrainConfig, step: int, rows: slice) -> torch.Tensor | None:
+    """Flat token indices of this process's rows that the early exits' loss uses (None: every token).
+
+    Drawn for the global batch like the skip mask.
+    """
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, EARLY_POSITIONS_STREAM))
+    positions = sample_early_positions(cfg.batch_size, cfg.seq_len, cfg.early_exit_tokens, generator)
+    if positions is None:
+        return None
+    return flat_positions(positions[rows], cfg.seq_len)
+
+
+def sample_early_positions(batch_size: int, seq_len: int, fraction: float,
+                           generator: torch.Generator) -> torch.Tensor | None:
+    """(B, m) sorted random positions in each sequence, m = round(fraction * seq_len) (None: all).
+
+    The early exits' loss is an auxiliary term; estimating it on a random quarter of the
+    tokens costs a quarter of their LM-head work, which dominates a small model's step. The
+    same count in every row keeps the mean over a rank's rows equal to the global mean's
+    share, so processes under torchrun reproduce one process.
+    """
+    if fraction >= 1.0:
+        return None
+    count = max(1, round(fraction * seq_len))
+    return torch.rand(batch_size, seq_len, generator=generator).argsort(dim=1)[:, :count].sort(dim=1).values
+
+
+def flat_positions(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, m) positions within rows -> (B*m,) indices into the flattened (B*T) tokens."""
+    offsets = torch.arange(rows.shape[0]).unsqueeze(1) * seq_len
+    return (rows + offsets).flatten()
+
+
+class ExitLossModel(nn.Module):
+    """Trunk + weighted early-exit loss in one forward, so DDP sees every parameter's use."""
+
+    def __init__(self, model: Transformer, chunk_size: int, *, compile_loss: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        # the head + loss of one chunk, compiled on its own (like each block) when asked
+        self.chunk_fn = torch.compile(chunk_nll_and_grads, dynamic=True) if compile_loss else chunk_nll_and_grads
+
+    def forward(
+        self,
+        idx: torch.Tensor,  # (B, T)
+        targets: torch.Tensor,  # (B, T)
+        exits: list[int],
+        weights: list[float],
+        keep: torch.Tensor | None,  # (L, B) bool
+        early_positions: torch.Tensor | None = None,  # (n,) flat token indices for the early exits
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted loss, per-exit mean NLL): the last exit over every token, the earlier ones
+        over `early_positions` only when given (an unbiased, cheaper estimate of their loss)."""
+        out = self.model(idx, exits=exits, layer_keep=keep, compute_logits=False)
+        flat_targets = targets.flatten()
+        if early_positions is None or len(exits) == 1:
+            hidden = torch.stack([out.exit_hidden[k] for k in exits])  # (E, B, T, C)
+            normed = self.model.norm(hidden).flatten(1, 2)  # (E, B*T, C)
+            return self._loss(normed, flat_targets, weights)
+        early = torch.stack([out.exit_hidden[k].flatten(0, 1).index_select(0, early_positions) for k in exits[:-1]])
+        early_loss, early_nll = self._loss(self.model.norm(early), flat_targets.index_select(0, early_positions),
+                                           weights[:-1])
+        last = self.model.norm(out.exit_hidden[exits[-1]]).flatten(0, 1).unsqueeze(0)  # (1, B*T, C)
+        last_loss, last_nll = self._loss(last, flat_targets, weights[-1:])
+        return early_loss + last_loss, torch.cat([early_nll, last_nll])
+
+    def _loss(self, normed: torch.Tensor, targets: torch.Tensor,
+              weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        return exit_loss(normed, self.model.lm_head.weight, targets, weights, chunk_size=self.chunk_size,
+                         chunk_fn=self.chunk_fn)

@@ -1,0 +1,113 @@
+"""The training package's parts, without a run: config validation, a step's plan, the
+sub-sampled early-exit loss, the Muon + AdamW optimizer group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerskip.errors import ConfigError
+from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS, exit_loss_reference, exit_weights
+from layerskip.model import Transformer
+from layerskip.train import (ExitLossModel, OptimizerGroup, TrainConfig, flat_positions, make_optimizer,
+                             sample_early_positions, step_plan)
+
+# the same tiny settings as test_train.py's runs
+TINY = dict(d_model=32, num_layers=4, num_heads=4, d_ff=64, dropout=0.1, vocab_size=400, seq_len=32,
+            batch_size=8, warmup=3, lr=3e-3, precision="fp32", compile=False, eval_batch_size=8, loss_chunk=64)
+
+
+def tiny_cfg(**overrides) -> TrainConfig:
+    return TrainConfig(**{**TINY, **overrides})
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_train_config_refuses_unknown_and_impossible_settings():
+    with pytest.raises(ConfigError, match="unknown"):
+        TrainConfig.from_dict({"max_skip_prop": 0.1})
+    for bad in (dict(max_skip_prob=1.5), dict(lr=0.0), dict(batch_size=0), dict(num_heads=5),
+                dict(early_exit_curriculum="random"), dict(precision="fp16"), dict(time_budget=-1.0),
+                dict(early_exit_scale=-1.0), dict(layer_dropout_schedule="cosine"), dict(max_steps=0),
+                dict(early_exit_tokens=0.0), dict(early_exit_tokens=1.5), dict(optimizer="sgd")):
+        with pytest.raises(ConfigError):
+            tiny_cfg(**bad)
+    assert tiny_cfg(max_skip_prob=0, early_exit_scale=0).plain and not tiny_cfg().plain
+
+
+@pytest.mark.parametrize("curriculum", CURRICULA)
+@pytest.mark.parametrize("schedule", LAYER_DROPOUT_SCHEDULES)
+@pytest.mark.parametrize("ramp", TIME_RAMPS)
+def test_every_schedule_and_curriculum_is_reachable(curriculum, schedule, ramp):
+    cfg = tiny_cfg(early_exit_curriculum=curriculum, layer_dropout_schedule=schedule, layer_dropout_ramp=ramp,
+                   max_skip_prob=0.4)
+    plans = [step_plan(cfg, s, 10) for s in range(10)]
+    assert all(exits[-1] == 4 and sum(w) == pytest.approx(1.0) for exits, w, _ in plans)
+    assert all(p[0] == 0.0 and max(p) <= 0.4 + 1e-12 for _, _, p in plans)
+    assert plans[-1][2][-1] == pytest.approx(0.4)
+    if ramp == "exp":
+        assert plans[0][2] == [0.0] * 4  # the paper's ramp starts with no skipping
+    if curriculum == "none":
+        assert all(exits == [1, 2, 3, 4] for exits, _, _ in plans)
+    plain = step_plan(tiny_cfg(early_exit_curriculum=curriculum, early_exit_scale=0, max_skip_prob=0), 3, 10)
+    assert plain == ([4], [1.0], [0.0] * 4)
+
+
+# ----------------------------------------------------------------------------- sub-sampled early exits
+
+
+def test_sample_early_positions_is_a_seeded_subset_of_every_row():
+    assert sample_early_positions(3, 100, 1.0, torch.Generator().manual_seed(0)) is None
+    a = sample_early_positions(3, 100, 0.25, torch.Generator().manual_seed(0))
+    b = sample_early_positions(3, 100, 0.25, torch.Generator().manual_seed(0))
+    c = sample_early_positions(3, 100, 0.25, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (3, 25) and a.min() >= 0 and a.max() < 100
+    assert all(len(set(row.tolist())) == 25 for row in a) and torch.equal(a, a.sort(dim=1).values)
+    flat = flat_positions(a, 100)
+    assert flat.tolist() == [int(p) + 100 * r for r in range(3) for p in a[r]]
+
+
+def test_early_exit_loss_on_a_token_subset_matches_the_reference_and_its_gradients():
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(dropout=0.0).model_config(50))
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    targets[0, :4] = -100  # ignored targets stay ignored in both estimates
+    exits, weights = [1, 3, 4], exit_weights([1, 3, 4], 4, 1.0)
+    positions = flat_positions(sample_early_positions(3, 16, 0.4, torch.Generator().manual_seed(3)), 16)
+    loss, per_exit = ExitLossModel(model, chunk_size=7)(idx, targets, exits, weights, None, positions)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    out = model(idx, exits=exits, compute_logits=False)
+    pick = lambda h: h.flatten(0, 1)[positions].unsqueeze(0)  # noqa: E731
+    early = exit_loss_reference({k: pick(out.exit_hidden[k]) for k in exits[:-1]}, model.unembed,
+                                targets.flatten()[positions].unsqueeze(0), weights[:-1])
+    last = exit_loss_reference({4: out.exit_hidden[4]}, model.unembed, targets, weights[-1:])
+    reference = early + last
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(reference, list(model.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    full_loss, full_per_exit = ExitLossModel(model, chunk_size=7)(idx, targets, exits, weights, None, None)
+    assert per_exit[-1] == pytest.approx(float(full_per_exit[-1]), rel=1e-5)  # the last exit sees every token
+    assert not torch.allclose(per_exit[:-1], full_per_exit[:-1])  # the early ones a subset
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    cfg = tiny_cfg(optimizer="muon")
+    model = Transformer(cfg.model_config(400))
+    opt = make_optimizer(model, cfg)
+    assert isinstance(opt, OptimizerGroup) and isinstance(opt.optimizers["muon"], torch.optim.Muon)
+    held = {name: {id(p) for g in o.param_groups for p in g["params"]} for name, o in opt.optimizers.items()}
+    block_matrices = {id(p) for p in model.layers.parameters() if p.dim() == 2}
+    assert held["muon"] == block_matrices and len(block_matrices) == 4 * 7
+    assert held["adamw"] == {id(p) for p in model.parameters()} - block_matrices
+    assert id(model.embed_tokens.weight) in held["adamw"]
+    for group in opt.param_groups:  # the trainer sets the LR of all of them at once
+        group["lr"] = 1e-3
+    assert all(g["lr"] == 1e-3 for o in opt.optimizers.values() for g in o.param_groups)
+    with pytest.raises(ConfigError, match="resume with the optimizer the run started with"):
+        opt.load_state_dict({"adamw": opt.optimizers["adamw"].state_dict()})
