@@ -16,7 +16,7 @@ import time
 import torch
 
 from layerskip.bench.models import load_model
-from layerskip.generate import Autoregressive
+from layerskip.decoding import Autoregressive
 from layerskip.model import Transformer
 
 

@@ -29,7 +29,7 @@ import torch
 from layerskip.bench.machine import cpu_model
 from layerskip.bench.models import load_model
 from layerskip.errors import run_script
-from layerskip.generate import Autoregressive, SelfSpeculative
+from layerskip.decoding import Autoregressive, SelfSpeculative
 
 
 def int_list(text: str) -> list[int]:

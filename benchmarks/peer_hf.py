@@ -45,7 +45,7 @@ from layerskip.bench.models import BenchModel, load_model
 from layerskip.console import log
 from layerskip.device import synchronize
 from layerskip.errors import run_script
-from layerskip.generate import Autoregressive, SelfSpeculative
+from layerskip.decoding import Autoregressive, SelfSpeculative
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,10 +24,10 @@ if TYPE_CHECKING:
     import torch
 
     from layerskip.checkpoint import Checkpoint
-    from layerskip.evaluate import EvalResult
-    from layerskip.generate import Strategy
+    from layerskip.evaluation import EvalResult
+    from layerskip.decoding import Strategy
     from layerskip.thresholds import Thresholds
-    from layerskip.train import TrainResult
+    from layerskip.training import TrainResult
 
 DEFAULT_CONF = 0.9  # the seed study's global DEE threshold, used when neither conf nor thresholds is given
 
@@ -94,7 +94,7 @@ def generate(
     """
     import torch
 
-    from layerskip.generate import SamplingConfig
+    from layerskip.decoding import SamplingConfig
 
     ckpt = _loaded(model)
     strategy = build_strategy(ckpt.model, mode, **options)
@@ -127,7 +127,7 @@ def continuation(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[in
 
 def build_strategy(model: torch.nn.Module, mode: str, **options: Any) -> Strategy:
     """The decoding strategy for `mode` with its options; unset options take their documented defaults."""
-    from layerskip.generate import MODES, make_strategy
+    from layerskip.decoding import MODES, make_strategy
 
     if mode not in MODES:
         raise ConfigError(f"unknown generation mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -152,7 +152,7 @@ def _early_exit(model: torch.nn.Module, *, thresholds: Thresholds | str | os.Pat
                 conf: float | None = None, measure: str | None = None, exit_vocab: int | None = None,
                 min_exit_layer: int | None = None, check_every: int | None = None) -> Strategy:
     """DynamicEarlyExit from one global threshold, or from calibrated thresholds whose settings are the defaults."""
-    from layerskip.generate.dee import DynamicEarlyExit
+    from layerskip.decoding.dee import DynamicEarlyExit
 
     if conf is not None and thresholds is not None:
         raise ConfigError("give either conf (one global threshold) or thresholds (calibrated), not both")
@@ -205,7 +205,7 @@ def evaluate(model: Checkpoint | str | os.PathLike[str], split: str = "test", *,
     ``.table()`` prints it; ``.layers[-1]`` is the full model. ``data_dir`` defaults to
     $LAYERSKIP_DATA_DIR, then the per-user cache, then a download.
     """
-    from layerskip.evaluate import evaluate_checkpoint
+    from layerskip.evaluation import evaluate_checkpoint
 
     return evaluate_checkpoint(_loaded(model), split=split, data_dir=data_dir, batch_size=batch_size,
                                max_tokens=max_tokens)
@@ -219,7 +219,7 @@ def calibrate(model: Checkpoint | str | os.PathLike[str], *, delta: float = 0.01
     `layerskip calibrate` (measure, method, exit_vocab, min_exit_layer, check_every, data_dir,
     max_tokens, ...). Pass the result to ``generate(..., mode="dee", thresholds=...)``.
     """
-    from layerskip.calibrate import calibrate_checkpoint
+    from layerskip.calibration import calibrate_checkpoint
 
     return calibrate_checkpoint(_loaded(model), delta=delta, epsilon=epsilon, output=output, **options)
 
@@ -232,8 +232,8 @@ def train(out_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] |
     early_exit_scale=0`` trains a plain model. ``resume=True`` continues the run in out_dir.
     Returns the result, whose ``.best`` is the best checkpoint's path.
     """
-    from layerskip.train import TrainConfig, resume_config
-    from layerskip.train import train as run_training
+    from layerskip.training import TrainConfig, resume_config
+    from layerskip.training import train as run_training
 
     cfg = resume_config(out_dir, settings) if resume else TrainConfig.from_dict(settings)
     return run_training(cfg, out_dir, data_dir=data_dir, resume=resume, overwrite=overwrite, device=device,

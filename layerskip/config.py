@@ -15,7 +15,7 @@ from layerskip.errors import ConfigError
 
 T = TypeVar("T")
 
-# Dynamic early exit's confidence measures, each in [0, 1] (see layerskip.generate.dee).
+# Dynamic early exit's confidence measures, each in [0, 1] (see layerskip.decoding.dee).
 MEASURES = ("softmax", "margin", "saturation")
 MEASURE_RANGE = (0.0, 1.0)
 

@@ -34,8 +34,8 @@ import torch
 from layerskip.device import synchronize
 from layerskip.errors import ConfigError
 from layerskip.fastpath import FastDecoder, decoding
-from layerskip.generate.measures import logit_confidence
-from layerskip.generate.propagation import FusedPropagation
+from layerskip.decoding.measures import logit_confidence
+from layerskip.decoding.propagation import FusedPropagation
 from layerskip.model import Transformer
 
 PIECES = ("ar_step", "block", "full_head", "check", "propagate", "rest")

@@ -21,7 +21,7 @@ from layerskip.config import MEASURE_RANGE, MEASURES
 from layerskip.errors import ConfigError
 
 if TYPE_CHECKING:
-    from layerskip.generate.dee import DynamicEarlyExit
+    from layerskip.decoding.dee import DynamicEarlyExit
 
 FORMAT = "layerskip-thresholds"
 VERSION = 1
@@ -69,7 +69,7 @@ class Thresholds:
     exit_vocab: int | None = None
 
     def strategy(self) -> DynamicEarlyExit:
-        from layerskip.generate.dee import DynamicEarlyExit
+        from layerskip.decoding.dee import DynamicEarlyExit
 
         return DynamicEarlyExit(self.thresholds, self.measure, self.min_exit_layer, self.check_every,
                                 exit_vocab=self.exit_vocab)
@@ -130,7 +130,7 @@ def thresholds_from_record(record: Any, num_layers: int, measure: str | None = N
     if fingerprint is not None and file_fp is not None and file_fp != fingerprint:
         raise bad(f"was calibrated for another model (fingerprint {file_fp}, this one is {fingerprint}); "
                   "its guarantee does not carry over: run `layerskip calibrate` on this checkpoint")
-    from layerskip.generate.dee import DynamicEarlyExit
+    from layerskip.decoding.dee import DynamicEarlyExit
 
     try:
         settings = {k: record.get(k, 1) for k in ("min_exit_layer", "check_every")}

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 
 from layerskip.errors import ConfigError, PromptError
-from layerskip.generate import Autoregressive, DynamicEarlyExit, SamplingConfig, make_strategy, sampling_probs
+from layerskip.decoding import Autoregressive, DynamicEarlyExit, SamplingConfig, make_strategy, sampling_probs
 
 
 @pytest.fixture(scope="module", params=[dict(), dict(num_kv_heads=2), dict(seed=1, tie_embeddings=False)],

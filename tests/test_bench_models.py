@@ -13,7 +13,7 @@ from layerskip.bench.prompts import FIRST_TEXT_ID, select_prompts
 from layerskip.checkpoint import save_checkpoint
 from layerskip.config import TokenizerConfig
 from layerskip.data import read_lines
-from layerskip.generate import Autoregressive, SelfSpeculative
+from layerskip.decoding import Autoregressive, SelfSpeculative
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
 

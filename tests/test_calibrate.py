@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from layerskip import calibrate as cal
+from layerskip import calibration as cal
 from layerskip.checkpoint import save_checkpoint
 from layerskip.cli import main
 from layerskip.config import MEASURES, TokenizerConfig
 from layerskip.errors import ConfigError
-from layerskip.generate.dee import DynamicEarlyExit
+from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.thresholds import load_thresholds, model_fingerprint
 
 NUM_LAYERS = 4  # tiny_model's

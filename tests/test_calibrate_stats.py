@@ -1,4 +1,4 @@
-"""layerskip.calibrate.stats: binomial tail, fixed-sequence testing, isotonic fits (numpy only)."""
+"""layerskip.calibration.stats: binomial tail, fixed-sequence testing, isotonic fits (numpy only)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from math import comb
 import numpy as np
 import pytest
 
-from layerskip.calibrate import stats
-from layerskip.calibrate.stats import binomial_cdf, fixed_sequence_test, isotonic_increasing, local_error_curve
+from layerskip.calibration import stats
+from layerskip.calibration.stats import binomial_cdf, fixed_sequence_test, isotonic_increasing, local_error_curve
 
 
 @pytest.mark.parametrize("n,p", [(1, 0.3), (10, 0.05), (37, 0.5), (200, 0.01)])

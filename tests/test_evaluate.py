@@ -15,7 +15,7 @@ from layerskip.checkpoint import save_checkpoint
 from layerskip.cli import main
 from layerskip.config import TokenizerConfig
 from layerskip.data import eval_windows
-from layerskip.evaluate import evaluate_model
+from layerskip.evaluation import evaluate_model
 
 
 def reference_nll(model, tokens, seq_len, batch_size):

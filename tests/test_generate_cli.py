@@ -11,7 +11,7 @@ from conftest import tiny_model
 from layerskip.checkpoint import save_checkpoint
 from layerskip.cli import main
 from layerskip.config import TokenizerConfig
-from layerskip.generate import Autoregressive
+from layerskip.decoding import Autoregressive
 
 PROMPT = " = Valkyria Chronicles = \n The game began"
 

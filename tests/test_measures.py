@@ -7,7 +7,7 @@ import torch
 
 from layerskip.config import MEASURES
 from layerskip.errors import ConfigError
-from layerskip.generate.measures import LOGIT_MEASURES, logit_confidence, saturation_confidence
+from layerskip.decoding.measures import LOGIT_MEASURES, logit_confidence, saturation_confidence
 
 
 def test_confidence_measures_on_known_logits():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from layerskip.generate.propagation import FusedPropagation, propagate_kv
+from layerskip.decoding.propagation import FusedPropagation, propagate_kv
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from layerskip.generate import Autoregressive, SamplingConfig, SelfSpeculative, sampling_probs
+from layerskip.decoding import Autoregressive, SamplingConfig, SelfSpeculative, sampling_probs
 
 
 # ------------------------------------------------------------------ sampling_probs

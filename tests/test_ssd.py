@@ -11,7 +11,7 @@ from conftest import tiny_model
 from layerskip.cache import KVCache
 from layerskip.errors import ConfigError
 from layerskip.fastpath import FastDecoder, decoding
-from layerskip.generate import Autoregressive, SelfSpeculative, make_strategy
+from layerskip.decoding import Autoregressive, SelfSpeculative, make_strategy
 
 NEW_TOKENS = 30
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_model
 
-from layerskip.calibrate import calibrate_scores, exit_scores, thresholds_record, write_json_atomic
+from layerskip.calibration import calibrate_scores, exit_scores, thresholds_record, write_json_atomic
 from layerskip.errors import ConfigError
 from layerskip.thresholds import load_thresholds, model_fingerprint, thresholds_from_record
 

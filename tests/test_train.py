@@ -13,7 +13,7 @@ from layerskip.cli import main
 from layerskip.data import load_corpus
 from layerskip.errors import ConfigError
 from layerskip.losses import lr_at
-from layerskip.train import TrainConfig, TrainingDiverged, resume_config, step_plan, train
+from layerskip.training import TrainConfig, TrainingDiverged, resume_config, step_plan, train
 
 TINY = dict(d_model=32, num_layers=4, num_heads=4, d_ff=64, dropout=0.1, vocab_size=400, seq_len=32,
             batch_size=8, warmup=3, lr=3e-3, precision="fp32", compile=False, eval_batch_size=8, loss_chunk=64)
@@ -135,7 +135,7 @@ def test_time_budget_schedule_follows_a_slowing_pace(tmp_path, corpus, monkeypat
     when the budget runs out, not stop where the first steps' pace predicted."""
     import time
 
-    from layerskip.train import loop, pacing
+    from layerskip.training import loop, pacing
 
     monkeypatch.setattr(pacing, "PACE_STEPS", 5)
     original = loop.Trainer.train_step
@@ -180,7 +180,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, corpus):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
-    from layerskip.train import step as step_module
+    from layerskip.training import step as step_module
 
     real = step_module.exit_loss
     calls = {"n": 0}
@@ -224,7 +224,7 @@ def test_cli_train_then_eval_seed_form(tmp_path, tiny_corpus_dir, capsys):
 KILLER = '''
 import os, signal, sys
 import layerskip.checkpoint as ck
-import layerskip.train.loop as tr
+import layerskip.training.loop as tr
 
 mode, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)

@@ -9,7 +9,7 @@ import torch
 from layerskip.errors import ConfigError
 from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS, exit_loss_reference, exit_weights
 from layerskip.model import Transformer
-from layerskip.train import (ExitLossModel, OptimizerGroup, TrainConfig, flat_positions, make_optimizer,
+from layerskip.training import (ExitLossModel, OptimizerGroup, TrainConfig, flat_positions, make_optimizer,
                              sample_early_positions, step_plan)
 
 # the same tiny settings as test_train.py's runs

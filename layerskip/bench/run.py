@@ -28,7 +28,7 @@ from layerskip.console import log
 from layerskip.costs import StepCosts, dee_estimate, measure_step_costs
 from layerskip.data import encode_splits, find_split_files, read_lines, resolve_data_dir
 from layerskip.device import resolve_device
-from layerskip.evaluate import evaluate_model
+from layerskip.evaluation import evaluate_model
 from layerskip.jsonfile import sanitize, write_json
 from layerskip.thresholds import model_fingerprint
 from layerskip.tokenizer import Tokenizer

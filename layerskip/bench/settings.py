@@ -14,9 +14,9 @@ from typing import Any
 
 from layerskip.config import MEASURES
 from layerskip.errors import ConfigError
-from layerskip.generate.autoregressive import Autoregressive
-from layerskip.generate.dee import DynamicEarlyExit
-from layerskip.generate.ssd import SelfSpeculative
+from layerskip.decoding.autoregressive import Autoregressive
+from layerskip.decoding.dee import DynamicEarlyExit
+from layerskip.decoding.ssd import SelfSpeculative
 from layerskip.thresholds import load_thresholds
 
 # Global thresholds swept per measure, from permissive (early exits) to strict (near full depth).

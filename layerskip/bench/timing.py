@@ -9,7 +9,7 @@ import torch
 
 from layerskip.bench.settings import BenchConfig, BenchSettings, Run
 from layerskip.device import synchronize
-from layerskip.generate.base import SamplingConfig
+from layerskip.decoding.base import SamplingConfig
 
 
 def timed_generate(strategy, model, ids: list[int], cfg: BenchConfig, settings: BenchSettings, seed: int,

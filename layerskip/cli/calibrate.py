@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerskip.calibrate import calibrate_checkpoint, evaluate_thresholds
+    from layerskip.calibration import calibrate_checkpoint, evaluate_thresholds
 
     check_args(args)
     shared = {name: getattr(args, name) for name in ("data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts",
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    from layerskip.calibrate.pipeline import check_counts
+    from layerskip.calibration.pipeline import check_counts
     from layerskip.errors import ConfigError
     from layerskip.thresholds import check_risk_settings
 

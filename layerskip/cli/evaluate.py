@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from layerskip.errors import ConfigError
-    from layerskip.evaluate import evaluate_checkpoint
+    from layerskip.evaluation import evaluate_checkpoint
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")

@@ -94,7 +94,7 @@ def explicit_settings(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from layerskip.train import TrainConfig, resume_config, train
+    from layerskip.training import TrainConfig, resume_config, train
 
     out = Path(args.out)
     do_train = args.train or not args.eval
@@ -113,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_run(out, args: argparse.Namespace) -> int:
     from layerskip.cli.evaluate import write_json
-    from layerskip.evaluate import evaluate_checkpoint
+    from layerskip.evaluation import evaluate_checkpoint
     from layerskip.device import resolve_device
-    from layerskip.train import init_distributed
+    from layerskip.training import init_distributed
 
     if not init_distributed(resolve_device(args.device)).main:
         return 0  # under torchrun, rank 0 evaluates

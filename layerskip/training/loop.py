@@ -16,14 +16,14 @@ import torch
 from layerskip.device import keep_freed_memory, resolve_device
 from layerskip.errors import ConfigError
 from layerskip.losses import lr_at
-from layerskip.train.build import build_model, compile_blocks, training_module
-from layerskip.train.config import TrainConfig, TrainingDiverged, TrainResult
-from layerskip.train.data_order import BatchOrder
-from layerskip.train.distributed import all_agree, barrier, from_rank0, init_distributed, mean_across
-from layerskip.train.optim import make_optimizer
-from layerskip.train.pacing import Pace, planned_steps, schedule_end_reason, steps_within_budget
-from layerskip.train.run_dir import METRICS_FILE, MetricsLog, load_resume_point, prepare_run_dir, truncate_metrics
-from layerskip.train.step import (StepStats, autocast_context, early_positions, layer_keep, step_plan,
+from layerskip.training.build import build_model, compile_blocks, training_module
+from layerskip.training.config import TrainConfig, TrainingDiverged, TrainResult
+from layerskip.training.data_order import BatchOrder
+from layerskip.training.distributed import all_agree, barrier, from_rank0, init_distributed, mean_across
+from layerskip.training.optim import make_optimizer
+from layerskip.training.pacing import Pace, planned_steps, schedule_end_reason, steps_within_budget
+from layerskip.training.run_dir import METRICS_FILE, MetricsLog, load_resume_point, prepare_run_dir, truncate_metrics
+from layerskip.training.step import (StepStats, autocast_context, early_positions, layer_keep, step_plan,
                                   step_seed)
 
 
@@ -144,7 +144,7 @@ class Trainer:
     # -- validation and checkpoints ------------------------------------------------------
 
     def validate(self) -> Any:
-        from layerskip.evaluate import evaluate_model
+        from layerskip.evaluation import evaluate_model
 
         cfg = self.cfg
         # Compiled blocks would compile again for no-grad eval mode; eager costs little here.

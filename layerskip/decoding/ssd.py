@@ -41,7 +41,7 @@ import torch
 from layerskip.cache import KVCache
 from layerskip.errors import ConfigError
 from layerskip.fastpath import FastDecoder, decoding
-from layerskip.generate.base import (
+from layerskip.decoding.base import (
     Decoding,
     GenerationResult,
     OnTokens,

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from layerskip.fastpath import decoding
-from layerskip.generate.base import SamplingConfig
-from layerskip.generate.dee import DynamicEarlyExit
+from layerskip.decoding.base import SamplingConfig
+from layerskip.decoding.dee import DynamicEarlyExit
 
 
 @decoding()

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from layerskip.errors import ConfigError
-from layerskip.generate.autoregressive import Autoregressive
-from layerskip.generate.base import GenerationResult, SamplingConfig, Strategy, check_prompt, sampling_probs
-from layerskip.generate.dee import DynamicEarlyExit
-from layerskip.generate.ssd import SelfSpeculative
+from layerskip.decoding.autoregressive import Autoregressive
+from layerskip.decoding.base import GenerationResult, SamplingConfig, Strategy, check_prompt, sampling_probs
+from layerskip.decoding.dee import DynamicEarlyExit
+from layerskip.decoding.ssd import SelfSpeculative
 
 STRATEGIES: dict[str, Any] = {"ar": Autoregressive, "ssd": SelfSpeculative, "dee": DynamicEarlyExit}
 MODES = tuple(STRATEGIES)

@@ -21,13 +21,13 @@ makes ``resume`` continue with exactly the losses an uninterrupted run would hav
     loop.py         the Trainer composing them, and ``train``
 """
 
-from layerskip.train.config import (RESUME_OVERRIDABLE, TrainConfig, TrainingDiverged, TrainResult,
+from layerskip.training.config import (RESUME_OVERRIDABLE, TrainConfig, TrainingDiverged, TrainResult,
                                     saved_train_config)
-from layerskip.train.distributed import DistInfo, init_distributed
-from layerskip.train.loop import Trainer, train
-from layerskip.train.optim import OptimizerGroup, make_optimizer
-from layerskip.train.run_dir import resume_config
-from layerskip.train.step import ExitLossModel, flat_positions, sample_early_positions, step_plan
+from layerskip.training.distributed import DistInfo, init_distributed
+from layerskip.training.loop import Trainer, train
+from layerskip.training.optim import OptimizerGroup, make_optimizer
+from layerskip.training.run_dir import resume_config
+from layerskip.training.step import ExitLossModel, flat_positions, sample_early_positions, step_plan
 
 __all__ = [
     "RESUME_OVERRIDABLE",

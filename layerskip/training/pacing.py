@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from layerskip.train.config import TrainConfig
+from layerskip.training.config import TrainConfig
 
 # Re-measured this often: step times drift over a run, and a length fixed from the first
 # steps' pace ended the budget before the cosine decay had.

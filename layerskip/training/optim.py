@@ -8,7 +8,7 @@ import torch
 
 from layerskip.errors import ConfigError
 from layerskip.model import Transformer
-from layerskip.train.config import TrainConfig
+from layerskip.training.config import TrainConfig
 
 
 class OptimizerGroup:

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from layerskip.calibrate.policy import Calibration
+from layerskip.calibration.policy import Calibration
 from layerskip.jsonfile import write_json
 from layerskip.thresholds import FORMAT, VERSION
 

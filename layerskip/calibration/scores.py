@@ -15,8 +15,8 @@ import torch
 from layerskip.config import check_measure
 from layerskip.errors import ConfigError
 from layerskip.fastpath import decoding
-from layerskip.generate.dee import DynamicEarlyExit
-from layerskip.generate.measures import logit_confidence, saturation_confidence
+from layerskip.decoding.dee import DynamicEarlyExit
+from layerskip.decoding.measures import logit_confidence, saturation_confidence
 
 
 @dataclass

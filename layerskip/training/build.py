@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from layerskip.model import Transformer
-from layerskip.train.config import TrainConfig
-from layerskip.train.distributed import DistInfo
-from layerskip.train.step import ExitLossModel
+from layerskip.training.config import TrainConfig
+from layerskip.training.distributed import DistInfo
+from layerskip.training.step import ExitLossModel
 
 
 def build_model(cfg: TrainConfig, corpus: Any, device: torch.device, resume_from: Any = None) -> Transformer:

@@ -13,22 +13,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from layerskip.calibrate.generated import generated_disagreement
-from layerskip.calibrate.policy import (
+from layerskip.calibration.generated import generated_disagreement
+from layerskip.calibration.policy import (
     Calibration,
     calibrate_scores,
     check_method,
     head_evals,
     policy_disagreements,
 )
-from layerskip.calibrate.record import thresholds_record, write_json_atomic
-from layerskip.calibrate.scores import ExitScores, exit_scores
+from layerskip.calibration.record import thresholds_record, write_json_atomic
+from layerskip.calibration.scores import ExitScores, exit_scores
 from layerskip.checkpoint import Checkpoint, load_checkpoint
 from layerskip.console import log
 from layerskip.data import load_corpus
 from layerskip.device import resolve_device
 from layerskip.errors import ConfigError
-from layerskip.generate.dee import DynamicEarlyExit
+from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.jsonfile import sanitize
 from layerskip.thresholds import (
     Thresholds,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from layerskip.errors import ConfigError
-from layerskip.train.config import RESUME_OVERRIDABLE, TrainConfig, saved_train_config
+from layerskip.training.config import RESUME_OVERRIDABLE, TrainConfig, saved_train_config
 
 METRICS_FILE = "metrics.jsonl"
 

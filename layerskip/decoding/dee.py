@@ -45,7 +45,7 @@ from layerskip.cache import KVCache
 from layerskip.config import check_measure
 from layerskip.errors import ConfigError
 from layerskip.fastpath import FastDecoder, decoding
-from layerskip.generate.base import (
+from layerskip.decoding.base import (
     Decoding,
     GenerationResult,
     OnTokens,
@@ -54,8 +54,8 @@ from layerskip.generate.base import (
     prefill,
     token_buffer,
 )
-from layerskip.generate.measures import logit_confidence, saturation_confidence
-from layerskip.generate.propagation import FusedPropagation, propagate_kv
+from layerskip.decoding.measures import logit_confidence, saturation_confidence
+from layerskip.decoding.propagation import FusedPropagation, propagate_kv
 from layerskip.model import Transformer
 
 Propagate = Callable[[Transformer, torch.Tensor, int, int, KVCache], int]  # propagate_kv's signature

@@ -22,7 +22,7 @@ from layerskip.losses import (
     sample_layer_keep,
 )
 from layerskip.model import Transformer
-from layerskip.train.config import TrainConfig
+from layerskip.training.config import TrainConfig
 
 # Random streams of a step besides nn.Dropout's, whose stream is the rank.
 LAYER_SKIP_STREAM = -1

@@ -65,9 +65,9 @@ contents) and ``pipeline`` (``calibrate_checkpoint`` and ``evaluate_thresholds``
 CLI calls). ``layerskip.thresholds`` reads the file back.
 """
 
-from layerskip.calibrate.generated import generated_disagreement
-from layerskip.calibrate.pipeline import calibrate_checkpoint, evaluate_thresholds
-from layerskip.calibrate.policy import (
+from layerskip.calibration.generated import generated_disagreement
+from layerskip.calibration.pipeline import calibrate_checkpoint, evaluate_thresholds
+from layerskip.calibration.policy import (
     AUTO_RISK_LEVELS,
     METHODS,
     Calibration,
@@ -83,14 +83,14 @@ from layerskip.calibrate.policy import (
     policy_exit_layers,
     split_scores,
 )
-from layerskip.calibrate.record import (
+from layerskip.calibration.record import (
     RISK_DEFINITION,
     guarantee_text,
     thresholds_record,
     write_json_atomic,
 )
-from layerskip.calibrate.scores import ExitScores, exit_scores
-from layerskip.calibrate.stats import (
+from layerskip.calibration.scores import ExitScores, exit_scores
+from layerskip.calibration.stats import (
     FixedSequenceResult,
     binomial_cdf,
     binomial_pvalue,

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from layerskip.calibrate.scores import ExitScores
-from layerskip.calibrate.stats import fixed_sequence_test, local_error_curve
+from layerskip.calibration.scores import ExitScores
+from layerskip.calibration.stats import fixed_sequence_test, local_error_curve
 from layerskip.errors import ConfigError
-from layerskip.generate.dee import DynamicEarlyExit
+from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.thresholds import check_risk_settings, checked_mask
 
 METHODS = ("auto", "per-layer", "global")

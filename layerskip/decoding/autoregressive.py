@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from layerskip.fastpath import FastDecoder, decoding
-from layerskip.generate.base import Decoding, GenerationResult, OnTokens, SamplingConfig, pick, prefill, token_buffer
+from layerskip.decoding.base import Decoding, GenerationResult, OnTokens, SamplingConfig, pick, prefill, token_buffer
 from layerskip.model import Transformer
 
 
