@@ -199,16 +199,17 @@ def _checked_thresholds(model: torch.nn.Module, thresholds: Thresholds | str | o
 
 def evaluate(model: Checkpoint | str | os.PathLike[str], split: str = "test", *,
              data_dir: str | os.PathLike[str] | None = None, batch_size: int = 16,
-             max_tokens: int | None = None) -> EvalResult:
+             max_tokens: int | None = None, device: str = "auto") -> EvalResult:
     """Loss, token- and word-level perplexity of every exit 1..L on a WikiText-2 split ("valid" or "test").
 
     ``.table()`` prints it; ``.layers[-1]`` is the full model. ``data_dir`` defaults to
-    $LAYERSKIP_DATA_DIR, then the per-user cache, then a download.
+    $LAYERSKIP_DATA_DIR, then the per-user cache, then a download. ``device`` applies when
+    `model` is a path.
     """
     from layerskip.evaluation import evaluate_checkpoint
 
-    return evaluate_checkpoint(_loaded(model), split=split, data_dir=data_dir, batch_size=batch_size,
-                               max_tokens=max_tokens)
+    return evaluate_checkpoint(model, split=split, data_dir=data_dir, batch_size=batch_size, max_tokens=max_tokens,
+                               device=device)
 
 
 def calibrate(model: Checkpoint | str | os.PathLike[str], *, delta: float = 0.01, epsilon: float = 0.05,
@@ -217,11 +218,11 @@ def calibrate(model: Checkpoint | str | os.PathLike[str], *, delta: float = 0.01
 
     Reads only the validation split. ``output``: also write thresholds.json there. Options as
     `layerskip calibrate` (measure, method, exit_vocab, min_exit_layer, check_every, data_dir,
-    max_tokens, ...). Pass the result to ``generate(..., mode="dee", thresholds=...)``.
+    max_tokens, gen_prompts, device, ...). Pass the result to ``generate(..., mode="dee", thresholds=...)``.
     """
     from layerskip.calibration import calibrate_checkpoint
 
-    return calibrate_checkpoint(_loaded(model), delta=delta, epsilon=epsilon, output=output, **options)
+    return calibrate_checkpoint(model, delta=delta, epsilon=epsilon, output=output, **options)
 
 
 def train(out_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None, resume: bool = False,

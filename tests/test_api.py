@@ -115,3 +115,29 @@ def test_python_one_liner_from_the_issue_works_on_a_run_directory(run_dir):
 def test_bad_options_are_one_clear_error(loaded, options, message):
     with pytest.raises(ConfigError, match=message):
         layerskip.generate(loaded, PROMPT, max_new_tokens=4, **options)
+
+
+def test_train_evaluate_calibrate_then_generate_with_the_thresholds(tmp_path, tiny_corpus_dir):
+    """The whole study through the front door, as a newcomer would write it."""
+    settings = dict(d_model=32, num_layers=4, num_heads=4, d_ff=64, vocab_size=400, seq_len=32, batch_size=8,
+                    warmup=1, precision="fp32", compile=False, eval_batch_size=8, max_steps=3)
+    run = layerskip.train(tmp_path / "run", data_dir=tiny_corpus_dir, progress=False, **settings)
+    assert run.step == 3 and (tmp_path / "run" / "metrics.jsonl").is_file()
+    model = layerskip.load(run.best)
+    assert model.config.num_layers == 4
+
+    result = layerskip.evaluate(model, split="valid", data_dir=tiny_corpus_dir)
+    assert [r.layer for r in result.layers] == [1, 2, 3, 4] and "word ppl" in result.table()
+
+    thresholds = layerskip.calibrate(model, delta=0.2, epsilon=0.1, data_dir=tiny_corpus_dir, gen_prompts=0,
+                                     output=tmp_path / "thresholds.json", progress=False)
+    assert len(thresholds.thresholds) == 3 and (tmp_path / "thresholds.json").is_file()
+    from_object = layerskip.generate(model, PROMPT, max_new_tokens=8, mode="dee", thresholds=thresholds)
+    from_file = layerskip.generate(model, PROMPT, max_new_tokens=8, mode="dee", thresholds=tmp_path / "thresholds.json")
+    assert from_object.tokens == from_file.tokens and len(from_object.tokens) == 8
+    assert 1 <= from_object.stats["mean_exit_layer"] <= 4
+
+    other = tiny_model(seed=7, vocab_size=model.config.vocab_size, num_layers=4)
+    model.model.load_state_dict(other.state_dict())  # other weights: the guarantee does not carry over
+    with pytest.raises(ConfigError, match="another model"):
+        layerskip.generate(model, PROMPT, max_new_tokens=4, mode="dee", thresholds=thresholds)

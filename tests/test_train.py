@@ -149,7 +149,7 @@ def test_time_budget_schedule_follows_a_slowing_pace(tmp_path, corpus, monkeypat
     result = train(cfg, tmp_path / "run", corpus=corpus, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last_lr = [r["lr"] for r in rows if r["type"] == "train"][-1]
-    assert result.stopped == "time_budget" and result.step > 40
+    assert result.stopped == "time_budget" and result.step > 25  # well past the slow-down at step 20
     assert last_lr < 0.1 * cfg.lr, f"the schedule ended at lr {last_lr:.2e} of {cfg.lr:.0e}: it was cut short"
 
 

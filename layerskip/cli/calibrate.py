@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerskip.calibration import calibrate_checkpoint, evaluate_thresholds
+    from layerskip.api import calibrate
+    from layerskip.calibration import evaluate_thresholds
 
     check_args(args)
     shared = {name: getattr(args, name) for name in ("data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts",
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_thresholds(args.checkpoint, args.evaluate, split=args.split, command=_command(args), **shared)
         print(json.dumps(report, indent=2))
         return 0
-    policy = calibrate_checkpoint(
+    policy = calibrate(
         args.checkpoint, output=args.output, delta=args.delta, epsilon=args.epsilon, measure=args.measure,
         method=args.method, exit_vocab=args.exit_vocab, min_exit_layer=args.min_exit_layer,
         check_every=args.check_every, seed=args.seed, command=_command(args), **shared,

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from layerskip.errors import ConfigError
-    from layerskip.evaluation import evaluate_checkpoint
+    from layerskip.api import evaluate
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max_tokens must be >= 1, got {args.max_tokens}")
     if args.json and Path(args.json).is_dir():
         raise ConfigError(f"--json {args.json} is a directory; give a file name")
-    result = evaluate_checkpoint(args.checkpoint, split=args.split, data_dir=args.data_dir, device=args.device,
-                                 batch_size=args.batch_size, max_tokens=args.max_tokens)
+    result = evaluate(args.checkpoint, split=args.split, data_dir=args.data_dir, device=args.device,
+                      batch_size=args.batch_size, max_tokens=args.max_tokens)
     print(result.table())
     if args.json:
         write_json(result, args.json)

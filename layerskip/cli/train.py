@@ -94,15 +94,13 @@ def explicit_settings(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from layerskip.training import TrainConfig, resume_config, train
+    from layerskip.api import train
 
     out = Path(args.out)
     do_train = args.train or not args.eval
     if do_train:
-        settings = explicit_settings(args)
-        cfg = resume_config(out, settings) if args.resume else TrainConfig(**settings)
-        result = train(cfg, out, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
-                       device=args.device, progress=not args.quiet)
+        result = train(out, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                       progress=not args.quiet, **explicit_settings(args))
         if result.val is not None:
             print(result.val.table())
         print(f"trained {result.step} steps (stopped: {result.stopped}); best checkpoint {result.best}")
@@ -112,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def evaluate_run(out, args: argparse.Namespace) -> int:
+    from layerskip.api import evaluate
     from layerskip.cli.evaluate import write_json
-    from layerskip.evaluation import evaluate_checkpoint
     from layerskip.device import resolve_device
     from layerskip.training import init_distributed
 
@@ -121,7 +119,7 @@ def evaluate_run(out, args: argparse.Namespace) -> int:
         return 0  # under torchrun, rank 0 evaluates
 
     target = args.checkpoint if args.checkpoint and not args.train else out  # seed form: --eval --checkpoint
-    result = evaluate_checkpoint(target, split=args.eval_split, data_dir=args.data_dir, device=args.device)
+    result = evaluate(target, split=args.eval_split, data_dir=args.data_dir, device=args.device)
     print(result.table())
     if target == out:
         write_json(result, out / f"eval_{args.eval_split}.json")
