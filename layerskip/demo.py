@@ -26,7 +26,7 @@ TRAIN_SHARE = 0.36
 LAYERSKIP_FLAGS = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational",
                    "--early_exit_tokens", "0.25"]
 PLAIN_FLAGS = ["--max_skip_prob", "0", "--early_exit_scale", "0"]
-# Drafts and early exits read the short head of the most frequent tokens (see README).
+# Drafts and early exits read the short head of the most frequent tokens (see docs/design.md).
 SHORT_HEAD = "1024"
 # --smoke: check the pipeline in seconds (compilation alone would take a minute).
 SMOKE_TRAIN_FLAGS = ["--no-compile", "--precision", "fp32"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -101,10 +100,6 @@ def test_bad_settings_are_one_line_errors(checkpoint, capsys):
 def test_dee_mode(checkpoint, capsys):
     path, _, _ = checkpoint
     base = ["--checkpoint", str(path), "--prompt", PROMPT, "--max_length", "12"]
-    if importlib.util.find_spec("layerskip.cli.dee_args") is None:
-        code, _, err = generate(capsys, *base, "--mode", "dee")
-        assert code == 2 and "not built yet" in err
-        return
     _, ar_out, _ = generate(capsys, *base)
     code, out, _ = generate(capsys, *base, "--mode", "dee", "--conf", "2.0")  # unreachable: the full model
     assert code == 0 and out == ar_out

@@ -1,24 +1,22 @@
 """The `layerskip` command: one subcommand per module in this package.
 
 Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int`` (its
-docstring is the subcommand's --help description),
-and imports torch and friends only inside ``run`` so that ``--help`` stays instant. The
-CLI turns every ``LayerskipError`` into one line on stderr and exit status 2.
+docstring is the subcommand's --help description) and imports torch and friends only
+inside ``run``, so that ``--help`` stays instant. ``run`` calls the Python API
+(layerskip.api). The CLI turns every ``LayerskipError`` into one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
 from layerskip import __version__
 
-# name -> module under layerskip.cli; a subcommand whose module does not exist yet is
-# listed with its one-line help and says it is not built yet.
+# name -> module under layerskip.cli
 COMMANDS: dict[str, str] = {
     "train": "train",
     "eval": "evaluate",
@@ -51,32 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"layerskip {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
-        module = load_command(module_name)
-        if module is None:
-            sub = subparsers.add_parser(name, help=ONE_LINE_HELP[name], description=ONE_LINE_HELP[name])
-            sub.set_defaults(handler=_not_built(name))
-            continue
+        module = importlib.import_module(f"layerskip.cli.{module_name}")
         sub = subparsers.add_parser(name, help=ONE_LINE_HELP[name], description=module.__doc__ or ONE_LINE_HELP[name],
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
     return parser
-
-
-def load_command(module_name: str) -> ModuleType | None:
-    """The subcommand's module, or None while it is not built."""
-    full_name = f"layerskip.cli.{module_name}"
-    if importlib.util.find_spec(full_name) is None:
-        return None
-    return importlib.import_module(full_name)
-
-
-def _not_built(name: str):
-    def handler(args: argparse.Namespace) -> int:
-        print(f"layerskip {name}: not built yet", file=sys.stderr)
-        return 2
-
-    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """results.json -> a report directory: markdown tables, PNG plots and one self-contained HTML page.
 
-Reads only the results file written by ``layerskip bench`` (see ``layerskip/bench.py`` for its
+Reads only the results file written by ``layerskip bench`` (see ``docs/results_schema.md`` for its
 schema), so a report can be redrawn anywhere without models, data or torch::
 
     DIR/report.md               tables (run, per-layer evaluation, speed and fidelity per config)
