@@ -160,7 +160,9 @@ def _early_exit(model: torch.nn.Module, *, thresholds: Thresholds | str | os.Pat
         return DynamicEarlyExit(DEFAULT_CONF if conf is None else conf, measure or "softmax",
                                 1 if min_exit_layer is None else min_exit_layer,
                                 1 if check_every is None else check_every, exit_vocab=exit_vocab)
-    policy = _checked_thresholds(model, thresholds, measure)
+    from layerskip.thresholds import thresholds_for
+
+    policy = thresholds_for(model, thresholds, measure)
     overridden = [f"--{name} {value} (calibrated with {calibrated})"
                   for name, value, calibrated in (("min_exit_layer", min_exit_layer, policy.min_exit_layer),
                                                    ("check_every", check_every, policy.check_every),
@@ -176,25 +178,6 @@ def _early_exit(model: torch.nn.Module, *, thresholds: Thresholds | str | os.Pat
         policy.check_every if check_every is None else check_every,
         exit_vocab=policy.exit_vocab if exit_vocab is None else exit_vocab,
     )
-
-
-def _checked_thresholds(model: torch.nn.Module, thresholds: Thresholds | str | os.PathLike[str],
-                        measure: str | None) -> Thresholds:
-    """A thresholds file (or loaded thresholds) checked against this model's weights, depth and measure."""
-    from layerskip.thresholds import Thresholds, load_thresholds, model_fingerprint
-
-    if not isinstance(thresholds, Thresholds):
-        return load_thresholds(thresholds, model.num_layers, measure, fingerprint=model_fingerprint(model))
-    made_for = (thresholds.record.get("model") or {}).get("fingerprint")
-    if thresholds.num_layers != model.num_layers:
-        raise ConfigError(f"these thresholds were made for a {thresholds.num_layers}-layer model, but this model "
-                          f"has {model.num_layers} layers")
-    if measure is not None and measure != thresholds.measure:
-        raise ConfigError(f"these thresholds were calibrated for the {thresholds.measure!r} measure, not {measure!r}")
-    if made_for is not None and made_for != model_fingerprint(model):
-        raise ConfigError("these thresholds were calibrated for another model; their guarantee does not carry "
-                          "over: calibrate this one")
-    return thresholds
 
 
 def evaluate(model: Checkpoint | str | os.PathLike[str], split: str = "test", *,

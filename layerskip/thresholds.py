@@ -160,3 +160,12 @@ def _threshold(layer: int, value: Any, measure: str, bad: Callable[[str], Config
         raise bad(f"threshold of layer {layer} is {value!r}, outside the {measure} measure's "
                   f"range [{lo:g}, {hi:g}] (null means never exit)")
     return float(value)
+
+
+def thresholds_for(model: torch.nn.Module, thresholds: Thresholds | str | Path, measure: str | None = None) -> Thresholds:
+    """A thresholds file or loaded Thresholds, refused unless made for this model (weights, depth, measure)."""
+    fingerprint = model_fingerprint(model)
+    if isinstance(thresholds, Thresholds):
+        return thresholds_from_record(thresholds.record, model.num_layers, measure, fingerprint=fingerprint,
+                                      path=thresholds.path)
+    return load_thresholds(thresholds, model.num_layers, measure, fingerprint=fingerprint)

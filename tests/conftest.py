@@ -76,6 +76,12 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def random_tokens(batch: int, length: int, vocab: int = 97, seed: int = 1) -> torch.Tensor:
+    """(batch, length) token ids drawn from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(tiny_config(**overrides))

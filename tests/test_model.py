@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_tokens as tokens
 from conftest import tiny_model
 from torch.testing import assert_close
 
@@ -16,11 +17,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 @pytest.fixture(params=[dict(), dict(num_kv_heads=2), dict(tie_embeddings=False)], ids=["mha", "gqa", "untied"])
 def model(request):
     return tiny_model(**request.param)
-
-
-def tokens(batch: int, length: int, vocab: int = 97, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g)
 
 
 @torch.no_grad()

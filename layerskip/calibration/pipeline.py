@@ -26,15 +26,15 @@ from layerskip.calibration.scores import ExitScores, exit_scores
 from layerskip.checkpoint import Checkpoint, load_checkpoint
 from layerskip.console import log
 from layerskip.data import load_corpus
+from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.device import resolve_device
 from layerskip.errors import ConfigError
-from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.jsonfile import sanitize
 from layerskip.thresholds import (
     Thresholds,
     check_risk_settings,
-    load_thresholds,
     model_fingerprint,
+    thresholds_for,
     thresholds_from_record,
 )
 
@@ -124,7 +124,7 @@ def evaluate_thresholds(
     ckpt, _ = _checkpoint_on(checkpoint, device)
     corpus = load_corpus(data_dir, tokenizer=ckpt.tokenizer)
     model = ckpt.model
-    policy = _policy_for(model, thresholds)
+    policy = thresholds_for(model, thresholds)
     tokens = corpus.tokens[split]
     scores = exit_scores(model, tokens, policy.measure, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
                          progress=progress_bar if progress else None, exit_vocab=policy.exit_vocab)
@@ -173,15 +173,6 @@ def _checkpoint_on(checkpoint: Checkpoint | str | Path, device: str) -> tuple[Ch
         return checkpoint, checkpoint.model.embed_tokens.weight.device
     resolved = resolve_device(device)
     return load_checkpoint(checkpoint, device=resolved), resolved
-
-
-def _policy_for(model: torch.nn.Module, thresholds: Thresholds | str | Path) -> Thresholds:
-    """The policy, refused unless it was calibrated for this model."""
-    fingerprint = model_fingerprint(model)
-    if isinstance(thresholds, Thresholds):
-        return thresholds_from_record(thresholds.record, model.num_layers, fingerprint=fingerprint,
-                                      path=thresholds.path)
-    return load_thresholds(thresholds, model.num_layers, fingerprint=fingerprint)
 
 
 def _teacher_forced(scores: ExitScores, policy: Thresholds) -> dict[str, Any]:
