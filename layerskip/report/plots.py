@@ -36,6 +36,17 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, *, grid: dict[str, Any] | None = None,
+            legend: dict[str, Any] | None = None) -> None:
+    """Label a plot, add its grid and legend, and save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, **(grid or {}))
+    ax.legend(**({"fontsize": 8} if legend is None else legend))
+    _save(fig, path)
+
+
 def _save(fig, path: Path) -> None:
     """Write the figure as a PNG and free it."""
     fig.tight_layout()
@@ -58,12 +69,9 @@ def plot_per_layer(results: dict[str, Any], path: Path) -> str | None:
         ax.plot(layers, [e[key] for e in m["per_layer"]], marker="o", label=m["name"])
     ax.set_yscale("log")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("exit layer (blocks run)")
-    ax.set_ylabel(("word" if use_word else "token") + "-level perplexity (log scale)")
-    ax.set_title("Perplexity of every exit")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    _save(fig, path)
+    _finish(fig, ax, path, "Perplexity of every exit", "exit layer (blocks run)",
+            ("word" if use_word else "token") + "-level perplexity (log scale)", grid={"which": "both"},
+            legend={})
     return None
 
 
@@ -122,12 +130,8 @@ def plot_frontier(results: dict[str, Any], path: Path) -> str | None:
     ax.scatter([1.0], [1.0], marker="s", color="black", label="AR (reference)")
     ax.set_ylim(max(0.0, min(c["rouge_l"] for _, c in points) - 0.05), 1.02)
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("speed-up over the same model's AR (median, ×)")
-    ax.set_ylabel("ROUGE-L vs AR greedy output")
-    ax.set_title("Speed-up vs fidelity (greedy)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, "Speed-up vs fidelity (greedy)", "speed-up over the same model's AR (median, ×)",
+            "ROUGE-L vs AR greedy output")
     return None
 
 
@@ -151,13 +155,9 @@ def plot_acceptance(results: dict[str, Any], path: Path) -> str | None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[ks.index(k) % len(colours)],
                 ls=styles[names.index(name) % len(styles)], label=f"{name}, k={k}")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("draft layer E (blocks the draft runs)")
-    ax.set_ylabel("acceptance rate of drafted tokens")
     ax.set_ylim(0, 1.02)
-    ax.set_title("SSD acceptance rate vs draft layer")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, "SSD acceptance rate vs draft layer", "draft layer E (blocks the draft runs)",
+            "acceptance rate of drafted tokens")
     return None
 
 
@@ -176,12 +176,8 @@ def plot_exit_layers(results: dict[str, Any], path: Path) -> str | None:
         ax.bar(layers, [n / total for n in counts], width=width, label=f"{m['name']}: {c.get('label') or c['id']}")
     depth = max(len(c["exit_layer_counts"]) for _, c in chosen)
     ax.set_xticks(range(1, depth + 1))
-    ax.set_xlabel("exit layer")
-    ax.set_ylabel("fraction of generated tokens")
-    ax.set_title("Where DEE's tokens exit")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish(fig, ax, path, "Where DEE's tokens exit", "exit layer", "fraction of generated tokens",
+            grid={"axis": "y"})
     return None
 
 
