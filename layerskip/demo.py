@@ -28,8 +28,12 @@ LAYERSKIP_FLAGS = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--ear
 PLAIN_FLAGS = ["--max_skip_prob", "0", "--early_exit_scale", "0"]
 # Drafts and early exits read the short head of the most frequent tokens (see docs/design.md).
 SHORT_HEAD = "1024"
-# --smoke: check the pipeline in seconds (compilation alone would take a minute).
+# --smoke: check the pipeline in seconds (compilation alone would take a minute), on a tiny
+# model unless the command gives a size.
 SMOKE_TRAIN_FLAGS = ["--no-compile", "--precision", "fp32"]
+SMOKE_MODEL = {"d_model": 32, "num_layers": 3, "num_heads": 2, "d_ff": 64, "seq_len": 64, "vocab_size": 1000,
+               "batch_size": 4}
+SMOKE_MAX_STEPS, SMOKE_PROMPTS, SMOKE_NEW_TOKENS = 20, 2, 8
 SMOKE_BENCH_FLAGS = ["--draft_layers", "1", "--ks", "2", "--dee_measures", "softmax", "--dee_thresholds", "0.5",
                      "--warmup", "0", "--eval_tokens", "1000", "--num_samples", "1"]
 

@@ -57,3 +57,20 @@ def test_demo_refuses_an_output_path_that_is_a_file(tmp_path, tiny_corpus_dir, c
 def test_demo_refuses_a_non_positive_budget(tmp_path):
     with pytest.raises(Exception, match="--budget must be a positive"):
         DemoSettings(out=tmp_path, budget_minutes=0)
+
+
+def test_smoke_alone_means_a_tiny_model_and_short_runs(tmp_path):
+    from layerskip.cli import build_parser
+    from layerskip.cli.demo import demo_settings
+
+    def settings(*flags: str):
+        return demo_settings(build_parser().parse_args(["demo", "--out", str(tmp_path), *flags]))
+
+    smoke = settings("--smoke")
+    assert smoke.model_flags[:2] == ["--d_model", "32"] and "--no-compile" in smoke.model_flags
+    assert (smoke.max_steps, smoke.num_prompts, smoke.new_tokens) == (20, 2, 8)
+    sized = settings("--smoke", "--d_model", "64", "--max_steps", "5", "--num_prompts", "3")
+    assert sized.model_flags[:2] == ["--d_model", "64"] and "--num_layers" not in sized.model_flags
+    assert (sized.max_steps, sized.num_prompts, sized.new_tokens) == (5, 3, 8)
+    full = settings()
+    assert (full.model_flags, full.max_steps, full.num_prompts, full.new_tokens) == ([], None, 16, 64)
