@@ -28,8 +28,8 @@ import torch
 
 from layerskip.bench.machine import cpu_model
 from layerskip.bench.models import load_model
-from layerskip.errors import run_script
 from layerskip.decoding import Autoregressive, SelfSpeculative
+from layerskip.errors import run_script
 
 
 def int_list(text: str) -> list[int]:

@@ -43,9 +43,9 @@ import torch
 from layerskip import __version__
 from layerskip.bench.models import BenchModel, load_model
 from layerskip.console import log
+from layerskip.decoding import Autoregressive, SelfSpeculative
 from layerskip.device import synchronize
 from layerskip.errors import run_script
-from layerskip.decoding import Autoregressive, SelfSpeculative
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

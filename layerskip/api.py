@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     import torch
 
     from layerskip.checkpoint import Checkpoint
-    from layerskip.evaluation import EvalResult
     from layerskip.decoding import Strategy
+    from layerskip.evaluation import EvalResult
     from layerskip.thresholds import Thresholds
     from layerskip.training import TrainResult
 

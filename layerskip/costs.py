@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from layerskip.decoding.measures import logit_confidence
+from layerskip.decoding.propagation import FusedPropagation
 from layerskip.device import synchronize
 from layerskip.errors import ConfigError
 from layerskip.fastpath import FastDecoder, decoding
-from layerskip.decoding.measures import logit_confidence
-from layerskip.decoding.propagation import FusedPropagation
 from layerskip.model import Transformer
 
 PIECES = ("ar_step", "block", "full_head", "check", "propagate", "rest")

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from layerskip.config import TokenizerConfig
+from layerskip.console import log
 from layerskip.errors import DataError
 from layerskip.tokenizer import Tokenizer
-from layerskip.console import log
 
 SPLITS = ("train", "valid", "test")
 DATA_DIR_ENV = "LAYERSKIP_DATA_DIR"

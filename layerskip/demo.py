@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerskip.console import log
 from layerskip.errors import ConfigError, LayerskipError
 from layerskip.jsonfile import write_json
-from layerskip.console import log
 
 STATE_FILE = "demo.json"
 # Shares of the budget: the two trainings get most of it, equally.

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from layerskip.errors import ConfigError, PromptError
 from layerskip.decoding import Autoregressive, DynamicEarlyExit, SamplingConfig, make_strategy, sampling_probs
+from layerskip.errors import ConfigError, PromptError
 
 
 @pytest.fixture(scope="module", params=[dict(), dict(num_kv_heads=2), dict(seed=1, tie_embeddings=False)],

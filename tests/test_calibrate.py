@@ -18,8 +18,8 @@ from layerskip import calibration as cal
 from layerskip.checkpoint import save_checkpoint
 from layerskip.cli import main
 from layerskip.config import MEASURES, TokenizerConfig
-from layerskip.errors import ConfigError
 from layerskip.decoding.dee import DynamicEarlyExit
+from layerskip.errors import ConfigError
 from layerskip.thresholds import load_thresholds, model_fingerprint
 
 NUM_LAYERS = 4  # tiny_model's

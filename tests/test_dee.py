@@ -9,10 +9,10 @@ import torch
 from conftest import tiny_model
 
 from layerskip.config import MEASURES
-from layerskip.errors import ConfigError
 from layerskip.decoding.base import SamplingConfig, sample_token, sampling_probs
 from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.decoding.measures import logit_confidence, saturation_confidence
+from layerskip.errors import ConfigError
 from layerskip.model import apply_rotary
 
 PROMPT = [5, 17, 3, 42, 8, 11]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
+
 from layerskip.checkpoint import save_checkpoint
 from layerskip.cli import main
 from layerskip.config import TokenizerConfig

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from layerskip.losses import (
     CURRICULA,
     IGNORE_INDEX,

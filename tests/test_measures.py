@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from layerskip.config import MEASURES
-from layerskip.errors import ConfigError
 from layerskip.decoding.measures import LOGIT_MEASURES, logit_confidence, saturation_confidence
+from layerskip.errors import ConfigError
 
 
 def test_confidence_measures_on_known_logits():

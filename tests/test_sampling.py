@@ -17,7 +17,6 @@ from conftest import tiny_model
 
 from layerskip.decoding import Autoregressive, SamplingConfig, SelfSpeculative, sampling_probs
 
-
 # ------------------------------------------------------------------ sampling_probs
 
 

@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_model
 
 from layerskip.cache import KVCache
+from layerskip.decoding import Autoregressive, SelfSpeculative, make_strategy
 from layerskip.errors import ConfigError
 from layerskip.fastpath import FastDecoder, decoding
-from layerskip.decoding import Autoregressive, SelfSpeculative, make_strategy
 
 NEW_TOKENS = 30
 

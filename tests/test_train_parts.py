@@ -9,8 +9,15 @@ import torch
 from layerskip.errors import ConfigError
 from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS, exit_loss_reference, exit_weights
 from layerskip.model import Transformer
-from layerskip.training import (ExitLossModel, OptimizerGroup, TrainConfig, flat_positions, make_optimizer,
-                             sample_early_positions, step_plan)
+from layerskip.training import (
+    ExitLossModel,
+    OptimizerGroup,
+    TrainConfig,
+    flat_positions,
+    make_optimizer,
+    sample_early_positions,
+    step_plan,
+)
 
 # the same tiny settings as test_train.py's runs
 TINY = dict(d_model=32, num_layers=4, num_heads=4, d_ff=64, dropout=0.1, vocab_size=400, seq_len=32,

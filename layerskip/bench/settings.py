@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from layerskip.config import MEASURES
-from layerskip.errors import ConfigError
 from layerskip.decoding.autoregressive import Autoregressive
 from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.decoding.ssd import SelfSpeculative
+from layerskip.errors import ConfigError
 from layerskip.thresholds import load_thresholds
 
 # Global thresholds swept per measure, from permissive (early exits) to strict (near full depth).

@@ -8,8 +8,8 @@ import time
 import torch
 
 from layerskip.bench.settings import BenchConfig, BenchSettings, Run
-from layerskip.device import synchronize
 from layerskip.decoding.base import SamplingConfig
+from layerskip.device import synchronize
 
 
 def timed_generate(strategy, model, ids: list[int], cfg: BenchConfig, settings: BenchSettings, seed: int,

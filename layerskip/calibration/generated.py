@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from layerskip.fastpath import decoding
 from layerskip.decoding.base import SamplingConfig
 from layerskip.decoding.dee import DynamicEarlyExit
+from layerskip.fastpath import decoding
 
 
 @decoding()

@@ -15,8 +15,8 @@ import numpy as np
 
 from layerskip.calibration.scores import ExitScores
 from layerskip.calibration.stats import fixed_sequence_test, local_error_curve
-from layerskip.errors import ConfigError
 from layerskip.decoding.dee import DynamicEarlyExit
+from layerskip.errors import ConfigError
 from layerskip.thresholds import check_risk_settings, checked_mask
 
 METHODS = ("auto", "per-layer", "global")

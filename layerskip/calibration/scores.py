@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from layerskip.config import check_measure
-from layerskip.errors import ConfigError
-from layerskip.fastpath import decoding
 from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.decoding.measures import logit_confidence, saturation_confidence
+from layerskip.errors import ConfigError
+from layerskip.fastpath import decoding
 
 
 @dataclass

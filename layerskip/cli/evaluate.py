@@ -35,8 +35,8 @@ def write_json(result, path) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from layerskip.errors import ConfigError
     from layerskip.api import evaluate
+    from layerskip.errors import ConfigError
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")

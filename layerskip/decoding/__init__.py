@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from layerskip.errors import ConfigError
 from layerskip.decoding.autoregressive import Autoregressive
 from layerskip.decoding.base import GenerationResult, SamplingConfig, Strategy, check_prompt, sampling_probs
 from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.decoding.ssd import SelfSpeculative
+from layerskip.errors import ConfigError
 
 STRATEGIES: dict[str, Any] = {"ar": Autoregressive, "ssd": SelfSpeculative, "dee": DynamicEarlyExit}
 MODES = tuple(STRATEGIES)

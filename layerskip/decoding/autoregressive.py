@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from layerskip.fastpath import FastDecoder, decoding
 from layerskip.decoding.base import Decoding, GenerationResult, OnTokens, SamplingConfig, pick, prefill, token_buffer
+from layerskip.fastpath import FastDecoder, decoding
 from layerskip.model import Transformer
 
 

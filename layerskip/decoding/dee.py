@@ -43,8 +43,6 @@ import torch
 
 from layerskip.cache import KVCache
 from layerskip.config import check_measure
-from layerskip.errors import ConfigError
-from layerskip.fastpath import FastDecoder, decoding
 from layerskip.decoding.base import (
     Decoding,
     GenerationResult,
@@ -56,6 +54,8 @@ from layerskip.decoding.base import (
 )
 from layerskip.decoding.measures import logit_confidence, saturation_confidence
 from layerskip.decoding.propagation import FusedPropagation, propagate_kv
+from layerskip.errors import ConfigError
+from layerskip.fastpath import FastDecoder, decoding
 from layerskip.model import Transformer
 
 Propagate = Callable[[Transformer, torch.Tensor, int, int, KVCache], int]  # propagate_kv's signature

@@ -39,8 +39,6 @@ from dataclasses import dataclass
 import torch
 
 from layerskip.cache import KVCache
-from layerskip.errors import ConfigError
-from layerskip.fastpath import FastDecoder, decoding
 from layerskip.decoding.base import (
     Decoding,
     GenerationResult,
@@ -51,6 +49,8 @@ from layerskip.decoding.base import (
     sampling_probs,
     token_buffer,
 )
+from layerskip.errors import ConfigError
+from layerskip.fastpath import FastDecoder, decoding
 from layerskip.model import Transformer
 
 

@@ -21,8 +21,7 @@ makes ``resume`` continue with exactly the losses an uninterrupted run would hav
     loop.py         the Trainer composing them, and ``train``
 """
 
-from layerskip.training.config import (RESUME_OVERRIDABLE, TrainConfig, TrainingDiverged, TrainResult,
-                                    saved_train_config)
+from layerskip.training.config import RESUME_OVERRIDABLE, TrainConfig, TrainingDiverged, TrainResult, saved_train_config
 from layerskip.training.distributed import DistInfo, init_distributed
 from layerskip.training.loop import Trainer, train
 from layerskip.training.optim import OptimizerGroup, make_optimizer

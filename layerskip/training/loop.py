@@ -23,8 +23,7 @@ from layerskip.training.distributed import all_agree, barrier, from_rank0, init_
 from layerskip.training.optim import make_optimizer
 from layerskip.training.pacing import Pace, planned_steps, schedule_end_reason, steps_within_budget
 from layerskip.training.run_dir import METRICS_FILE, MetricsLog, load_resume_point, prepare_run_dir, truncate_metrics
-from layerskip.training.step import (StepStats, autocast_context, early_positions, layer_keep, step_plan,
-                                  step_seed)
+from layerskip.training.step import StepStats, autocast_context, early_positions, layer_keep, step_plan, step_seed
 
 
 def _on(device: torch.device, tensor: torch.Tensor | None) -> torch.Tensor | None:
