@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "report": "report",
     "demo": "demo",
     "export-hf": "export_hf",
+    "export-gguf": "export_gguf",
 }
 
 ONE_LINE_HELP = {
@@ -37,6 +38,7 @@ ONE_LINE_HELP = {
     "report": "tables, plots and an HTML page from results.json",
     "demo": "the whole study in one command: data, train, eval, calibrate, bench, report",
     "export-hf": "export a checkpoint as a Hugging Face LlamaForCausalLM directory",
+    "export-gguf": "export a checkpoint (and its first E blocks as a draft) as llama.cpp GGUF files",
 }
 
 

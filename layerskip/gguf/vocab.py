@@ -1,0 +1,100 @@
+"""Our SentencePiece tokenizer as llama.cpp's ``llama`` (SentencePiece BPE) vocabulary.
+
+llama.cpp's SentencePiece tokenizer merges the adjacent pair whose merged piece scores best,
+exactly as SentencePiece's BPE does, with byte fallback through the ``<0xXX>`` pieces. The
+vocabulary keeps our ids, pieces and scores, with two changes:
+
+- our end-of-line token (SentencePiece's end-of-sentence piece, id 2) is written as the text
+  "\\n" of type user-defined: llama.cpp splits user-defined text out of the input before
+  tokenizing, so a newline becomes our end-of-line id, and that id prints as a newline; it is
+  also the end-of-sequence token (llama.cpp stops there unless told to ignore it);
+- there is no BOS (``add_bos_token`` false; llama.cpp still reports id 1 as its default BOS).
+
+WikiText's ``<unk>`` stays one user-defined token. What llama.cpp does not do is SentencePiece's
+normalisation: NFKC, and stripping and collapsing spaces at the start and end of each line. So
+llama.cpp tokenizes a text exactly as we do when its lines are in SentencePiece's normal form
+(no leading, trailing or repeated spaces; NFKC-invariant) and no ``<unk>`` is followed by more
+text on its line (llama.cpp puts an extra space before what follows a user-defined token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from layerskip.errors import CheckpointError
+from layerskip.hf.spm import SpmModel, read_spm
+from layerskip.tokenizer import Tokenizer
+
+EOL_TEXT = "\n"
+SPM_BPE = 2  # SentencePiece's model_type for BPE
+
+
+@dataclass
+class Vocab:
+    """Everything the tokenizer.ggml.* keys hold."""
+
+    model: str  # tokenizer.ggml.model: "llama" is SentencePiece BPE
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]  # gguf.TokenType values
+    eos_id: int
+    unk_id: int | None
+    add_space_prefix: bool
+
+    def write(self, writer: Any) -> None:
+        """Add the tokenizer keys to a gguf.GGUFWriter."""
+        writer.add_tokenizer_model(self.model)
+        writer.add_token_list(self.tokens)
+        writer.add_token_scores(self.scores)
+        writer.add_token_types(self.types)
+        writer.add_eos_token_id(self.eos_id)
+        if self.unk_id is not None:
+            writer.add_unk_token_id(self.unk_id)
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+        writer.add_add_space_prefix(self.add_space_prefix)
+
+
+def gguf_vocab(tokenizer: Any) -> Vocab:
+    """The vocabulary for a checkpoint's tokenizer, or a CheckpointError saying why llama.cpp cannot have it."""
+    if not isinstance(tokenizer, Tokenizer):
+        raise CheckpointError(f"export-gguf can write SentencePiece tokenizers only, not {type(tokenizer).__name__}")
+    return sentencepiece_vocab(tokenizer)
+
+
+def sentencepiece_vocab(tokenizer: Tokenizer) -> Vocab:
+    """Our pieces, scores and types, with the end-of-line token as user-defined "\\n" (see the module docstring)."""
+    import gguf
+
+    spm = read_spm(tokenizer.model_proto)
+    _refuse_what_llamacpp_tokenizes_differently(spm, tokenizer)
+    eol = tokenizer.eol_id
+    tokens = [piece for piece, _, _ in spm.pieces]
+    types = [int(kind) for _, _, kind in spm.pieces]
+    tokens[eol], types[eol] = EOL_TEXT, int(gguf.TokenType.USER_DEFINED)
+    unk = tokenizer.sp.unk_id()
+    return Vocab(model="llama", tokens=tokens, scores=[float(score) for _, score, _ in spm.pieces], types=types,
+                 eos_id=eol, unk_id=unk if unk >= 0 else None, add_space_prefix=spm.add_dummy_prefix)
+
+
+def _refuse_what_llamacpp_tokenizes_differently(spm: SpmModel, tokenizer: Tokenizer) -> None:
+    if spm.model_type != SPM_BPE:
+        kind = {1: "unigram", 3: "word", 4: "char"}.get(spm.model_type, f"type {spm.model_type}")
+        raise CheckpointError(f"the tokenizer is a SentencePiece {kind} model; llama.cpp's SentencePiece tokenizer "
+                              "(tokenizer.ggml.model 'llama') is BPE and would split text differently. Export a "
+                              "model whose tokenizer was trained with model_type bpe")
+    if not spm.byte_fallback:
+        raise CheckpointError("the tokenizer has no byte fallback; llama.cpp's SentencePiece tokenizer needs the "
+                              "<0xXX> byte pieces for characters outside the vocabulary. Export a model whose "
+                              "tokenizer was trained with byte_fallback")
+    if len(spm.pieces) != tokenizer.vocab_size:
+        raise CheckpointError(f"the tokenizer model lists {len(spm.pieces)} pieces but has {tokenizer.vocab_size} "
+                              "tokens; it cannot be read")
+    if tokenizer.eol_id < 0:
+        raise CheckpointError("the tokenizer has no end-of-sentence piece, which layerskip uses as its end-of-line "
+                              "token")
+    clash = [i for i, (piece, _, _) in enumerate(spm.pieces) if piece == EOL_TEXT and i != tokenizer.eol_id]
+    if clash:
+        raise CheckpointError(f"piece {clash[0]} of the tokenizer is a newline, which the GGUF vocabulary needs for "
+                              "the end-of-line token")
