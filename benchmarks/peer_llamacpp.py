@@ -1,0 +1,299 @@
+"""Peer benchmark: our decoders against llama.cpp's on the same weights and prompts.
+
+Measures ms per new token (prefill included) of
+  - our autoregressive decoder        vs  llama.cpp greedy, one token per llama_decode call
+  - our greedy self-speculative           (llama-cpp-python's low-level loop)
+    decoding (draft E layers, k)      vs  llama.cpp greedy speculative decoding whose draft model
+                                          is the LayerSkip model's first E blocks + shared head
+                                          (`layerskip export-gguf --draft_layer E`), k drafts a round
+and checks every greedy output against our autoregressive one, token for token. All
+configurations run interleaved in one process and one thread (same prompts), after a warm-up;
+medians are reported.
+
+llama.cpp's speculative decoding here is a small greedy loop of this script's own over two
+llama.cpp contexts (the full model and the draft model) driven through llama-cpp-python:
+the draft proposes up to k tokens, the full model scores them in one batch, the longest
+prefix agreeing with its argmax is kept plus its own next token, and both caches are cut back
+to what was kept. llama-cpp-python has no draft model that takes a second GGUF file (its
+`draft_model` is a callable proposing tokens, used by its high-level sampler loop), and
+llama.cpp's own `llama-speculative` program is not part of it; README shows how to run that.
+
+    python benchmarks/peer_llamacpp.py --checkpoint runs/layerskip --draft-layer 4 --k 2 --out peer_llamacpp.json
+
+The checkpoint is exported with layerskip.gguf.export_gguf (f32 unless --dtype) into a
+temporary directory (or --keep-gguf DIR). Prompts are those `layerskip bench` decodes
+(layerskip.bench.models: seeded test-split paragraphs from --data-dir, else
+$LAYERSKIP_DATA_DIR or the cache), cut to --prompt-tokens. Needs llama-cpp-python and gguf:
+pip install -e ".[llamacpp]". One JSON document (versions, machine, exact command, every
+sample, ratios) goes to --out, a summary table to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layerskip.bench.machine import load_average, machine_info, versions
+from layerskip.bench.models import load_model
+from layerskip.console import log
+from layerskip.decoding import Autoregressive, SelfSpeculative
+from layerskip.errors import ConfigError, run_script
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a layerskip checkpoint or run directory (LayerSkip-trained)")
+    p.add_argument("--draft-layer", type=int, default=3, help="E: blocks in our draft and in llama.cpp's draft model")
+    p.add_argument("--k", type=int, default=4, help="tokens drafted per round (ours and llama.cpp's)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="also run our SSD drafting through the short head of this many frequent tokens")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF weight type")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompts are cut to this many tokens")
+    p.add_argument("--prompts", type=int, default=12, help="how many prompts")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over all prompts and configurations")
+    p.add_argument("--threads", type=int, default=1, help="threads for torch and for llama.cpp")
+    p.add_argument("--data-dir", default=None, help="WikiText-2 directory: prompts from its test split")
+    p.add_argument("--keep-gguf", default=None, metavar="DIR", help="write the GGUF files here and keep them")
+    p.add_argument("--out", default="peer_llamacpp.json", help="where the JSON document goes")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+class LlamaContext:
+    """One GGUF model in one llama.cpp context: decode tokens after the cache, read logits, cut the cache.
+
+    Uses the Llama object's own batch and context wrappers (what Llama.eval uses) so that each
+    call asks llama.cpp for exactly the logits rows it needs.
+    """
+
+    def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.vocab = self.llm.n_vocab()
+        self.n_past = 0
+
+    def decode(self, tokens: list[int], all_rows: bool = False) -> np.ndarray:
+        """Logits (rows, V) of the last token, or of every token with all_rows, at positions n_past...."""
+        self.llm._batch.set_batch(batch=tokens, n_past=self.n_past, logits_all=all_rows)
+        self.llm._ctx.decode(self.llm._batch)
+        self.n_past += len(tokens)
+        rows = len(tokens) if all_rows else 1
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(rows, self.vocab))
+
+    def cut(self, n: int) -> None:
+        """Keep the cache of positions [0, n) only."""
+        if n < self.n_past:
+            self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
+        self.n_past = n
+
+
+def llamacpp_ar(target: LlamaContext, prompt: list[int], n: int) -> tuple[list[int], float, dict]:
+    target.cut(0)
+    start = time.perf_counter()
+    logits = target.decode(prompt)
+    out: list[int] = []
+    while True:
+        out.append(int(logits[-1].argmax()))
+        if len(out) == n:
+            break
+        logits = target.decode(out[-1:])
+    return out, time.perf_counter() - start, {}
+
+
+def llamacpp_speculative(target: LlamaContext, draft: LlamaContext, k: int, prompt: list[int],
+                         n: int) -> tuple[list[int], float, dict]:
+    """Greedy speculative decoding; both caches hold every token but the newest between rounds."""
+    target.cut(0)
+    draft.cut(0)
+    start = time.perf_counter()
+    seq, out, drafted, accepted = list(prompt), [], 0, 0
+    if len(prompt) > 1:
+        target.decode(prompt[:-1])
+        draft.decode(prompt[:-1])
+    while len(out) < n:
+        proposals = propose(draft, seq, min(k, n - len(out) - 1))
+        base = target.n_past  # the newest token's position
+        preds = target.decode([seq[-1], *proposals], all_rows=True).argmax(-1)
+        kept = 0
+        while kept < len(proposals) and proposals[kept] == preds[kept]:
+            kept += 1
+        new = [*proposals[:kept], int(preds[kept])]
+        target.cut(base + 1 + kept)
+        draft.cut(min(draft.n_past, base + 1 + kept))
+        drafted, accepted = drafted + len(proposals), accepted + kept
+        seq += new
+        out += new
+    stats = {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else 0.0}
+    return out[:n], time.perf_counter() - start, stats
+
+
+def propose(draft: LlamaContext, seq: list[int], m: int) -> list[int]:
+    """m greedy draft tokens after seq, first catching the draft's cache up with seq."""
+    proposals: list[int] = []
+    if m == 0:
+        return proposals
+    logits = draft.decode(seq[draft.n_past:])
+    while True:
+        proposals.append(int(logits[-1].argmax()))
+        if len(proposals) == m:
+            return proposals
+        logits = draft.decode(proposals[-1:])
+
+
+# ----------------------------------------------------------------------------- ours, and the measurement
+
+
+def ours(strategy, model, prompt: list[int], n: int) -> tuple[list[int], float, dict]:
+    result = strategy.generate(model, prompt, n)
+    return result.tokens, result.seconds, result.stats
+
+
+def build_configs(args, model, target: LlamaContext, draft: LlamaContext) -> dict[str, tuple]:
+    """label -> (runner(prompt, n), settings)."""
+    E, k = args.draft_layer, args.k
+    configs = {
+        "ours_ar": (lambda p, n: ours(Autoregressive(), model, p, n), {}),
+        "ours_ssd": (lambda p, n: ours(SelfSpeculative(draft_layer=E, k=k), model, p, n),
+                     {"draft_layer": E, "k": k}),
+        "llamacpp_ar": (lambda p, n: llamacpp_ar(target, p, n), {}),
+        "llamacpp_speculative": (lambda p, n: llamacpp_speculative(target, draft, k, p, n),
+                                 {"draft_model": f"first {E} blocks + shared norm and head", "k": k}),
+    }
+    if args.draft_vocab is not None:
+        configs["ours_ssd_short_head"] = (
+            lambda p, n: ours(SelfSpeculative(draft_layer=E, k=k, draft_vocab=args.draft_vocab), model, p, n),
+            {"draft_layer": E, "k": k, "draft_vocab": args.draft_vocab})
+    return configs
+
+
+def measure(configs: dict, prompts: list[list[int]], n: int, repeats: int) -> dict[str, dict]:
+    """Interleaved timing: every repeat runs every configuration on every prompt."""
+    results = {label: {"settings": settings, "ms_per_token": [], "tokens": [None] * len(prompts), "stats": []}
+               for label, (_, settings) in configs.items()}
+    for run, _ in configs.values():  # warm-up, untimed
+        run(prompts[0], min(n, 8))
+    for r in range(repeats):
+        for i, prompt in enumerate(prompts):
+            for label, (run, _) in configs.items():
+                tokens, seconds, stats = run(prompt, n)
+                results[label]["ms_per_token"].append(1000 * seconds / len(tokens))
+                results[label]["tokens"][i] = tokens
+                if r == 0 and stats:
+                    results[label]["stats"].append(stats)
+        log(f"repeat {r + 1}/{repeats} done")
+    for entry in results.values():
+        entry["median_ms_per_token"] = statistics.median(entry["ms_per_token"])
+    return results
+
+
+def summarize(results: dict[str, dict]) -> dict:
+    reference = results["ours_ar"]["tokens"]
+    same = {label: [a == b for a, b in zip(entry["tokens"], reference)] for label, entry in results.items()}
+    ms = {k: v["median_ms_per_token"] for k, v in results.items()}
+    spec = results["llamacpp_speculative"]["stats"]
+    ratios = {
+        "llamacpp_ar_speedup_over_ours_ar": ms["ours_ar"] / ms["llamacpp_ar"],
+        "ours_ssd_speedup_over_ours_ar": ms["ours_ar"] / ms["ours_ssd"],
+        "llamacpp_speculative_speedup_over_llamacpp_ar": ms["llamacpp_ar"] / ms["llamacpp_speculative"],
+        "llamacpp_speculative_speedup_over_ours_ssd": ms["ours_ssd"] / ms["llamacpp_speculative"],
+    }
+    if "ours_ssd_short_head" in ms:
+        ratios["ours_ssd_short_head_speedup_over_ours_ar"] = ms["ours_ar"] / ms["ours_ssd_short_head"]
+    return {
+        "ratios": ratios,
+        "same_tokens_as_ours_ar": {label: all(flags) for label, flags in same.items()},
+        "prompts_with_same_tokens_as_ours_ar": {label: sum(flags) for label, flags in same.items()},
+        "llamacpp_speculative_same_as_llamacpp_ar": results["llamacpp_speculative"]["tokens"]
+        == results["llamacpp_ar"]["tokens"],
+        "acceptance_rate": {
+            "ours_ssd": _mean(s["acceptance_rate"] for s in results["ours_ssd"]["stats"]),
+            "llamacpp_speculative": sum(s["accepted"] for s in spec) / max(1, sum(s["drafted"] for s in spec)),
+        },
+        "targets": {  # issue 18's
+            "llamacpp_speculative_faster_than_llamacpp_ar": ms["llamacpp_speculative"] < ms["llamacpp_ar"],
+            "ours_ar_within_1.3x_of_llamacpp_ar": ms["ours_ar"] <= 1.3 * ms["llamacpp_ar"],
+        },
+    }
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def all_versions() -> dict:
+    from importlib.metadata import version
+
+    import llama_cpp
+
+    return {**versions(), "llama_cpp_python": llama_cpp.__version__, "gguf": version("gguf")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise ConfigError('this benchmark needs llama-cpp-python: pip install -e ".[llamacpp]" (it compiles '
+                          "llama.cpp, several minutes)") from None
+    from layerskip.gguf import export_gguf
+
+    torch.set_num_threads(args.threads)
+    load_before = load_average()
+    bench = load_model(args.checkpoint)
+    model, cfg = bench.model, bench.model.config
+    if not 1 <= args.draft_layer < cfg.num_layers:
+        raise ConfigError(f"--draft-layer must be in 1..{cfg.num_layers - 1}")
+    prompts = bench.prompts(args.prompts, args.prompt_tokens, data_dir=args.data_dir)
+    n = min(args.max_new_tokens, cfg.max_seq_len - max(map(len, prompts)))
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(args.keep_gguf or tmp)
+        exported = export_gguf(bench.checkpoint, where / "model.gguf", dtype=args.dtype,
+                               draft_layer=args.draft_layer, draft_out=where / "draft.gguf")
+        sizes = {p.name: p.stat().st_size for p in (exported.path, exported.draft_path)}
+        target = LlamaContext(exported.path, cfg.max_seq_len, args.threads)
+        draft = LlamaContext(exported.draft_path, cfg.max_seq_len, args.threads)
+        results = measure(build_configs(args, model, target, draft), prompts, n, args.repeats)
+    summary = summarize(results)
+    doc = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "versions": all_versions(),
+        "machine": {**machine_info(torch.device("cpu")), "load_average_end": load_average(),
+                    "load_average_start": load_before, "llamacpp_threads": args.threads},
+        "model": {"source": args.checkpoint, **cfg.to_dict()},
+        "gguf": {"dtype": args.dtype, "draft_layer": args.draft_layer, "bytes": sizes},
+        "llamacpp_speculative_implementation": "this script's greedy loop over two llama.cpp contexts (full and "
+                                               "draft GGUF) through llama-cpp-python",
+        "prompts": {"source": bench.prompt_source, "count": len(prompts), "tokens": [len(p) for p in prompts]},
+        "max_new_tokens": n,
+        "repeats": args.repeats,
+        **summary,
+        "results": results,
+    }
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    width = max(map(len, results))
+    for label, entry in results.items():
+        log(f"{label:<{width}}  {entry['median_ms_per_token']:8.3f} ms/token  same tokens as ours_ar on "
+            f"{summary['prompts_with_same_tokens_as_ours_ar'][label]}/{len(prompts)} prompts")
+    for name, value in summary["ratios"].items():
+        log(f"{name}: {value:.2f}x")
+    log(f"acceptance: {summary['acceptance_rate']}")
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_script(main, "peer_llamacpp.py"))
