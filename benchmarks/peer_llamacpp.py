@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="also run our SSD drafting through the short head of this many frequent tokens")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF weight type")
+    p.add_argument("--kv-cache", default="f32", choices=["f32", "f16"],
+                   help="llama.cpp's KV cache type (its own default is f16, which rounds keys and values; ours is f32)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompts are cut to this many tokens")
     p.add_argument("--prompts", type=int, default=12, help="how many prompts")
@@ -77,11 +79,12 @@ class LlamaContext:
     call asks llama.cpp for exactly the logits rows it needs.
     """
 
-    def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
+    def __init__(self, path: Path, n_ctx: int, threads: int, kv_cache: str = "f32") -> None:
         import llama_cpp
 
+        kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_cache]
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+                                   n_threads=threads, n_threads_batch=threads, type_k=kv, type_v=kv, verbose=False)
         self.vocab = self.llm.n_vocab()
         self.n_past = 0
 
@@ -264,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         exported = export_gguf(bench.checkpoint, where / "model.gguf", dtype=args.dtype,
                                draft_layer=args.draft_layer, draft_out=where / "draft.gguf")
         sizes = {p.name: p.stat().st_size for p in (exported.path, exported.draft_path)}
-        target = LlamaContext(exported.path, cfg.max_seq_len, args.threads)
-        draft = LlamaContext(exported.draft_path, cfg.max_seq_len, args.threads)
+        target = LlamaContext(exported.path, cfg.max_seq_len, args.threads, args.kv_cache)
+        draft = LlamaContext(exported.draft_path, cfg.max_seq_len, args.threads, args.kv_cache)
         results = measure(build_configs(args, model, target, draft), prompts, n, args.repeats)
     summary = summarize(results)
     doc = {
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine_info(torch.device("cpu")), "load_average_end": load_average(),
                     "load_average_start": load_before, "llamacpp_threads": args.threads},
         "model": {"source": args.checkpoint, **cfg.to_dict()},
-        "gguf": {"dtype": args.dtype, "draft_layer": args.draft_layer, "bytes": sizes},
+        "gguf": {"dtype": args.dtype, "draft_layer": args.draft_layer, "bytes": sizes, "kv_cache": args.kv_cache},
         "llamacpp_speculative_implementation": "this script's greedy loop over two llama.cpp contexts (full and "
                                                "draft GGUF) through llama-cpp-python",
         "prompts": {"source": bench.prompt_source, "count": len(prompts), "tokens": [len(p) for p in prompts]},
