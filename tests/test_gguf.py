@@ -382,8 +382,8 @@ def llama_greedy(path, prompt: list[int], n: int, n_ctx: int) -> list[int]:
 
 
 def normal_form_text() -> str:
-    """Lines as SentencePiece normalises them (no outer or repeated spaces), <unk> only at a line's end,
-    plus characters outside the vocabulary (byte fallback) and empty lines."""
+    """Lines as SentencePiece normalises them (no outer or repeated spaces), <unk> only at a line's end
+    (see layerskip.gguf.vocab), plus characters outside the vocabulary (byte fallback) and empty lines."""
     lines = [" ".join(line.replace(WIKITEXT_UNK, "x").split()) for line in make_wikitext_lines(30, 5)]
     lines += ["The game was café ∑ 日本 ok", "the river <unk>", "", "= Heading =", "a <unk>"]
     return "\n".join(lines) + "\n"

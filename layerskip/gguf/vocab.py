@@ -11,10 +11,12 @@ vocabulary keeps our ids, pieces and scores, with two changes:
 - there is no BOS (``add_bos_token`` false; llama.cpp still reports id 1 as its default BOS).
 
 WikiText's ``<unk>`` stays one user-defined token. What llama.cpp does not do is SentencePiece's
-normalisation: NFKC, and stripping and collapsing spaces at the start and end of each line. So
-llama.cpp tokenizes a text exactly as we do when its lines are in SentencePiece's normal form
-(no leading, trailing or repeated spaces; NFKC-invariant) and no ``<unk>`` is followed by more
-text on its line (llama.cpp puts an extra space before what follows a user-defined token).
+normalisation (NFKC; stripping each line's outer spaces and collapsing repeated ones), and it puts
+its dummy "▁" in front of each stretch of text after a user-defined token rather than in front of
+each line. So llama.cpp tokenizes a text exactly as we do when its lines are in SentencePiece's
+normal form (no leading, trailing or repeated spaces; NFKC-invariant) and ``<unk>`` appears only
+at the end of a line. Raw WikiText lines are not (they start and end with a space, and most hold
+``<unk>``): give llama.cpp their token ids instead.
 """
 
 from __future__ import annotations
