@@ -14,9 +14,11 @@ llama.cpp's speculative decoding here is a small greedy loop of this script's ow
 llama.cpp contexts (the full model and the draft model) driven through llama-cpp-python:
 the draft proposes up to k tokens, the full model scores them in one batch, the longest
 prefix agreeing with its argmax is kept plus its own next token, and both caches are cut back
-to what was kept. llama-cpp-python has no draft model that takes a second GGUF file (its
-`draft_model` is a callable proposing tokens, used by its high-level sampler loop), and
-llama.cpp's own `llama-speculative` program is not part of it; README shows how to run that.
+to what was kept. llama-cpp-python's own `draft_model` interface takes a callable proposing
+tokens, not a second GGUF file; layerskip.gguf.GGUFDraft is such a callable over the draft
+file, and --high-level also times Llama.generate with it (and without it), whose per-token
+sampler and generator overhead the low-level loops above do not have. llama.cpp's own
+`llama-speculative-simple` program is not part of llama-cpp-python; README shows how to run it.
 
     python benchmarks/peer_llamacpp.py --checkpoint runs/layerskip --draft-layer 4 --k 2 --out peer_llamacpp.json
 
@@ -31,6 +33,7 @@ sample, ratios) goes to --out, a summary table to stderr.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -64,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed passes over all prompts and configurations")
     p.add_argument("--threads", type=int, default=1, help="threads for torch and for llama.cpp")
     p.add_argument("--data-dir", default=None, help="WikiText-2 directory: prompts from its test split")
+    p.add_argument("--high-level", action="store_true",
+                   help="also time llama-cpp-python's Llama.generate, plain and with the draft file as its draft_model")
     p.add_argument("--keep-gguf", default=None, metavar="DIR", help="write the GGUF files here and keep them")
     p.add_argument("--out", default="peer_llamacpp.json", help="where the JSON document goes")
     return p.parse_args(argv)
@@ -79,12 +84,10 @@ class LlamaContext:
     call asks llama.cpp for exactly the logits rows it needs.
     """
 
-    def __init__(self, path: Path, n_ctx: int, threads: int, kv_cache: str = "f32") -> None:
+    def __init__(self, path: Path, settings: dict) -> None:
         import llama_cpp
 
-        kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_cache]
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                                   n_threads=threads, n_threads_batch=threads, type_k=kv, type_v=kv, verbose=False)
+        self.llm = llama_cpp.Llama(model_path=str(path), **settings)
         self.vocab = self.llm.n_vocab()
         self.n_past = 0
 
@@ -101,6 +104,25 @@ class LlamaContext:
         if n < self.n_past:
             self.llm._ctx.kv_cache_seq_rm(-1, n, -1)
         self.n_past = n
+
+
+def llama_settings(n_ctx: int, threads: int, kv_cache: str) -> dict:
+    """llama_cpp.Llama keyword arguments shared by every llama.cpp configuration."""
+    import llama_cpp
+
+    kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_cache]
+    return {"n_ctx": n_ctx, "n_batch": n_ctx, "n_ubatch": n_ctx, "n_threads": threads, "n_threads_batch": threads,
+            "type_k": kv, "type_v": kv, "verbose": False}
+
+
+def llamacpp_generate(llm, draft, prompt: list[int], n: int) -> tuple[list[int], float, dict]:
+    """llama-cpp-python's high-level greedy generator (Llama.generate), with or without its draft_model."""
+    llm.reset()  # no prompt reuse between runs
+    if draft is not None:
+        draft.reset()
+    start = time.perf_counter()
+    out = [int(t) for t in itertools.islice(llm.generate(prompt, temp=0.0), n)]
+    return out, time.perf_counter() - start, {}
 
 
 def llamacpp_ar(target: LlamaContext, prompt: list[int], n: int) -> tuple[list[int], float, dict]:
@@ -164,9 +186,10 @@ def ours(strategy, model, prompt: list[int], n: int) -> tuple[list[int], float, 
     return result.tokens, result.seconds, result.stats
 
 
-def build_configs(args, model, target: LlamaContext, draft: LlamaContext) -> dict[str, tuple]:
+def build_configs(args, model, files, settings: dict) -> dict[str, tuple]:
     """label -> (runner(prompt, n), settings)."""
     E, k = args.draft_layer, args.k
+    target, draft = LlamaContext(files.path, settings), LlamaContext(files.draft_path, settings)
     configs = {
         "ours_ar": (lambda p, n: ours(Autoregressive(), model, p, n), {}),
         "ours_ssd": (lambda p, n: ours(SelfSpeculative(draft_layer=E, k=k), model, p, n),
@@ -175,11 +198,29 @@ def build_configs(args, model, target: LlamaContext, draft: LlamaContext) -> dic
         "llamacpp_speculative": (lambda p, n: llamacpp_speculative(target, draft, k, p, n),
                                  {"draft_model": f"first {E} blocks + shared norm and head", "k": k}),
     }
+    if args.high_level:
+        configs.update(high_level_configs(files, settings, k))
     if args.draft_vocab is not None:
         configs["ours_ssd_short_head"] = (
             lambda p, n: ours(SelfSpeculative(draft_layer=E, k=k, draft_vocab=args.draft_vocab), model, p, n),
             {"draft_layer": E, "k": k, "draft_vocab": args.draft_vocab})
     return configs
+
+
+def high_level_configs(files, settings: dict, k: int) -> dict[str, tuple]:
+    """Llama.generate plain, and with the draft file behind its draft_model interface (layerskip.gguf.GGUFDraft)."""
+    import llama_cpp
+
+    from layerskip.gguf import GGUFDraft
+
+    plain = llama_cpp.Llama(model_path=str(files.path), **settings)
+    drafter = GGUFDraft(files.draft_path, num_tokens=k, **settings)
+    with_draft = llama_cpp.Llama(model_path=str(files.path), draft_model=drafter, **settings)
+    return {
+        "llamacpp_generate": (lambda p, n: llamacpp_generate(plain, None, p, n), {"api": "Llama.generate"}),
+        "llamacpp_generate_draft_model": (lambda p, n: llamacpp_generate(with_draft, drafter, p, n),
+                                          {"api": "Llama.generate(draft_model=GGUFDraft)", "k": k}),
+    }
 
 
 def measure(configs: dict, prompts: list[list[int]], n: int, repeats: int) -> dict[str, dict]:
@@ -213,6 +254,9 @@ def summarize(results: dict[str, dict]) -> dict:
         "llamacpp_speculative_speedup_over_llamacpp_ar": ms["llamacpp_ar"] / ms["llamacpp_speculative"],
         "llamacpp_speculative_speedup_over_ours_ssd": ms["ours_ssd"] / ms["llamacpp_speculative"],
     }
+    if "llamacpp_generate_draft_model" in ms:
+        ratios["llamacpp_generate_draft_model_speedup_over_llamacpp_generate"] = (
+            ms["llamacpp_generate"] / ms["llamacpp_generate_draft_model"])
     if "ours_ssd_short_head" in ms:
         ratios["ours_ssd_short_head_speedup_over_ours_ar"] = ms["ours_ar"] / ms["ours_ssd_short_head"]
     return {
@@ -267,9 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         exported = export_gguf(bench.checkpoint, where / "model.gguf", dtype=args.dtype,
                                draft_layer=args.draft_layer, draft_out=where / "draft.gguf")
         sizes = {p.name: p.stat().st_size for p in (exported.path, exported.draft_path)}
-        target = LlamaContext(exported.path, cfg.max_seq_len, args.threads, args.kv_cache)
-        draft = LlamaContext(exported.draft_path, cfg.max_seq_len, args.threads, args.kv_cache)
-        results = measure(build_configs(args, model, target, draft), prompts, n, args.repeats)
+        settings = llama_settings(cfg.max_seq_len, args.threads, args.kv_cache)
+        results = measure(build_configs(args, model, exported, settings), prompts, n, args.repeats)
     summary = summarize(results)
     doc = {
         "command": " ".join([sys.executable, *sys.argv]),

@@ -441,12 +441,13 @@ def test_peer_benchmark_runs_all_four_decoders_and_checks_their_tokens(tmp_path,
     try:
         assert peer.main(["--checkpoint", str(tmp_path / "ckpt"), "--draft-layer", "2", "--k", "3",
                           "--max-new-tokens", "12", "--prompt-tokens", "8", "--prompts", "2", "--repeats", "1",
-                          "--draft-vocab", "50", "--data-dir", str(tiny_corpus_dir), "--keep-gguf",
+                          "--draft-vocab", "50", "--high-level", "--data-dir", str(tiny_corpus_dir), "--keep-gguf",
                           str(tmp_path / "gguf"), "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)  # the script sets it for the whole process
     doc = json.loads(out.read_text())
-    labels = {"ours_ar", "ours_ssd", "ours_ssd_short_head", "llamacpp_ar", "llamacpp_speculative"}
+    labels = {"ours_ar", "ours_ssd", "ours_ssd_short_head", "llamacpp_ar", "llamacpp_speculative",
+              "llamacpp_generate", "llamacpp_generate_draft_model"}
     assert set(doc["results"]) == labels
     assert all(doc["same_tokens_as_ours_ar"].values())  # every greedy decoder, llama.cpp's included
     assert doc["prompts_with_same_tokens_as_ours_ar"]["llamacpp_speculative"] == 2
@@ -455,3 +456,29 @@ def test_peer_benchmark_runs_all_four_decoders_and_checks_their_tokens(tmp_path,
     assert doc["versions"]["llama_cpp_python"] and doc["gguf"]["draft_layer"] == 2
     assert set(doc["ratios"]) >= {"llamacpp_ar_speedup_over_ours_ar", "llamacpp_speculative_speedup_over_llamacpp_ar"}
     assert read(tmp_path / "gguf" / "draft.gguf")[0]["llama.block_count"] == 2
+
+
+def test_llama_cpp_python_speculative_decoding_with_the_draft_file_is_plain_greedy(tmp_path, tokenizer):
+    from itertools import islice
+
+    from layerskip.gguf import GGUFDraft
+
+    model = save_tiny(tmp_path / "ckpt", tokenizer)
+    export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", draft_layer=2, draft_out=tmp_path / "d.gguf")
+    prompt = torch.randint(0, 400, (8,), generator=torch.Generator().manual_seed(2)).tolist()
+    ours, exit_2 = torch.tensor([prompt]), torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(20):
+            ours = torch.cat([ours, model(ours).logits[:, -1:].argmax(-1)], dim=1)
+        for _ in range(3):  # what the draft should propose: greedy through our exit after 2 blocks
+            exit_2 = torch.cat([exit_2, model(exit_2, exit_layer=2).logits[:, -1:].argmax(-1)], dim=1)
+    f32 = pytest.importorskip("llama_cpp").GGML_TYPE_F32
+    draft = GGUFDraft(tmp_path / "d.gguf", num_tokens=3, n_ctx=64, type_k=f32, type_v=f32, n_threads=1)
+    calls = []
+    proposer = lambda ids: calls.append(len(ids)) or draft(ids)  # noqa: E731
+    llm = llama(tmp_path / "m.gguf", n_ctx=64, draft_model=proposer)
+    for _ in range(2):  # the second time the draft's cache of the first run is reused or cut back
+        assert list(islice(llm.generate(prompt, temp=0.0), 20)) == ours[0, 8:].tolist()
+    assert len(calls) > 2
+    draft.reset()
+    assert draft(np.array(prompt)).tolist() == exit_2[0, 8:].tolist()
