@@ -147,17 +147,19 @@ def _write(path: Path, ckpt: Checkpoint, vocab: Vocab, dtype: str, blocks: int, 
     import gguf
 
     writer = gguf.GGUFWriter(path, ARCH)
-    _write_settings(writer, ckpt.model.config, blocks, dtype, name, description)
-    vocab.write(writer)
     types = {}
-    for tensor_name, tensor in llama_tensors(ckpt.model, blocks):
-        encoded = encode(tensor_name, tensor, dtype)
-        writer.add_tensor(tensor_name, encoded.data, raw_dtype=encoded.raw_dtype)
-        types[tensor_name] = encoded.type_name
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        _write_settings(writer, ckpt.model.config, blocks, dtype, name, description)
+        vocab.write(writer)
+        for tensor_name, tensor in llama_tensors(ckpt.model, blocks):
+            encoded = encode(tensor_name, tensor, dtype)
+            writer.add_tensor(tensor_name, encoded.data, raw_dtype=encoded.raw_dtype)
+            types[tensor_name] = encoded.type_name
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     return types
