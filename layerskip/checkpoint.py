@@ -202,13 +202,19 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
     return _load_layerskip(source.directory, torch.device(device), dtype)
 
 
-def _load_layerskip(directory: Path, device: torch.device, dtype: str | torch.dtype | None) -> Checkpoint:
+def read_configs(directory: Path) -> tuple[ModelConfig, TokenizerConfig, dict[str, Any]]:
+    """A checkpoint's model and tokenizer configs, and all of config.json."""
     config = read_config(directory)
     try:
         model_config = ModelConfig.from_dict(config.get("model", {}))
         tokenizer_config = TokenizerConfig.from_dict(config.get("tokenizer", {}))
     except ConfigError as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
+    return model_config, tokenizer_config, config
+
+
+def _load_layerskip(directory: Path, device: torch.device, dtype: str | torch.dtype | None) -> Checkpoint:
+    model_config, tokenizer_config, config = read_configs(directory)
     tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
     if tokenizer.vocab_size != model_config.vocab_size:
         raise CheckpointError(

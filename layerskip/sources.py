@@ -15,7 +15,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerskip.checkpoint import CONFIG_FILE, resolve_checkpoint_dir
+from layerskip.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_configs, resolve_checkpoint_dir
+from layerskip.config import ModelConfig
+from layerskip.tokenizer import TextTokenizer, Tokenizer
 
 HF_PREFIX = "hf:"
 
@@ -50,3 +52,23 @@ def is_hf_directory(directory: Path) -> bool:
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(config, dict) and "model_type" in config and "schema_version" not in config
+
+
+def read_model_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The model config of what `path` names, without reading weights."""
+    source = resolve_source(path)
+    if source.kind == "hf":
+        from layerskip.hf.load import hf_model_config
+
+        return hf_model_config(source.directory)[0]
+    return read_configs(source.directory)[0]
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
+    """The tokenizer of what `path` names (as ``load_checkpoint`` would give it), without reading weights."""
+    source = resolve_source(path)
+    if source.kind == "hf":
+        from layerskip.hf.load import hf_model_config, hf_tokenizer
+
+        return hf_tokenizer(source.directory, own=hf_model_config(source.directory)[1])
+    return Tokenizer.load(source.directory / TOKENIZER_FILE)

@@ -32,8 +32,9 @@ def hf_config(cfg: ModelConfig, *, eos_id: int | None, extra: dict[str, Any]) ->
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # transformers 4.x
-        "rope_scaling": _rope_fields(cfg.rope_scaling) or None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta} | _rope_fields(cfg.rope_scaling),  # 5.x
+        "rope_scaling": _rope_fields(cfg.rope_scaling) or None,  # 4.x, and preferred by 5.x when set
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}  # 5.x
+        | _rope_fields(cfg.rope_scaling),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,

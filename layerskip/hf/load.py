@@ -9,6 +9,7 @@ layerskip checkpoint instead: fp32 weights and the directory's tokenizer.model u
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,10 +76,8 @@ def _read(hf_dir: Path, device: torch.device, dtype: str | torch.dtype | None, *
     model_way: the tokenizer as the model reads text, unless export_hf wrote the directory (then,
     as for an import, its tokenizer.model the layerskip way).
     """
-    hf = read_hf_config(hf_dir)
-    own = own_export(hf)  # None unless export_hf wrote the directory
-    cfg = restore_own_config(model_config_from_hf(hf, hf_dir), own)
-    tokenizer = read_model_tokenizer(hf_dir) if model_way and own is None else read_hf_tokenizer(hf_dir)
+    cfg, own = hf_model_config(hf_dir)
+    tokenizer = hf_tokenizer(hf_dir, own=own) if model_way else read_hf_tokenizer(hf_dir)
     _check_vocab(hf_dir, tokenizer, cfg)
     tensors = read_hf_weights(hf_dir, cfg)
     model = build_model(cfg, tensors, device=device, dtype=resolve_dtype(dtype, device, num_parameters(cfg)))
@@ -87,6 +86,18 @@ def _read(hf_dir: Path, device: torch.device, dtype: str | torch.dtype | None, *
                       tokenizer_config=tokenizer_config or _describe(tokenizer),
                       train_config=own.get("train", {}) if own is not None else {},
                       meta=own.get("meta", {}) if own is not None else {"imported_from": str(hf_dir)})
+
+
+def hf_model_config(hf_dir: Path) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """The directory's model config, and the layerskip section export_hf keeps in it (None: not our export)."""
+    hf = read_hf_config(hf_dir)
+    own = own_export(hf)
+    return restore_own_config(model_config_from_hf(hf, hf_dir), own), own
+
+
+def hf_tokenizer(hf_dir: Path, *, own: dict[str, Any] | None) -> TextTokenizer:
+    """The tokenizer as the model reads text; our own export's the layerskip way, as it was trained."""
+    return read_model_tokenizer(hf_dir) if own is None else read_hf_tokenizer(hf_dir)
 
 
 def _describe(tokenizer: TextTokenizer) -> TokenizerConfig | None:
