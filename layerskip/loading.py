@@ -8,13 +8,12 @@ Both loaders (layerskip checkpoints, Hugging Face directories) go through here:
 3. ``build_model``: the model is built on the meta device and handed the tensors read from the
    memory-mapped files (safetensors' safe_open). Tensors already in the target dtype stay views of
    the private (copy-on-write) mapping, so the weights are the file's pages, read on first use;
-   others are converted one at a time, each file mapping released before the next grows, so the
-   peak is about one copy of the weights in the target dtype.
+   others are converted one at a time, each read through a mapping of its own that is closed
+   before the next, so the peak is about one copy of the weights in the target dtype.
 """
 
 from __future__ import annotations
 
-import gc
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from layerskip.model import Transformer
 
 # safetensors' dtype names of the floating tensors a model's weights can be stored in
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-RELEASE_EVERY_BYTES = 64 << 20  # converted bytes between releases of the mappings they were read from
 
 
 @dataclass(frozen=True)
@@ -103,7 +101,7 @@ def build_model(cfg: ModelConfig, tensors: dict[str, StoredTensor], *, device: t
 
 def read_tensors(tensors: dict[str, StoredTensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Each tensor in `dtype` on `device`: zero-copy views of the mapped files where nothing changes,
-    converted copies otherwise (their mappings released as they go)."""
+    converted copies otherwise (one mapping per tensor, so the file's pages do not accumulate)."""
     for ours, st in tensors.items():
         if st.dtype not in STORED_DTYPES:
             raise CheckpointError(f"{st.file}: {st.name} is stored as {st.dtype}, not as floating-point weights "
@@ -111,17 +109,12 @@ def read_tensors(tensors: dict[str, StoredTensor], device: torch.device, dtype: 
     out: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
-        converted = 0
         for ours, st in tensors.items():
             if device.type == "cpu" and STORED_DTYPES[st.dtype] == dtype:
                 if st.file not in handles:
                     handles[st.file] = stack.enter_context(safe_open(st.file, framework="pt"))
                 out[ours] = handles[st.file].get_tensor(st.name)  # type: ignore[attr-defined]
                 continue
-            with safe_open(st.file, framework="pt") as f:  # a mapping of its own, released below
+            with safe_open(st.file, framework="pt") as f:  # a mapping of its own, unmapped when closed
                 out[ours] = f.get_tensor(st.name).to(device=device, dtype=dtype)
-            converted += out[ours].numel() * out[ours].element_size()
-            if converted >= RELEASE_EVERY_BYTES:
-                gc.collect()  # safetensors' closed mappings are freed by the cycle collector
-                converted = 0
     return out
