@@ -22,6 +22,10 @@ VARIANTS = {
     "untied": {"tie_embeddings": False},
     "gqa": {"num_kv_heads": 2, "tie_embeddings": False},
     "gqa-tied-odd-settings": {"num_kv_heads": 1, "rope_theta": 500.0, "norm_eps": 1e-6, "num_layers": 3},
+    "llama3-head_dim": {"num_kv_heads": 2, "head_dim": 12, "rope_theta": 500.0,
+                        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+    "linear-untied": {"tie_embeddings": False, "rope_scaling": {"rope_type": "linear", "factor": 3.0}},
 }
 
 
@@ -141,13 +145,14 @@ def test_sentencepiece_model_is_read_without_protobuf(tiny_tokenizer):
 # ----------------------------------------------------------------------------- import
 
 
-@pytest.mark.parametrize("variant", ["tied", "gqa"])
+@pytest.mark.parametrize("variant", ["tied", "gqa", "llama3-head_dim", "linear-untied"])
 def test_round_trip_ours_hf_ours_is_exact(variant, tmp_path, tiny_tokenizer):
     model = save_tiny(tmp_path / "ckpt", tiny_tokenizer, **VARIANTS[variant])
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     back = import_hf(tmp_path / "hf", tmp_path / "back")
     reloaded = load_checkpoint(tmp_path / "back")
-    for ckpt in (back, reloaded):
+    direct = load_checkpoint(tmp_path / "hf")  # the export itself, read in place
+    for ckpt in (back, reloaded, direct):
         ours, theirs = model.state_dict(), ckpt.model.state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
