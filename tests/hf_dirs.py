@@ -14,8 +14,8 @@ from conftest import make_wikitext_lines
 BPE_VOCAB = 300
 BOS, EOS = "<s>", "</s>"
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
-          "original_max_position_embeddings": 64}  # with head_dim 16, theta 1e4: kept, blended and divided bands
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}  # head_dim 16, theta 1e4: wavelengths kept, blended and divided
 LINEAR = {"rope_type": "linear", "factor": 4.0}
 SHAPES = {  # tiny LlamaConfigs: rope scaling, explicit head_dim (not hidden/heads), GQA, tied and untied
     "llama3-gqa-tied-head_dim": dict(rope=LLAMA3, head_dim=16, num_key_value_heads=2, tie_word_embeddings=True),

@@ -87,7 +87,7 @@ def test_the_config_carries_rope_scaling_and_head_dim_both_spellings_alike(bpe, 
         loaded[spelling] = layerskip.load(tmp_path / spelling, device="cpu").config
     assert loaded["4.x"] == loaded["5.x"]
     scaling = loaded["5.x"].rope_scaling
-    assert (scaling.rope_type, scaling.factor, scaling.original_max_position_embeddings) == ("llama3", 8.0, 64)
+    assert (scaling.rope_type, scaling.factor, scaling.original_max_position_embeddings) == ("llama3", 8.0, 32)
     assert loaded["5.x"].head_dim == 16 and loaded["5.x"].d_model == 32
 
 
@@ -168,6 +168,13 @@ def test_every_command_takes_the_directory(bpe, tmp_path, tiny_corpus_dir, capsy
                  "--seq_len", "32", "--gen_prompts", "1", "--gen_tokens", "4", "--output",
                  str(tmp_path / "t.json")]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["num_layers"] == 3
+    assert main(["bench", "--checkpoint", hf, "--data_dir", str(tiny_corpus_dir), "--num_prompts", "1",
+                 "--prompt_tokens", "8", "--new_tokens", "4", "--ks", "2", "--draft_layers", "1", "--dee_measures",
+                 "softmax", "--dee_thresholds", "2.0", "--temperature", "0", "--eval_tokens", "0", "--cost_repeats",
+                 "0", "--threads", "1", "--quiet", "--dtype", "bfloat16", "--out", str(tmp_path / "b.json")]) == 0
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench["models"][0]["dtype"] == "torch.bfloat16" and bench["settings"]["dtype"] == "bfloat16"
+    assert {c["id"] for c in bench["models"][0]["configs"]} >= {"ar", "ssd-E1-k2"}
     capsys.readouterr()
 
 
