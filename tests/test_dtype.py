@@ -124,3 +124,13 @@ def test_loading_holds_about_one_copy_of_the_weights_in_the_target_dtype(tmp_pat
     half = peak_rss_growth(lambda: layerskip.load(tmp_path / "big", device="cpu", dtype="bfloat16"))
     assert same < 0.2 * fp32_bytes  # the fp32 weights are the file's pages, read when used
     assert half < 1.3 * fp32_bytes / 2  # converted copies only, each file mapping released as it goes
+
+
+def test_the_help_states_the_rule_the_code_applies():
+    import argparse
+
+    from layerskip.cli.common import add_dtype_arg
+
+    parser = argparse.ArgumentParser()
+    add_dtype_arg(parser)
+    assert f"below {dtypes.CPU_BF16_MIN_PARAMETERS // 10**6}M parameters" in " ".join(parser.format_help().split())

@@ -30,7 +30,7 @@ def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="the weights' dtype (auto: float32 on the CPU below 200M parameters and bfloat16 from there, "
+        help="the weights' dtype (auto: float32 on the CPU below 500M parameters and bfloat16 from there, "
         "bfloat16 on CUDA)",
     )
 
