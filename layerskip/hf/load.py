@@ -41,9 +41,7 @@ def load_hf(hf_dir: str | Path, *, device: str | torch.device = "cpu", dtype: st
     the user named (such as hf:REPO), recorded in ``meta``.
     """
     hf_dir = Path(hf_dir)
-    ckpt = _read(hf_dir, torch.device(device), dtype, model_way=True)
-    if "imported_from" in ckpt.meta:
-        ckpt.meta = {"loaded_from": origin or str(hf_dir)}
+    ckpt = _read(hf_dir, torch.device(device), dtype, model_way=True, origin={"loaded_from": origin or str(hf_dir)})
     ckpt.path = hf_dir
     return ckpt
 
@@ -58,7 +56,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Checkpoi
     loading the directory directly (``layerskip.load(hf_dir)``) tokenizes as the model does.
     """
     hf_dir = Path(hf_dir)
-    ckpt = _read(hf_dir, torch.device("cpu"), torch.float32, model_way=False)
+    ckpt = _read(hf_dir, torch.device("cpu"), torch.float32, model_way=False, origin={"imported_from": str(hf_dir)})
     ckpt.tokenizer_config = ckpt.tokenizer_config or spm_tokenizer_config(ckpt.tokenizer)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -70,11 +68,13 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path | None = None) -> Checkpoi
     return ckpt
 
 
-def _read(hf_dir: Path, device: torch.device, dtype: str | torch.dtype | None, *, model_way: bool) -> Checkpoint:
+def _read(hf_dir: Path, device: torch.device, dtype: str | torch.dtype | None, *, model_way: bool,
+          origin: dict[str, str]) -> Checkpoint:
     """Config, tokenizer and weights of the directory, each checked before the weights are read.
 
     model_way: the tokenizer as the model reads text, unless export_hf wrote the directory (then,
-    as for an import, its tokenizer.model the layerskip way).
+    as for an import, its tokenizer.model the layerskip way). origin: the metadata of a directory
+    export_hf did not write (ours keeps its own).
     """
     cfg, own = hf_model_config(hf_dir)
     tokenizer = hf_tokenizer(hf_dir, own=own) if model_way else read_hf_tokenizer(hf_dir)
@@ -85,7 +85,7 @@ def _read(hf_dir: Path, device: torch.device, dtype: str | torch.dtype | None, *
     return Checkpoint(model=model, tokenizer=tokenizer, model_config=cfg,
                       tokenizer_config=tokenizer_config or _describe(tokenizer),
                       train_config=own.get("train", {}) if own is not None else {},
-                      meta=own.get("meta", {}) if own is not None else {"imported_from": str(hf_dir)})
+                      meta=own.get("meta", {}) if own is not None else origin)
 
 
 def hf_model_config(hf_dir: Path) -> tuple[ModelConfig, dict[str, Any] | None]:
