@@ -35,22 +35,28 @@ SSD_OPTIONS = ("draft_layer", "k", "adaptive_threshold", "draft_vocab", "max_bac
 DEE_OPTIONS = ("thresholds", "conf", "measure", "exit_vocab", "min_exit_layer", "check_every")
 
 
-def load(path: str | os.PathLike[str], *, device: str = "auto") -> Checkpoint:
-    """A run or checkpoint directory -> a Checkpoint with ``.model``, ``.tokenizer``, ``.config`` and ``.path``.
+def load(path: str | os.PathLike[str], *, device: str = "auto", dtype: str | torch.dtype | None = "auto") -> Checkpoint:
+    """A model -> a Checkpoint with ``.model``, ``.tokenizer``, ``.config`` and ``.path``.
 
-    A run directory means its best checkpoint (else its last). ``device``: auto (CUDA when
-    present), cpu, cuda or mps. The model is in eval mode, ready to generate.
+    `path`: a layerskip run directory (meaning its best checkpoint, else its last), a checkpoint
+    directory, a Hugging Face Llama directory (read in place, nothing written) or ``hf:OWNER/NAME``
+    (downloaded from the hub; the ``hub`` extra). ``device``: auto (CUDA when present), cpu, cuda
+    or mps. ``dtype``: float32, bfloat16, float16, or auto (float32 on the CPU below 500M
+    parameters, bfloat16 from there and on CUDA; see layerskip.dtypes). The model is in eval
+    mode, ready to generate.
     """
     from layerskip.checkpoint import load_checkpoint
     from layerskip.device import resolve_device
+    from layerskip.dtypes import parse_dtype
 
-    return load_checkpoint(path, device=resolve_device(device))
+    return load_checkpoint(path, device=resolve_device(device), dtype=parse_dtype(dtype))
 
 
-def _loaded(model: Checkpoint | str | os.PathLike[str]) -> Checkpoint:
+def _loaded(model: Checkpoint | str | os.PathLike[str], **how: Any) -> Checkpoint:
+    """`model` itself, or what ``load(model, **how)`` returns for a path."""
     from layerskip.checkpoint import Checkpoint
 
-    return model if isinstance(model, Checkpoint) else load(model)
+    return model if isinstance(model, Checkpoint) else load(model, **how)
 
 
 @dataclass
@@ -90,7 +96,9 @@ def generate(
       ``min_exit_layer``, ``check_every`` (default: the thresholds file's).
 
     ``on_tokens`` is called with each batch of newly committed token ids (streaming).
-    An option that does not belong to `mode` is a ConfigError.
+    Generation stops at the model's end-of-sequence token when its tokenizer names one (Hugging
+    Face models; layerskip's own end every line with theirs, so they have none), or with
+    ``stop_at_eol`` at the first end of line. An option that does not belong to `mode` is a ConfigError.
     """
     import torch
 
@@ -106,7 +114,7 @@ def generate(
         prompt_ids,
         max_new_tokens,
         sampling=sampling,
-        eos_id=ckpt.tokenizer.eol_id if stop_at_eol else None,
+        eos_id=stop_token(ckpt.tokenizer, stop_at_eol),
         generator=torch.Generator(device=device).manual_seed(seed),
         on_tokens=on_tokens,
     )
@@ -117,6 +125,16 @@ def generate(
         stats=result.summary(),
         token_info=result.token_info,
     )
+
+
+def stop_token(tokenizer: Any, stop_at_eol: bool) -> int | None:
+    """The token generation stops at: the end of line when asked for, else the model's end of sequence."""
+    if not stop_at_eol:
+        return tokenizer.eos_id
+    if tokenizer.eol_id is None:
+        raise ConfigError("this model's tokenizer has no single end-of-line token, so it cannot stop at one; "
+                          "drop stop_at_eol (--stop_at_eol)")
+    return tokenizer.eol_id
 
 
 def continuation(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
@@ -182,30 +200,32 @@ def _early_exit(model: torch.nn.Module, *, thresholds: Thresholds | str | os.Pat
 
 def evaluate(model: Checkpoint | str | os.PathLike[str], split: str = "test", *,
              data_dir: str | os.PathLike[str] | None = None, batch_size: int = 16,
-             max_tokens: int | None = None, device: str = "auto") -> EvalResult:
+             max_tokens: int | None = None, device: str = "auto", dtype: str | None = "auto") -> EvalResult:
     """Loss, token- and word-level perplexity of every exit 1..L on a WikiText-2 split ("valid" or "test").
 
     ``.table()`` prints it; ``.layers[-1]`` is the full model. ``data_dir`` defaults to
-    $LAYERSKIP_DATA_DIR, then the per-user cache, then a download. ``device`` applies when
-    `model` is a path.
+    $LAYERSKIP_DATA_DIR, then the per-user cache, then a download. ``device`` and ``dtype`` apply
+    when `model` is a path (as in ``load``).
     """
     from layerskip.evaluation import evaluate_checkpoint
 
-    return evaluate_checkpoint(model, split=split, data_dir=data_dir, batch_size=batch_size, max_tokens=max_tokens,
-                               device=device)
+    return evaluate_checkpoint(_loaded(model, device=device, dtype=dtype), split=split, data_dir=data_dir,
+                               batch_size=batch_size, max_tokens=max_tokens)
 
 
 def calibrate(model: Checkpoint | str | os.PathLike[str], *, delta: float = 0.01, epsilon: float = 0.05,
-              output: str | os.PathLike[str] | None = None, **options: Any) -> Thresholds:
+              output: str | os.PathLike[str] | None = None, dtype: str | None = "auto", **options: Any) -> Thresholds:
     """Per-layer DEE thresholds whose disagreement with the full model is <= delta with probability >= 1 - epsilon.
 
     Reads only the validation split. ``output``: also write thresholds.json there. Options as
     `layerskip calibrate` (measure, method, exit_vocab, min_exit_layer, check_every, data_dir,
-    max_tokens, gen_prompts, device, ...). Pass the result to ``generate(..., mode="dee", thresholds=...)``.
+    max_tokens, gen_prompts, device, ...); ``device`` and ``dtype`` apply when `model` is a path (as
+    in ``load``). Pass the result to ``generate(..., mode="dee", thresholds=...)``.
     """
     from layerskip.calibration import calibrate_checkpoint
 
-    return calibrate_checkpoint(model, delta=delta, epsilon=epsilon, output=output, **options)
+    ckpt = _loaded(model, device=options.get("device", "auto"), dtype=dtype)
+    return calibrate_checkpoint(ckpt, delta=delta, epsilon=epsilon, output=output, **options)
 
 
 def train(out_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None, resume: bool = False,

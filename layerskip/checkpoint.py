@@ -13,6 +13,9 @@ Layout of a checkpoint directory::
 A run directory holds ``best/`` and ``last/`` checkpoints; wherever the CLI takes a
 checkpoint, a run directory means its best one. Writes go to a temporary sibling that
 is renamed into place, so an interrupted write never leaves a broken checkpoint.
+
+``load_checkpoint`` also loads what ``layerskip.sources`` recognises besides (a Hugging Face
+Llama directory, ``hf:REPO``), through ``layerskip.hf.load``.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from layerskip.config import ModelConfig, TokenizerConfig
+from layerskip.dtypes import resolve_dtype
 from layerskip.errors import CheckpointError, ConfigError
+from layerskip.loading import build_model, expected_shapes, num_parameters, read_headers, shape_differences
 from layerskip.model import Transformer
-from layerskip.tokenizer import Tokenizer
+from layerskip.tokenizer import TextTokenizer, Tokenizer
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -50,9 +54,9 @@ class Checkpoint:
     """A loaded checkpoint: the model (in eval mode), its tokenizer and configs, and where it came from."""
 
     model: Transformer
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     model_config: ModelConfig
-    tokenizer_config: TokenizerConfig
+    tokenizer_config: TokenizerConfig | None  # None: not a SentencePiece tokenizer layerskip can describe
     train_config: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -145,7 +149,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     _recover_interrupted_swap(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a run directory or a checkpoint directory")
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a run directory, a checkpoint directory, a "
+                              "Hugging Face model directory or hf:OWNER/NAME")
     if path.is_file():
         raise CheckpointError(
             f"{path} is a file, but a layerskip checkpoint is a directory holding {CONFIG_FILE} and "
@@ -179,25 +184,46 @@ def read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load weights, config and tokenizer; every problem becomes a CheckpointError."""
-    directory = resolve_checkpoint_dir(path)
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
+                    dtype: str | torch.dtype | None = torch.float32) -> Checkpoint:
+    """Load weights, config and tokenizer; every problem becomes a CheckpointError.
+
+    `path`: anything ``layerskip.sources.resolve_source`` recognises (a layerskip checkpoint or run
+    directory, a Hugging Face Llama directory, hf:REPO). ``dtype``: float32 (the default),
+    bfloat16, float16, or None / "auto" for the default of the device and size (layerskip.dtypes).
+    """
+    from layerskip.sources import resolve_source
+
+    source = resolve_source(path)
+    if source.kind == "hf":
+        from layerskip.hf.load import load_hf
+
+        return load_hf(source.directory, device=device, dtype=dtype, origin=source.spec)
+    return _load_layerskip(source.directory, torch.device(device), dtype)
+
+
+def read_configs(directory: Path) -> tuple[ModelConfig, TokenizerConfig, dict[str, Any]]:
+    """A checkpoint's model and tokenizer configs, and all of config.json."""
     config = read_config(directory)
     try:
         model_config = ModelConfig.from_dict(config.get("model", {}))
         tokenizer_config = TokenizerConfig.from_dict(config.get("tokenizer", {}))
     except ConfigError as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
+    return model_config, tokenizer_config, config
+
+
+def _load_layerskip(directory: Path, device: torch.device, dtype: str | torch.dtype | None) -> Checkpoint:
+    model_config, tokenizer_config, config = read_configs(directory)
     tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
     if tokenizer.vocab_size != model_config.vocab_size:
         raise CheckpointError(
             f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model expects "
             f"{model_config.vocab_size}; the tokenizer does not belong to these weights"
         )
-    model = Transformer(model_config)
-    load_weights(model, directory / WEIGHTS_FILE)
+    model = load_weights(model_config, directory / WEIGHTS_FILE, device,
+                         resolve_dtype(dtype, device, num_parameters(model_config)))
     model.set_token_counts(load_token_counts(directory / TOKEN_COUNTS_FILE, model_config.vocab_size))
-    model.to(device).eval()
     return Checkpoint(
         model=model,
         tokenizer=tokenizer,
@@ -209,22 +235,13 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     )
 
 
-def load_weights(model: Transformer, weights_path: Path) -> None:
-    """Load safetensors weights, checking names and shapes against the model's config."""
+def load_weights(cfg: ModelConfig, weights_path: Path, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """The model `cfg` describes holding the safetensors weights, checked against `cfg` from the header alone
+    (so a config of absurd size is refused before anything is allocated)."""
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing; the checkpoint has no weights")
-    try:
-        state = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights_path} is truncated or corrupt ({exc}); use another checkpoint") from None
-    expected = _weights_state(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    stored = read_headers([weights_path])
+    missing, unexpected, wrong_shape = shape_differences(expected_shapes(cfg), {k: t.shape for k, t in stored.items()})
     if missing or unexpected or wrong_shape:
         details = "; ".join(
             part
@@ -236,7 +253,7 @@ def load_weights(model: Transformer, weights_path: Path) -> None:
             if part
         )
         raise CheckpointError(f"{weights_path}: the config does not match the weights ({details})")
-    model.load_state_dict(state, strict=False)  # tied lm_head.weight is absent on purpose
+    return build_model(cfg, stored, device=device, dtype=dtype)  # a tied lm_head.weight is absent on purpose
 
 
 def load_token_counts(path: Path, vocab_size: int) -> torch.Tensor | None:

@@ -44,13 +44,55 @@ def from_dict(cls: type[T], data: dict[str, Any], *, what: str | None = None) ->
     return cls(**data)
 
 
+ROPE_TYPES = ("linear", "llama3")  # rotary scalings the model implements (Hugging Face's names)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequencies stretched for contexts longer than pre-training's, as Hugging Face's rope types do.
+
+    linear: every frequency divided by ``factor``. llama3 (Llama 3.1 / 3.2): wavelengths longer
+    than original_max_position_embeddings / low_freq_factor divided by ``factor``, those shorter
+    than original_max_position_embeddings / high_freq_factor kept, a smooth blend in between.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None  # llama3 only
+    high_freq_factor: float | None = None  # llama3 only
+    original_max_position_embeddings: int | None = None  # llama3 only
+
+    def __post_init__(self) -> None:
+        _require(self.rope_type in ROPE_TYPES, f"rope scaling type {self.rope_type!r} is not supported; "
+                 f"layerskip implements {', '.join(ROPE_TYPES)} (and plain rotary positions)")
+        _require(_positive_number(self.factor), f"rope scaling factor must be a positive number, got {self.factor!r}")
+        llama3 = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if self.rope_type == "linear":
+            given = [name for name in llama3 if getattr(self, name) is not None]
+            _require(not given, f"linear rope scaling takes only a factor, not {given}")
+            return
+        for name in llama3:
+            _require(_positive_number(getattr(self, name)),
+                     f"llama3 rope scaling needs a positive {name}, got {getattr(self, name)!r}")
+        _require(self.low_freq_factor < self.high_freq_factor,  # type: ignore[operator]
+                 f"llama3 rope scaling needs low_freq_factor ({self.low_freq_factor}) < high_freq_factor "
+                 f"({self.high_freq_factor})")
+        _require(isinstance(self.original_max_position_embeddings, int),
+                 f"original_max_position_embeddings must be an integer, got {self.original_max_position_embeddings!r}")
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A Llama-style decoder: RMSNorm, rotary positions, SwiGLU, no biases.
 
     Defaults are the seed study's model (d_model 128, 6 layers, 8 heads, d_ff 512).
     Every field maps onto a Hugging Face ``LlamaConfig`` field, so the model can be
-    exported exactly.
+    exported exactly. ``head_dim`` None means d_model / num_heads (then stored resolved);
+    ``rope_scaling`` None means plain rotary positions.
     """
 
     vocab_size: int = 8192
@@ -65,6 +107,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    head_dim: int = None  # type: ignore[assignment]  # None on input: d_model // num_heads
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
@@ -73,16 +117,11 @@ class ModelConfig:
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"{name} must be a positive integer, got {value!r}",
             )
-        _require(
-            self.d_model % self.num_heads == 0,
-            f"num_heads ({self.num_heads}) must divide d_model ({self.d_model}); "
-            f"try num_heads in {[h for h in range(1, 33) if self.d_model % h == 0]}",
-        )
-        _require(
-            self.head_dim % 2 == 0,
-            f"the head dimension d_model/num_heads = {self.head_dim} must be even for rotary "
-            "positions; choose num_heads so that d_model/num_heads is even",
-        )
+        self._resolve_head_dim()
+        if isinstance(self.rope_scaling, dict):  # as read from JSON
+            object.__setattr__(self, "rope_scaling", from_dict(RopeScaling, self.rope_scaling, what="rope_scaling"))
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+                 f"rope_scaling must be null or an object, got {self.rope_scaling!r}")
         kv = self.kv_heads
         _require(
             isinstance(kv, int) and kv >= 1 and self.num_heads % kv == 0,
@@ -99,16 +138,36 @@ class ModelConfig:
                 f"{name} must be a positive number, got {value!r}",
             )
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+    def _resolve_head_dim(self) -> None:
+        """An explicit head_dim, or d_model / num_heads (which must then divide evenly); even for rotary."""
+        if self.head_dim is None:
+            _require(
+                self.d_model % self.num_heads == 0,
+                f"num_heads ({self.num_heads}) must divide d_model ({self.d_model}); "
+                f"try num_heads in {[h for h in range(1, 33) if self.d_model % h == 0]}",
+            )
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        _require(isinstance(self.head_dim, int) and not isinstance(self.head_dim, bool) and self.head_dim >= 1,
+                 f"head_dim must be a positive integer, got {self.head_dim!r}")
+        _require(
+            self.head_dim % 2 == 0,
+            f"the head dimension ({self.head_dim}) must be even for rotary positions; "
+            "choose num_heads so that d_model/num_heads is even",
+        )
 
     @property
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except head_dim when it is d_model / num_heads and rope_scaling when there is none:
+        a plain model's dict is what layerskip wrote before these fields existed."""
+        data = dataclasses.asdict(self)
+        if self.head_dim * self.num_heads == self.d_model:
+            del data["head_dim"]
+        if self.rope_scaling is None:
+            del data["rope_scaling"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

@@ -205,7 +205,7 @@ class EncodedSplits:
 
 def encode_splits(tokenizer: Tokenizer, files: dict[str, Path]) -> EncodedSplits:
     """Every split encoded with `tokenizer`, cached as .npy files keyed by tokenizer and data."""
-    key = _digest(tokenizer.model_proto, *(_file_digest(files[s]) for s in SPLITS))
+    key = _digest(tokenizer.cache_key, *(_file_digest(files[s]) for s in SPLITS))
     directory = cache_root() / "encoded" / key
     if not (directory / "meta.json").is_file():
         start = time.perf_counter()

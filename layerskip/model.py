@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerskip.cache import KVCache
-from layerskip.config import ModelConfig
+from layerskip.config import ModelConfig, RopeScaling
 from layerskip.errors import PromptError
 
 
@@ -48,12 +48,29 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, head_dim) in the rotate-half layout."""
+def rotary_tables(head_dim: int, max_len: int, theta: float,
+                  scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim) in the rotate-half layout, in fp32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = scaled_frequencies(inv_freq, scaling)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (S, D/2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (S, D)
     return angles.cos(), angles.sin()
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling | None) -> torch.Tensor:
+    """Rotary inverse frequencies (D/2,) after `scaling` (see RopeScaling), computed as transformers does."""
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    context = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    blend = (context / wavelength - low) / (high - low)  # 0 at the long end of the blended band, 1 at the short
+    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+    kept_or_blended = torch.where(wavelength < context / high, inv_freq, blended)
+    return torch.where(wavelength > context / low, inv_freq / factor, kept_or_blended)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -180,7 +197,7 @@ class Transformer(nn.Module):
         # Training-split count of each token id (None: unknown); ranks the vocabulary for
         # unembed_short. Checkpoints carry it; it is not a weight.
         self.token_counts: torch.Tensor | None = None
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -188,6 +205,15 @@ class Transformer(nn.Module):
         for block in self.layers:
             for proj in (block.attn.o_proj, block.mlp.down_proj):
                 nn.init.normal_(proj.weight, std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
+
+    def reset_rotary(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Recompute the rotary tables (in fp32, then cast) onto `device` in `dtype`.
+
+        They are not weights: a model built on the meta device and given loaded weights needs them made.
+        """
+        cfg = self.config
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        self.rope_cos, self.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

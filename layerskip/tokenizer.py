@@ -1,4 +1,9 @@
-"""SentencePiece tokenizer for WikiText: `<unk>` is one symbol, every line ends in EOL.
+"""Tokenizers: the interface every model's tokenizer offers, and layerskip's own SentencePiece one.
+
+``TextTokenizer`` is what the rest of layerskip uses: this module's ``Tokenizer`` (layerskip's
+checkpoints) and the Hugging Face directories' tokenizers (``layerskip.hf.model_tokenizers``).
+
+layerskip's SentencePiece tokenizer for WikiText: `<unk>` is one symbol, every line ends in EOL.
 
 The end-of-line token is SentencePiece's end-of-sentence piece (`</s>`), appended to each
 line; WikiText's own `<unk>` word is a user-defined symbol, so it stays one token and
@@ -13,6 +18,7 @@ import io
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece as spm
 
@@ -23,7 +29,35 @@ WIKITEXT_UNK = "<unk>"
 SP_UNK = "<sp_unk>"  # SentencePiece's own unknown piece, renamed out of WikiText's way
 
 
+class TextTokenizer(Protocol):
+    """What layerskip asks of a tokenizer."""
+
+    cache_key: bytes  # the bytes that define how it encodes (the cache of encoded WikiText is keyed by them)
+    eol_id: int | None  # the end-of-line token (--stop_at_eol); None when a line break is not one token
+    eos_id: int | None  # the model's end of sequence, where generation stops; None: generation never stops early
+    bos_id: int | None  # the token encode() puts first; None: no BOS
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]:
+        """A prompt's ids (after the BOS when there is one)."""
+
+    def encode_lines(self, lines: Sequence[str], *, num_threads: int = 2) -> list[list[int]]:
+        """Each line followed by its line break, no BOS (WikiText for evaluation and calibration)."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids (BOS and EOS tokens dropped)."""
+
+    def id_to_piece(self, token: int) -> str: ...
+
+
 class Tokenizer:
+    """layerskip's SentencePiece tokenizer: no BOS, and its eos is the end of a line, so no token stops generation."""
+
+    bos_id: int | None = None
+    eos_id: int | None = None
+
     def __init__(self, model_proto: bytes) -> None:
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -39,6 +73,10 @@ class Tokenizer:
         if not path.is_file():
             raise CheckpointError(f"tokenizer model {path} is missing; re-save the checkpoint with its tokenizer")
         return cls(path.read_bytes())
+
+    @property
+    def cache_key(self) -> bytes:
+        return self.model_proto
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.model_proto)

@@ -122,3 +122,34 @@ def test_pickle_payload_in_trainer_state_is_refused_without_running(saved, tmp_p
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         load_trainer_state(path)
     assert not os.path.exists(marker)
+
+
+def test_a_config_of_absurd_size_is_refused_before_anything_is_allocated(saved, capsys):
+    from layerskip.cli import main
+
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["d_model"] = 1_000_000_000  # its embedding alone would take 1.6 TB; the whole model ~4 TB
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config does not match the weights.*shape mismatch.*1000000000"):
+        load_checkpoint(path)
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "The game"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("layerskip generate: error:") and "does not match" in err
+
+
+def test_rope_scaling_and_head_dim_round_trip_and_plain_configs_are_written_as_before(tmp_path, tiny_tokenizer):
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32}
+    model = tiny_model(vocab_size=tiny_tokenizer.vocab_size, head_dim=16, num_kv_heads=2, rope_scaling=llama3)
+    save_checkpoint(tmp_path / "scaled", model, tiny_tokenizer, tokenizer_config=TOK_CFG)
+    ckpt = load_checkpoint(tmp_path / "scaled")
+    assert ckpt.model_config == model.config and ckpt.model_config.rope_scaling.factor == 8.0
+    idx = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(ckpt.model(idx).logits, model(idx).logits)
+    save_checkpoint(tmp_path / "plain", tiny_model(vocab_size=tiny_tokenizer.vocab_size), tiny_tokenizer,
+                    tokenizer_config=TOK_CFG)
+    written = json.loads((tmp_path / "plain" / "config.json").read_text())["model"]
+    assert "head_dim" not in written and "rope_scaling" not in written  # readable by layerskip before these fields
+    assert json.loads((tmp_path / "scaled" / "config.json").read_text())["model"]["head_dim"] == 16

@@ -22,6 +22,10 @@ VARIANTS = {
     "untied": {"tie_embeddings": False},
     "gqa": {"num_kv_heads": 2, "tie_embeddings": False},
     "gqa-tied-odd-settings": {"num_kv_heads": 1, "rope_theta": 500.0, "norm_eps": 1e-6, "num_layers": 3},
+    "llama3-head_dim": {"num_kv_heads": 2, "head_dim": 12, "rope_theta": 500.0,
+                        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+    "linear-untied": {"tie_embeddings": False, "rope_scaling": {"rope_type": "linear", "factor": 3.0}},
 }
 
 
@@ -141,13 +145,14 @@ def test_sentencepiece_model_is_read_without_protobuf(tiny_tokenizer):
 # ----------------------------------------------------------------------------- import
 
 
-@pytest.mark.parametrize("variant", ["tied", "gqa"])
+@pytest.mark.parametrize("variant", ["tied", "gqa", "llama3-head_dim", "linear-untied"])
 def test_round_trip_ours_hf_ours_is_exact(variant, tmp_path, tiny_tokenizer):
     model = save_tiny(tmp_path / "ckpt", tiny_tokenizer, **VARIANTS[variant])
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     back = import_hf(tmp_path / "hf", tmp_path / "back")
     reloaded = load_checkpoint(tmp_path / "back")
-    for ckpt in (back, reloaded):
+    direct = load_checkpoint(tmp_path / "hf")  # the export itself, read in place
+    for ckpt in (back, reloaded, direct):
         ours, theirs = model.state_dict(), ckpt.model.state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
@@ -164,16 +169,13 @@ def test_round_trip_ours_hf_ours_is_exact(variant, tmp_path, tiny_tokenizer):
         assert not ckpt.model.training
 
 
-def test_import_builds_the_plain_way_when_the_fast_build_leaves_state_unset(exported, monkeypatch):
-    import layerskip.hf.weights as weights_module
+def test_a_build_that_leaves_state_unset_is_an_error_not_a_meta_model(exported, monkeypatch):
+    from layerskip.model import Transformer
 
-    model, directory = exported
-    meta = torch.empty(0, device="meta")
-    monkeypatch.setattr(weights_module, "rotary_tables", lambda *args: (meta, meta))
-    back = import_hf(directory)
-    idx = torch.randint(0, model.config.vocab_size, (1, 20))
-    with torch.no_grad():
-        assert torch.equal(back.model(idx).logits, model(idx).logits)
+    _, directory = exported
+    monkeypatch.setattr(Transformer, "reset_rotary", lambda self, device=None, dtype=None: None)
+    with pytest.raises(RuntimeError, match="rope_cos"):
+        import_hf(directory)
 
 
 def test_imports_a_directory_transformers_wrote_sharded(tmp_path, tiny_tokenizer):
@@ -217,14 +219,24 @@ REFUSALS = {
     "architecture": ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
     "attention bias": ({"attention_bias": True}, "attention_bias is true"),
     "mlp bias": ({"mlp_bias": True}, "mlp_bias is true"),
-    "rope scaling": ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
-    "llama3 rope": ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_type 'llama3'"),
-    "head_dim": ({"head_dim": 16}, "head_dim 16"),
+    "yarn rope (4.x)": ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling has rope_type 'yarn'"),
+    "dynamic rope (5.x)": ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+                           "rope_parameters has rope_type 'dynamic'"),
+    "partial rotary": ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+                       "partial_rotary_factor 0.5"),
+    "llama3 missing setting": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}},
+                               "needs a positive high_freq_factor"),
+    "unknown rope setting": ({"rope_scaling": {"rope_type": "linear", "factor": 8.0, "mscale": 1.0}},
+                               r"settings \['mscale'\]"),
+    "spellings disagree": ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "disagree"),
+    "theta disagrees": ({"rope_theta": 5e5}, "rope_theta 500000.0 disagrees"),
+    "odd head_dim": ({"head_dim": 7}, "must be even"),
+    "head_dim unlike the weights": ({"head_dim": 16}, "do not match config.json.*q_proj"),
     "activation": ({"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
     "quantized": ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantized"),
     "missing size": ({"hidden_size": ...}, "lacks integer"),
     "bad kv heads": ({"num_key_value_heads": 3}, "num_kv_heads"),
-    "vocab": ({"vocab_size": 512}, "tokenizer.model has"),
+    "vocab": ({"vocab_size": 512}, "tokenizer.model has 400 tokens but the model has 512"),
 }
 
 

@@ -23,15 +23,15 @@ from layerskip.bench.prompts import Prompt, prompt_ids, select_prompts
 from layerskip.bench.settings import BenchConfig, BenchSettings, Run, build_configs
 from layerskip.bench.summaries import config_summary
 from layerskip.bench.timing import measure_configs
-from layerskip.checkpoint import TOKENIZER_FILE, load_checkpoint, read_config, resolve_checkpoint_dir
+from layerskip.checkpoint import load_checkpoint
 from layerskip.console import log
 from layerskip.costs import StepCosts, dee_estimate, measure_step_costs
 from layerskip.data import encode_splits, find_split_files, read_lines, resolve_data_dir
 from layerskip.device import resolve_device
 from layerskip.evaluation import evaluate_model
 from layerskip.jsonfile import sanitize, write_json
+from layerskip.sources import load_tokenizer, read_model_config, resolve_source
 from layerskip.thresholds import model_fingerprint
-from layerskip.tokenizer import Tokenizer
 
 RESULTS_FORMAT = "layerskip-bench"
 SCHEMA_VERSION = 1
@@ -65,9 +65,9 @@ def run_bench(
 
 def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettings, command, progress: bool,
                device: torch.device) -> dict[str, Any]:
-    main_tok = Tokenizer.load(resolve_checkpoint_dir(checkpoint) / TOKENIZER_FILE)  # bad paths fail first
+    main_tok = load_tokenizer(checkpoint)  # bad paths fail first
     if baseline is not None:
-        resolve_checkpoint_dir(baseline)
+        resolve_source(baseline)
     files = find_split_files(resolve_data_dir(data_dir))
     prompts = select_prompts(read_lines(files["test"]), main_tok, settings.num_prompts, settings.prompt_tokens,
                              settings.seed)
@@ -108,7 +108,7 @@ def planned_generations(checkpoints: list[tuple[Any, Any]], settings: BenchSetti
     """How many generate() calls the benchmark will make (for the progress bar)."""
     total = 0
     for path, thresholds in checkpoints:
-        num_layers = read_config(resolve_checkpoint_dir(path))["model"]["num_layers"]
+        num_layers = read_model_config(path).num_layers
         configs = len(build_configs(num_layers, settings, None)) + (thresholds is not None)
         total += configs * (settings.warmup + settings.repeats * num_prompts)
     return total
@@ -117,7 +117,7 @@ def planned_generations(checkpoints: list[tuple[Any, Any]], settings: BenchSetti
 def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], settings: BenchSettings,
                 thresholds: str | Path | None, device: torch.device, progress) -> dict[str, Any]:
     """Every config on one model: timings, fidelity, perplexity and samples."""
-    ckpt = load_checkpoint(checkpoint, device=device)
+    ckpt = load_checkpoint(checkpoint, device=device, dtype=settings.dtype)
     model, tok = ckpt.model, ckpt.tokenizer
     num_layers = model.num_layers
     ids = [prompt_ids(p, tok, settings.prompt_tokens) for p in prompts]
@@ -143,7 +143,7 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], setting
     ]
     return {
         "name": name, "role": role, "checkpoint": str(ckpt.path), "num_layers": num_layers,
-        "num_parameters": model.num_parameters(), "train": ckpt.train_config,
+        "num_parameters": model.num_parameters(), "train": ckpt.train_config, "dtype": str(model.lm_head.weight.dtype),
         "configs": summaries, "samples": samples, "peak_rss_bytes": peak_rss_bytes(),
         "step_costs": costs.to_dict() if costs else None,
     }
@@ -177,7 +177,7 @@ def per_layer_eval(checkpoint, files: dict[str, Path], settings: BenchSettings, 
     """Loss and token/word perplexity of every exit on the test split (or its first eval_tokens)."""
     if settings.eval_tokens == 0:
         return {"per_layer": None, "per_layer_split": None, "per_layer_tokens": None}
-    ckpt = load_checkpoint(checkpoint, device=device)
+    ckpt = load_checkpoint(checkpoint, device=device, dtype=settings.dtype)
     splits = encode_splits(ckpt.tokenizer, files)
     tokens, words = splits.tokens["test"], splits.words["test"]
     seq_len = int(ckpt.train_config.get("seq_len", ckpt.model_config.max_seq_len))

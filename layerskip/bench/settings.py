@@ -47,6 +47,7 @@ class BenchSettings:
     num_samples: int = 3  # prompts whose generations are stored for the report
     eval_tokens: int | None = None  # per-layer evaluation on this many test tokens (None: all, 0: skip)
     device: str = "cpu"
+    dtype: str = "auto"  # the models' weights: float32, bfloat16, float16, or auto (layerskip.dtypes)
     threads: int | None = None
     cost_repeats: int = 300  # timed repetitions of each decoding-step piece (layerskip.costs); 0 skips them
 

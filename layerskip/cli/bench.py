@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_flag
+from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_dtype_arg, add_flag
 from layerskip.config import MEASURES
 
 
@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_data_dir_arg(parser)
     add_device_arg(parser)
+    add_dtype_arg(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, sample_draft_layer=args.sample_draft_layer, sample_k=args.sample_k,
         num_samples=args.num_samples, eval_tokens=args.eval_tokens, draft_vocab=args.draft_vocab,
         exit_vocab=args.exit_vocab, cost_repeats=args.cost_repeats,
-        device=args.device, threads=args.threads,
+        device=args.device, dtype=args.dtype, threads=args.threads,
     )
     results = run_bench(args.checkpoint, baseline=args.baseline, thresholds=args.thresholds, data_dir=args.data_dir,
                         settings=settings, progress=not args.quiet)

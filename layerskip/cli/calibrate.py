@@ -20,7 +20,7 @@ import argparse
 import json
 import shlex
 
-from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_flag
+from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_dtype_arg, add_flag
 from layerskip.config import MEASURES
 
 
@@ -59,23 +59,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "seed", type=int, default=0, help="seed of the learn/test split of windows (default 0)")
     add_flag(parser, "threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_device_arg(parser)
+    add_dtype_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from layerskip.api import calibrate
+    from layerskip.api import calibrate, load
     from layerskip.calibration import evaluate_thresholds
 
     check_args(args)
     shared = {name: getattr(args, name) for name in ("data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts",
                                                      "gen_tokens", "device")}
     if args.evaluate is not None:
-        report = evaluate_thresholds(args.checkpoint, args.evaluate, split=args.split, command=_command(args), **shared)
+        ckpt = load(args.checkpoint, device=args.device, dtype=args.dtype)
+        report = evaluate_thresholds(ckpt, args.evaluate, split=args.split, command=_command(args), **shared)
         print(json.dumps(report, indent=2))
         return 0
     policy = calibrate(
         args.checkpoint, output=args.output, delta=args.delta, epsilon=args.epsilon, measure=args.measure,
         method=args.method, exit_vocab=args.exit_vocab, min_exit_layer=args.min_exit_layer,
-        check_every=args.check_every, seed=args.seed, command=_command(args), **shared,
+        check_every=args.check_every, seed=args.seed, command=_command(args), dtype=args.dtype, **shared,
     )
     print(policy.path)
     return 0
@@ -104,7 +106,7 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["layerskip", "calibrate"]
     for name in ("checkpoint", "output", "evaluate", "split", "delta", "epsilon", "measure", "method",
                  "min_exit_layer", "check_every", "data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts",
-                 "gen_tokens", "seed", "threads", "device"):
+                 "gen_tokens", "seed", "threads", "device", "dtype"):
         value = getattr(args, name, None)
         if value is not None:
             parts += [f"--{name}", str(value)]

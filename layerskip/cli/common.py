@@ -19,7 +19,19 @@ def add_checkpoint_arg(parser: argparse.ArgumentParser, *, required: bool = True
     parser.add_argument(
         "--checkpoint",
         required=required,
-        help="a checkpoint directory, or a run directory (meaning its best checkpoint)",
+        help="a checkpoint directory, a run directory (meaning its best checkpoint), a Hugging Face Llama "
+        "directory (config.json, safetensors, tokenizer.model or tokenizer.json; read in place), or hf:OWNER/NAME "
+        "(downloaded from the Hugging Face hub; needs the hub extra)",
+    )
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the weights' dtype (auto: float32 on the CPU below 500M parameters and bfloat16 from there, "
+        "bfloat16 on CUDA)",
     )
 
 

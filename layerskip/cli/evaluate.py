@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_flag
+from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_dtype_arg, add_flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "max_tokens", type=int, default=None, help="evaluate only the first N tokens of the split")
     add_data_dir_arg(parser)
     add_device_arg(parser)
+    add_dtype_arg(parser)
 
 
 def write_json(result, path) -> None:
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max_tokens must be >= 1, got {args.max_tokens}")
     if args.json and Path(args.json).is_dir():
         raise ConfigError(f"--json {args.json} is a directory; give a file name")
-    result = evaluate(args.checkpoint, split=args.split, data_dir=args.data_dir, device=args.device,
+    result = evaluate(args.checkpoint, split=args.split, data_dir=args.data_dir, device=args.device, dtype=args.dtype,
                       batch_size=args.batch_size, max_tokens=args.max_tokens)
     print(result.table())
     if args.json:

@@ -8,7 +8,9 @@
   layerskip export-hf --import-from HF_DIR --out CKPT
       the reverse: reads a Llama-architecture HF directory (config.json, model.safetensors
       or a sharded model.safetensors.index.json, and tokenizer.model) and writes a layerskip
-      checkpoint, which every other command (generate, eval, calibrate, bench) takes.
+      checkpoint. Every other command (generate, eval, calibrate, bench) also reads HF_DIR
+      itself (--checkpoint HF_DIR, tokenizer.json-only ones too); importing is for keeping a
+      layerskip checkpoint.
 
 Neither direction needs transformers; --check (export only) loads the result with
 transformers and compares its logits with ours (pip install -e ".[hf]").

@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Any
 
-from layerskip.cli.common import add_checkpoint_arg, add_device_arg, add_flag
+from layerskip.cli.common import add_checkpoint_arg, add_device_arg, add_dtype_arg, add_flag
 from layerskip.cli.dee_args import add_dee_arguments, dee_options
 
 
@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="torch CPU threads (default 1 on CPU: decoding one sequence of a small model is fastest "
              "on one thread, and many times slower with more on a busy machine)")
     add_device_arg(parser)
+    add_dtype_arg(parser)
 
 
 class TextStream:
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.threads is not None or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
-    ckpt = load(args.checkpoint, device=args.device)
+    ckpt = load(args.checkpoint, device=args.device, dtype=args.dtype)
     temperature = 0.0 if args.greedy else args.temperature
     stream = TextStream(ckpt.tokenizer, ckpt.tokenizer.encode(args.prompt), sys.stdout)  # prints the prompt too
     out = generate(ckpt, args.prompt, mode=args.mode, max_new_tokens=args.max_length, temperature=temperature,
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "command": ["layerskip", *sys.argv[1:]],
                 "checkpoint": str(ckpt.path),
+                "dtype": str(ckpt.model.embed_tokens.weight.dtype).removeprefix("torch."),
                 "mode": args.mode,
                 "sampling": {"temperature": temperature, "top_k": args.top_k, "top_p": args.top_p,
                              "seed": args.seed},

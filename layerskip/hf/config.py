@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from layerskip.config import ModelConfig, TokenizerConfig
+from layerskip.config import ModelConfig, RopeScaling, TokenizerConfig
 from layerskip.errors import CheckpointError, ConfigError
 from layerskip.hf.layout import HF_CONFIG
 
@@ -31,8 +32,9 @@ def hf_config(cfg: ModelConfig, *, eos_id: int | None, extra: dict[str, Any]) ->
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # transformers 4.x
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x
+        "rope_scaling": _rope_fields(cfg.rope_scaling) or None,  # 4.x, and preferred by 5.x when set
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}  # 5.x
+        | _rope_fields(cfg.rope_scaling),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -45,6 +47,13 @@ def hf_config(cfg: ModelConfig, *, eos_id: int | None, extra: dict[str, Any]) ->
         "torch_dtype": "float32",
         LAYERSKIP_KEY: extra,
     }
+
+
+def _rope_fields(scaling: RopeScaling | None) -> dict[str, Any]:
+    """Hugging Face's spelling of a rope scaling: rope_type and its set parameters ({} for none)."""
+    if scaling is None:
+        return {}
+    return {k: v for k, v in dataclasses.asdict(scaling).items() if v is not None}
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -71,6 +80,7 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
     _refuse_what_we_lack(hf, where)
     heads = hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
+    theta, scaling = read_rope(hf, where)
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"],
@@ -81,10 +91,12 @@ def model_config_from_hf(hf: dict[str, Any], where: Path) -> ModelConfig:
             d_ff=hf["intermediate_size"],
             dropout=0.0,
             max_seq_len=hf.get("max_position_embeddings", 2048),
-            rope_theta=_rope_theta(hf, where),
+            rope_theta=theta,
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=hf.get("initializer_range", 0.02),
+            head_dim=hf.get("head_dim"),
+            rope_scaling=scaling,
         )
     except ConfigError as exc:
         raise refusal(where, str(exc)) from None
@@ -109,35 +121,59 @@ def _refuse_what_we_lack(hf: dict[str, Any], where: Path) -> None:
                            "num_attention_heads") if not isinstance(hf.get(k), int)]
     if missing:
         raise refusal(where, f"config.json lacks integer {missing}")
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * heads != hf["hidden_size"]:
-        raise refusal(where, f"head_dim {head_dim} is not hidden_size/num_attention_heads = "
-                             f"{hf['hidden_size']}/{heads} (ours always is)")
 
 
-def _rope_theta(hf: dict[str, Any], where: Path) -> float:
-    """Rotary theta from the 4.x or 5.x fields; scaled or partial rotary positions are refused."""
-    scaling = hf.get("rope_scaling")
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict):  # transformers 5: {"rope_type": ..., "rope_theta": ...}
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise refusal(where, f"rope_parameters has rope_type {rope_type!r} (only plain rotary, 'default', "
-                                 "is supported)")
-        extra = sorted(set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
-        if extra or params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise refusal(where, f"rope_parameters has settings {extra or ['partial_rotary_factor']} "
-                                 "that plain rotary positions do not have")
-    elif params is not None:
-        raise refusal(where, f"rope_parameters is {params!r}, expected an object")
-    if scaling is not None and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type"))
-                                    == "default" and set(scaling) <= {"rope_type", "type", "rope_theta"}):
-        raise refusal(where, f"rope_scaling is {scaling!r} (only none is supported)")
-    theta = (params or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    if "rope_theta" in hf and theta != hf["rope_theta"]:
-        raise refusal(where, f"rope_theta {hf['rope_theta']} disagrees with rope_parameters' {theta}")
-    return float(theta)
+ROPE_SETTINGS = {"default": (), "linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def read_rope(hf: dict[str, Any], where: Path) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from transformers 4.x's fields (rope_scaling + rope_theta) or 5.x's (rope_parameters).
+
+    Types default, linear and llama3 are read; others are refused by name, and so are the two
+    spellings disagreeing (transformers 5 would silently prefer rope_scaling).
+    """
+    spellings = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = hf.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise refusal(where, f"{key} is {value!r}, expected an object")
+        if value:
+            spellings[key] = _read_rope_dict(value, hf, key, where)
+    if not spellings:
+        return float(hf.get("rope_theta", 10000.0)), None
+    (first, rope), *rest = spellings.items()
+    if rest and rest[0][1] != rope:
+        raise refusal(where, f"rope_scaling and rope_parameters disagree ({hf['rope_scaling']} vs "
+                             f"{hf['rope_parameters']}); remove one of them")
+    return rope
+
+
+def _read_rope_dict(rope: dict[str, Any], hf: dict[str, Any], key: str, where: Path
+                    ) -> tuple[float, RopeScaling | None]:
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_SETTINGS:
+        raise refusal(where, f"{key} has rope_type {rope_type!r} (layerskip implements "
+                             f"{', '.join(repr(t) for t in ROPE_SETTINGS)})")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise refusal(where, f"{key} has partial_rotary_factor {rope['partial_rotary_factor']} (only full rotary "
+                             "positions are supported)")
+    names = ROPE_SETTINGS[rope_type]
+    extra = sorted(set(rope) - {"rope_type", "type", "rope_theta", "partial_rotary_factor", *names})
+    if extra:
+        raise refusal(where, f"{key} of type {rope_type!r} has settings {extra} that layerskip does not implement")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if hf.get("rope_theta") is not None and theta != hf["rope_theta"]:
+        raise refusal(where, f"rope_theta {hf['rope_theta']} disagrees with {key}' {theta}")
+    if rope_type == "default":
+        return float(theta), None
+    settings = {name: rope.get(name) for name in names}
+    if rope_type == "llama3" and settings["original_max_position_embeddings"] is None:  # as transformers defaults it
+        settings["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+    try:
+        return float(theta), RopeScaling(rope_type=rope_type, **settings)
+    except ConfigError as exc:
+        raise refusal(where, f"{key}: {exc}") from None
 
 
 def refusal(where: Path, message: str) -> CheckpointError:

@@ -13,6 +13,7 @@ from layerskip.hf.config import EXPORT_FORMAT, hf_config
 from layerskip.hf.layout import HF_CONFIG, HF_GENERATION_CONFIG, HF_WEIGHTS, SPM_MODEL, checked_out_dir
 from layerskip.hf.names import hf_name
 from layerskip.hf.tokenizer import tokenizer_files
+from layerskip.tokenizer import Tokenizer
 
 
 def export_hf(checkpoint: Checkpoint | str | Path, out_dir: str | Path) -> Path:
@@ -23,6 +24,9 @@ def export_hf(checkpoint: Checkpoint | str | Path, out_dir: str | Path) -> Path:
         raise CheckpointError(f"--out {out_dir} is the checkpoint itself; choose another directory")
     checked_out_dir(out_dir, hf=True)
     cfg, tokenizer = ckpt.model.config, ckpt.tokenizer
+    if type(tokenizer) is not Tokenizer or ckpt.tokenizer_config is None:
+        raise CheckpointError(f"{ckpt.path} was loaded from a Hugging Face directory with its own tokenizer; "
+                              "export-hf writes layerskip checkpoints: use that directory as it is")
     state = {hf_name(k): v.detach().to("cpu").contiguous() for k, v in ckpt.model.state_dict().items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")  # transformers ties it to the embedding

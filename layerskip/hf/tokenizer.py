@@ -163,8 +163,9 @@ def read_hf_tokenizer(hf_dir: Path) -> Tokenizer:
     """The directory's tokenizer.model, used the layerskip way (its eos is our end of line)."""
     path = hf_dir / SPM_MODEL
     if not path.is_file():
-        raise CheckpointError(f"{hf_dir} has no tokenizer.model; layerskip needs the SentencePiece model the weights "
-                              "were trained with (tokenizer.json-only tokenizers such as Llama 3's are not supported)")
+        raise CheckpointError(f"{hf_dir} has no tokenizer.model; a layerskip checkpoint needs the SentencePiece model "
+                              "the weights were trained with. A tokenizer.json-only model (such as Llama 3) loads "
+                              "directly: pass the directory itself as --checkpoint")
     tokenizer = Tokenizer.load(path)
     if tokenizer.eol_id < 0:
         raise CheckpointError(f"{path} has no end-of-sentence piece, which layerskip uses as its end-of-line token")

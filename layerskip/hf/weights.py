@@ -1,4 +1,5 @@
-"""Weights of a Hugging Face directory: safetensors (one file or shards) -> our state dict -> our model."""
+"""Weights of a Hugging Face directory: safetensors (one file or shards), located under our names and
+checked against the config from their headers alone (layerskip.loading builds the model from them)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,34 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from layerskip.config import ModelConfig
 from layerskip.errors import CheckpointError
 from layerskip.hf.config import refusal
 from layerskip.hf.layout import HF_INDEX, HF_WEIGHTS
 from layerskip.hf.names import hf_name, our_name
-from layerskip.model import Transformer, rotary_tables
+from layerskip.loading import (
+    STORED_DTYPES,
+    StoredTensor,
+    expected_shapes,
+    read_headers,
+    read_tensors,
+    shape_differences,
+)
 
 
-def read_hf_weights(hf_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """All tensors under our names, checked against what ``cfg`` expects."""
-    state = _read_tensors(hf_dir)
-    if cfg.tie_embeddings:
-        head = state.pop("lm_head.weight", None)  # some exports save the tied head too
-        if head is not None and not torch.equal(head, state.get("embed_tokens.weight", head)):
-            raise refusal(hf_dir, "tie_word_embeddings is true but lm_head.weight differs from the embedding")
-    _check_shapes(hf_dir, cfg, state)
-    return state
+def read_hf_weights(hf_dir: Path, cfg: ModelConfig) -> dict[str, StoredTensor]:
+    """Our weight name -> where it is stored, for every weight ``cfg``'s model has; nothing else is read.
+
+    Names, shapes and dtypes come from the files' headers, so weights of another shape than the
+    config's are refused before anything is allocated.
+    """
+    tensors = _our_tensors(hf_dir)
+    head = tensors.pop("lm_head.weight", None) if cfg.tie_embeddings else None  # some exports save the tied head
+    _check_shapes(hf_dir, cfg, tensors)
+    if head is not None and not _same_values(head, tensors["embed_tokens.weight"]):
+        raise refusal(hf_dir, "tie_word_embeddings is true but lm_head.weight differs from the embedding")
+    return tensors
 
 
 def weight_files(hf_dir: Path) -> list[Path]:
@@ -47,57 +57,35 @@ def weight_files(hf_dir: Path) -> list[Path]:
     raise CheckpointError(f"{hf_dir} has neither {HF_WEIGHTS} nor {HF_INDEX}")
 
 
-def _read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's weight files, under our names and in fp32."""
-    state: dict[str, torch.Tensor] = {}
+def _our_tensors(hf_dir: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the directory's weight files under our name (buffers we recompute are left out)."""
+    tensors: dict[str, StoredTensor] = {}
     unknown: list[str] = []
-    for path in weight_files(hf_dir):
+    for name, stored in read_headers(weight_files(hf_dir)).items():
         try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    try:
-                        ours = our_name(name)
-                    except KeyError:
-                        unknown.append(name)
-                        continue
-                    if ours is not None:
-                        state[ours] = f.get_tensor(name).to(torch.float32)  # our model is fp32
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is truncated or corrupt ({exc})") from None
+            ours = our_name(name)
+        except KeyError:
+            unknown.append(name)
+            continue
+        if ours is not None:
+            tensors[ours] = stored
     if unknown:
         raise refusal(hf_dir, f"the weights hold tensors a Llama without biases does not have: {unknown[:4]}")
-    return state
+    return tensors
 
 
-def _check_shapes(hf_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+def _check_shapes(hf_dir: Path, cfg: ModelConfig, tensors: dict[str, StoredTensor]) -> None:
     """Refuse weights that are missing, unexpected or of another shape than ``cfg``'s model has."""
-    expected = {k: tuple(v.shape) for k, v in _meta_model(cfg).state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight")
-    missing = [hf_name(k) for k in sorted(set(expected) - set(state))]
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {expected[k]}" for k in expected
-             if k in state and tuple(state[k].shape) != expected[k]]
-    extra = [hf_name(k) for k in sorted(set(state) - set(expected))]
+    missing, extra, wrong = shape_differences(expected_shapes(cfg), {k: t.shape for k, t in tensors.items()})
     if missing or wrong or extra:
-        raise CheckpointError(f"{hf_dir}: the weights do not match config.json (missing {missing[:4]}, "
-                              f"unexpected {extra[:4]}, shapes {wrong[:4]})")
+        raise CheckpointError(f"{hf_dir}: the weights do not match config.json (missing "
+                              f"{[hf_name(k) for k in missing][:4]}, unexpected {[hf_name(k) for k in extra][:4]}, "
+                              f"shapes {wrong[:4]})")
 
 
-def _meta_model(cfg: ModelConfig) -> Transformer:
-    """The model's parameter names and shapes, without allocating or initialising weights."""
-    with torch.device("meta"):
-        return Transformer(cfg)
-
-
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
-    """Our model holding ``state``, built without a random initialisation first (fast at 7B)."""
-    model = _meta_model(cfg)
-    model.load_state_dict(state, strict=False, assign=True)  # a tied lm_head is absent on purpose
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        model = Transformer(cfg)  # the model has state this shortcut does not know: the plain way
-        model.load_state_dict(state, strict=False)
-    return model.eval()
-
+def _same_values(a: StoredTensor, b: StoredTensor) -> bool:
+    """Whether two stored tensors hold the same values (compared in a's stored dtype, read from the mapping)."""
+    if a.shape != b.shape or a.dtype not in STORED_DTYPES:
+        return False
+    pair = read_tensors({"a": a, "b": b}, torch.device("cpu"), STORED_DTYPES[a.dtype])
+    return torch.equal(pair["a"], pair["b"])
