@@ -13,9 +13,9 @@ from conftest import make_wikitext_lines, tiny_model
 
 from layerskip.checkpoint import load_checkpoint, save_checkpoint
 from layerskip.cli import main
-from layerskip.config import ModelConfig, TokenizerConfig
+from layerskip.config import ModelConfig, RopeScaling, TokenizerConfig
 from layerskip.errors import CheckpointError, ConfigError
-from layerskip.model import apply_rotary, rotary_tables
+from layerskip.model import apply_rotary, rotary_tables, scaled_frequencies
 from layerskip.tokenizer import WIKITEXT_UNK, Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -27,6 +27,10 @@ VARIANTS = {
     "untied": {"tie_embeddings": False},
     "gqa": {"num_kv_heads": 2, "tie_embeddings": False},
     "gqa-tied-odd-settings": {"num_kv_heads": 1, "rope_theta": 500.0, "norm_eps": 1e-6, "num_layers": 3},
+    # Llama 3.2's rope scaling (bands chosen so that every one is exercised at head_dim 12) and an explicit head_dim
+    "llama3-rope-head_dim": {"head_dim": 12, "num_kv_heads": 2, "rope_theta": 500.0, "rope_scaling": RopeScaling(
+        "llama3", 4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)},
+    "linear-rope": {"rope_scaling": RopeScaling("linear", 2.0), "tie_embeddings": False},
 }
 # llama.cpp's names for one block's tensors, and ours (written out here, not taken from the module under test)
 BLOCK_NAMES = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
@@ -63,6 +67,9 @@ def expected_tensors(model, num_blocks: int) -> dict[str, torch.Tensor]:
     out = {"token_embd.weight": state["embed_tokens.weight"], "output_norm.weight": state["norm.weight"]}
     if not cfg.tie_embeddings:
         out["output.weight"] = state["lm_head.weight"]
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3":  # llama.cpp divides by these
+        plain = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        out["rope_freqs.weight"] = plain / scaled_frequencies(plain, cfg.rope_scaling)
     for i in range(num_blocks):
         for theirs, ours in BLOCK_NAMES.items():
             w = state[f"layers.{i}.{ours}.weight"]
@@ -103,6 +110,8 @@ def test_every_tensor_and_setting_is_the_checkpoints(variant, tmp_path, tokenize
         "attention.head_count_kv": cfg.kv_heads, "attention.key_length": cfg.head_dim,
         "attention.value_length": cfg.head_dim, "rope.dimension_count": cfg.head_dim,
         "rope.freq_base": pytest.approx(cfg.rope_theta), "attention.layer_norm_rms_epsilon": pytest.approx(cfg.norm_eps),
+        **({"rope.scaling.type": "linear", "rope.scaling.factor": pytest.approx(cfg.rope_scaling.factor)}
+           if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "linear" else {}),
     }
     assert keys["general.architecture"] == "llama"
     assert keys["general.file_type"] == gguf.LlamaFileType.ALL_F32
@@ -240,20 +249,20 @@ def test_tokenizers_llama_cpp_would_split_differently_are_refused(settings, mess
 
 
 def test_model_settings_the_export_does_not_know_are_refused(tmp_path, tokenizer):
-    """A setting added to ModelConfig later (say rope scaling) is refused unless it is at its default."""
+    """A setting added to ModelConfig later (say a sliding window) is refused unless it is at its default."""
     from dataclasses import dataclass
 
     @dataclass(frozen=True)
     class ScaledConfig(ModelConfig):
-        rope_scaling: dict | None = None
+        sliding_window: dict | None = None
 
     save_tiny(tmp_path / "ckpt", tokenizer)
     ckpt = load_checkpoint(tmp_path / "ckpt")
     base = ckpt.model.config.to_dict()
     ckpt.model.config = ScaledConfig(**base)  # at its default: written as before
     export_gguf(ckpt, tmp_path / "m.gguf")
-    ckpt.model.config = ScaledConfig(**base, rope_scaling={"rope_type": "llama3", "factor": 8.0})
-    with pytest.raises(CheckpointError, match=r"rope_scaling=\{'rope_type': 'llama3'.*cannot write"):
+    ckpt.model.config = ScaledConfig(**base, sliding_window={"size": 8})
+    with pytest.raises(CheckpointError, match=r"sliding_window=\{'size': 8\}.*cannot write"):
         export_gguf(ckpt, tmp_path / "s.gguf")
     assert not (tmp_path / "s.gguf").exists()
 

@@ -27,7 +27,7 @@ ARCH = "llama"
 # A field outside this set that is not at its default (say, a rope scaling added later) is refused
 # until the export learns to write it.
 _WRITTEN = {"vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "max_seq_len", "rope_theta",
-            "norm_eps", "tie_embeddings"}
+            "norm_eps", "tie_embeddings", "head_dim", "rope_scaling"}
 _TRAINING_ONLY = {"dropout", "init_std"}
 
 
@@ -184,5 +184,8 @@ def _write_settings(writer: Any, cfg: ModelConfig, blocks: int, dtype: str, name
     writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.head_dim)  # every dimension rotates
     writer.add_rope_freq_base(cfg.rope_theta)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_uint32("layerskip.block_count_full", cfg.num_layers)  # a draft file's model has more blocks

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from layerskip.errors import CheckpointError
-from layerskip.model import Transformer
+from layerskip.config import ModelConfig
+from layerskip.model import Transformer, scaled_frequencies
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 F16_MAX = 65504.0
@@ -64,6 +65,9 @@ def llama_tensors(model: Transformer, num_blocks: int) -> Iterator[tuple[str, to
     A tied head is left out: llama.cpp then uses the embedding as the output matrix, as we do.
     """
     cfg = model.config
+    factors = rope_freq_factors(cfg)
+    if factors is not None:
+        yield "rope_freqs.weight", factors
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
@@ -75,6 +79,18 @@ def llama_tensors(model: Transformer, num_blocks: int) -> Iterator[tuple[str, to
         elif name.endswith("attn.k_proj.weight"):
             tensor = rope_rows(tensor, cfg.kv_heads)
         yield target, tensor.detach().to("cpu", torch.float32).contiguous()
+
+
+def rope_freq_factors(cfg: ModelConfig) -> torch.Tensor | None:
+    """llama3 rope scaling as llama.cpp reads it: each rotary frequency's divisor (D/2,), else None.
+
+    The divisors are our own plain frequencies over our scaled ones, so the file rotates exactly
+    as `scaled_frequencies` does.
+    """
+    if cfg.rope_scaling is None or cfg.rope_scaling.rope_type != "llama3":
+        return None
+    plain = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    return (plain / scaled_frequencies(plain, cfg.rope_scaling)).contiguous()
 
 
 @dataclass
