@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from layerskip.errors import CheckpointError
 from layerskip.config import ModelConfig
+from layerskip.errors import CheckpointError
 from layerskip.model import Transformer, scaled_frequencies
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
