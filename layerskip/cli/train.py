@@ -46,6 +46,9 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("early_exit_rotation", int, "rotational curriculum: every R-th exit each step (default 2)"),
     ("early_exit_gradual_steps", int, "gradual curriculum: steps to enable every exit (default: the run)"),
     ("early_exit_tokens", float, "fraction of tokens the early exits' loss is estimated on (default 0.25; 1: all)"),
+    ("early_exit_distill", float, "self-distillation weight W in [0, 1]: each early exit's loss is (1 - W) x "
+     "cross-entropy + W x T^2 x KL(last layer, detached || exit) on the same tokens (default 0: cross-entropy only)"),
+    ("early_exit_distill_temperature", float, "the distillation temperature T (default 1)"),
     ("val_every", int, "also validate every N steps (default: each epoch only)"),
     ("val_tokens", int, "validate on the first N valid tokens only (default 65536; 0: all)"),
     ("eval_batch_size", int, "sequences per evaluation batch (default 16)"),

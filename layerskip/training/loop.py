@@ -107,12 +107,13 @@ class Trainer:
         positions = early_positions(cfg, step, rows)
         lr = self._set_lr(step)
         with autocast_context(cfg, dev):
-            loss, per_exit = self.module(x.to(dev), y.to(dev), exits, weights, _on(dev, keep), _on(dev, positions))
-        shared = mean_across(torch.cat([loss.detach().float().reshape(1), per_exit.float()]).cpu(), self.dist)
-        loss_value = float(shared[0])
-        self._stop_if_diverged(step, "the loss", loss_value)
+            loss, per_exit, kl = self.module(x.to(dev), y.to(dev), exits, weights, _on(dev, keep), _on(dev, positions))
+        shared = mean_across(torch.cat([loss.detach().float().reshape(1), per_exit.float(), kl.float()]).cpu(),
+                             self.dist).tolist()
+        self._stop_if_diverged(step, "the loss", shared[0])
         grad_norm = self._update(step, loss)
-        return StepStats(loss_value, exits, [float(v) for v in shared[1:]], lr, grad_norm, time.perf_counter() - start)
+        return StepStats(shared[0], exits, shared[1 : 1 + len(exits)], lr, grad_norm, time.perf_counter() - start,
+                         exit_kl=shared[1 + len(exits) :])
 
     def _set_lr(self, step: int) -> float:
         cfg = self.cfg
@@ -281,7 +282,8 @@ class Trainer:
             metrics.write({"type": "train", "step": self.step, "epoch": self.step / self.order.steps_per_epoch,
                            "loss": stats.loss, "exits": stats.exits, "exit_losses": stats.exit_losses, "lr": stats.lr,
                            "grad_norm": stats.grad_norm, "step_seconds": stats.seconds,
-                           "tokens_per_s": tokens_per_step / stats.seconds, "elapsed": self.elapsed()})
+                           "tokens_per_s": tokens_per_step / stats.seconds, "elapsed": self.elapsed(),
+                           **({"exit_kl": stats.exit_kl} if cfg.early_exit_distill else {})})
 
     # -- when to stop ---------------------------------------------------------------------
 
