@@ -12,6 +12,11 @@ split. --eval alone evaluates the run already in --out (or --checkpoint CKPT). T
 last/ checkpoints and metrics.jsonl; --resume continues a stopped run exactly where it was,
 --overwrite replaces one. Under torchrun every process trains its share of each batch
 (DistributedDataParallel) and only rank 0 prints and writes.
+
+Continual LayerSkip training of an existing model (its weights, tokenizer and shape; a fresh
+optimizer; the schedule and LayerSkip settings from the flags), with the paper's values:
+  layerskip train --out runs/continual --init-from runs/plain --time_budget 5 --max_skip_prob 0.1 \
+      --layer_dropout_schedule exp --early_exit_scale 0.1 --early_exit_curriculum rotational
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", action="store_true", help="then evaluate every layer of the best checkpoint")
     add_checkpoint_arg(parser, required=False)
     parser.add_argument("--eval_split", "--eval-split", dest="eval_split", default="test", choices=["valid", "test"])
+    add_flag(parser, "init_from", default=None, metavar="CKPT",
+             help="continual training: start from this checkpoint or run directory (its weights, tokenizer and "
+                  "shape; a fresh optimizer; schedule and LayerSkip settings from the flags)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     do_train = args.train or not args.eval
     if do_train:
         result = train(out, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                       progress=not args.quiet, **explicit_settings(args))
+                       progress=not args.quiet, init_from=args.init_from, **explicit_settings(args))
         if result.val is not None:
             print(result.val.table())
         print(f"trained {result.step} steps (stopped: {result.stopped}); best checkpoint {result.best}")

@@ -62,6 +62,9 @@ class TrainConfig:
     max_steps: int | None = None
     time_budget: float | None = None  # minutes, for the whole run including validation
     seed: int = 0
+    # continual training: the checkpoint whose weights, tokenizer and shape the run started from
+    # (recorded as an absolute path; None: weights seeded from `seed`)
+    init_from: str | None = None
     # LayerSkip
     max_skip_prob: float = 0.1
     layer_dropout_schedule: str = "linear"
@@ -122,6 +125,8 @@ class TrainConfig:
         _req(self.early_exit_scale >= 0 and math.isfinite(self.early_exit_scale),
              f"early_exit_scale must be >= 0 (0: plain training loss), got {self.early_exit_scale!r}")
         self._check_distillation()
+        _req(self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+             f"init_from must be a checkpoint path or None, got {self.init_from!r}")
 
     def _check_distillation(self) -> None:
         w, t = self.early_exit_distill, self.early_exit_distill_temperature
