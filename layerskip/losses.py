@@ -244,11 +244,18 @@ def chunk_distill_and_grads(
     nll = ((lse - logits.gather(-1, idx).squeeze(-1)) * valid).sum(-1)  # (E,)
     log_p = torch.log_softmax((teacher @ weight.t()).float() / temperature, dim=-1)  # (n, V), a constant
     p = log_p.exp()
-    log_q = torch.log_softmax(logits / temperature, dim=-1)  # (E, n, V)
-    kl = (((p * log_p).sum(-1) - (log_q * p).sum(-1)) * valid).sum(-1)  # (E,)
+    # at T = 1 the student's tempered distribution is the softmax the cross-entropy needs anyway
+    scaled = logits if temperature == 1.0 else logits / temperature  # (E, n, V)
+    lse_t = lse if temperature == 1.0 else torch.logsumexp(scaled, dim=-1)  # (E, n)
+    # KL(p || q) = sum p log p - sum p log q, and log q = scaled - lse_t with sum p = 1
+    kl = (((p * log_p).sum(-1) - (scaled * p).sum(-1) + lse_t) * valid).sum(-1)  # (E,)
     # d(kd_scale * KL)/d(logits) = kd_scale / T * (q - p)
-    kd = log_q.exp_().sub_(p).mul_((valid.view(1, -1) * (kd_scales / temperature).view(-1, 1)).unsqueeze(-1))
+    kd_coef = (valid.view(1, -1) * (kd_scales / temperature).view(-1, 1)).unsqueeze(-1)  # (E, n, 1)
+    if temperature != 1.0:
+        kd = scaled.sub_(lse_t.unsqueeze(-1)).exp_().sub_(p).mul_(kd_coef)
     grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
+    if temperature == 1.0:
+        kd = (grad - p).mul_(kd_coef)
     grad.scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=grad.dtype, device=grad.device))
     grad = grad.mul_((valid.view(1, -1) * ce_scales.view(-1, 1)).unsqueeze(-1)).add_(kd).to(x.dtype)
     grad_x = grad @ weight  # (E, n, C)
