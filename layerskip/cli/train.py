@@ -14,9 +14,10 @@ last/ checkpoints and metrics.jsonl; --resume continues a stopped run exactly wh
 (DistributedDataParallel) and only rank 0 prints and writes.
 
 Continual LayerSkip training of an existing model (its weights, tokenizer and shape; a fresh
-optimizer; the schedule and LayerSkip settings from the flags), with the paper's values:
-  layerskip train --out runs/continual --init-from runs/plain --time_budget 5 --max_skip_prob 0.1 \
-      --layer_dropout_schedule exp --early_exit_scale 0.1 --early_exit_curriculum rotational
+optimizer; the schedule and LayerSkip settings from the flags), with the paper's values
+(rotational, the default curriculum; its e_scale is 0.1 to 0.2):
+  layerskip train --out runs/cont --init-from runs/plain --max_skip_prob 0.1 --layer_dropout_schedule exp \\
+  --early_exit_scale 0.1
 """
 
 from __future__ import annotations
