@@ -229,16 +229,29 @@ def calibrate(model: Checkpoint | str | os.PathLike[str], *, delta: float = 0.01
 
 
 def train(out_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None, resume: bool = False,
-          overwrite: bool = False, device: str = "auto", progress: bool = True, **settings: Any) -> TrainResult:
+          overwrite: bool = False, device: str = "auto", progress: bool = True,
+          init_from: Checkpoint | str | os.PathLike[str] | None = None, **settings: Any) -> TrainResult:
     """Train a model into out_dir (best/, last/, metrics.jsonl); settings are TrainConfig's fields.
 
     LayerSkip is on by default (layer dropout + early-exit loss); ``max_skip_prob=0,
     early_exit_scale=0`` trains a plain model. ``resume=True`` continues the run in out_dir.
+    ``init_from``: continual training from a checkpoint (anything ``load`` reads, or what it
+    returned): its weights, tokenizer and shape, a fresh optimizer, the settings given here;
+    a shape setting (d_model, num_layers, ...) that disagrees with it is a ConfigError.
     Returns the result, whose ``.best`` is the best checkpoint's path.
     """
-    from layerskip.training import TrainConfig, resume_config
+    from layerskip.training import TrainConfig, init_config, load_start, resume_config, same_start
     from layerskip.training import train as run_training
 
-    cfg = resume_config(out_dir, settings) if resume else TrainConfig.from_dict(settings)
+    start = None
+    if resume:
+        if init_from is not None:  # naming the run's start again is fine; another start is refused
+            settings["init_from"] = same_start(init_from)
+        cfg = resume_config(out_dir, settings)
+    elif init_from is not None:
+        start = load_start(init_from)
+        cfg = init_config(start, settings)
+    else:
+        cfg = TrainConfig.from_dict(settings)
     return run_training(cfg, out_dir, data_dir=data_dir, resume=resume, overwrite=overwrite, device=device,
-                        progress=progress)
+                        progress=progress, init_checkpoint=start)

@@ -16,6 +16,10 @@
   that never materialises the (E, B, T, V) logits: each chunk's gradient is computed in the
   forward pass (the scalar loss is the only output that needs one), so memory stays
   O(chunk * V) and the work is the same three matmuls as a plain head.
+- ``distill_exit_loss``: the same for early exits trained toward the last layer too
+  (self-distillation): each exit's loss is (1 - W) x cross-entropy + W x T^2 x KL(last
+  layer's distribution at temperature T, a constant || the exit's at T); the teacher costs one
+  more matmul per chunk and gets no gradient.
 """
 
 from __future__ import annotations
@@ -217,6 +221,105 @@ def exit_loss(
     return loss, sums / count
 
 
+def chunk_distill_and_grads(
+    x: torch.Tensor,  # (E, n, C) normed hidden states of one chunk of tokens (the students)
+    weight: torch.Tensor,  # (V, C)
+    targets: torch.Tensor,  # (n,) ids, clamped to >= 0
+    valid: torch.Tensor,  # (n,) 1.0 where the token counts, else 0.0
+    teacher: torch.Tensor,  # (n, C) the last exit's normed hidden states at the same tokens
+    ce_scales: torch.Tensor,  # (E,) multiplier of each exit's summed NLL in the loss
+    kd_scales: torch.Tensor,  # (E,) multiplier of each exit's summed KL in the loss
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(NLL sum (E,), KL sum (E,), d loss/d x (E, n, C), d loss/d weight (V, C) fp32) of one chunk,
+    KL(p || q_e) with p = softmax(teacher logits / T) and q_e = softmax(exit e's logits / T).
+
+    The cross-entropy part is chunk_nll_and_grads' arithmetic, step for step: with kd_scales 0
+    the results are bit for bit its results. A pure function of tensors, compilable as is.
+    """
+    E = x.shape[0]
+    logits = (x @ weight.t()).float()  # (E, n, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (E, n)
+    idx = targets.view(1, -1, 1).expand(E, -1, 1)
+    nll = ((lse - logits.gather(-1, idx).squeeze(-1)) * valid).sum(-1)  # (E,)
+    log_p = torch.log_softmax((teacher @ weight.t()).float() / temperature, dim=-1)  # (n, V), a constant
+    p = log_p.exp()
+    # at T = 1 the student's tempered distribution is the softmax the cross-entropy needs anyway
+    scaled = logits if temperature == 1.0 else logits / temperature  # (E, n, V)
+    lse_t = lse if temperature == 1.0 else torch.logsumexp(scaled, dim=-1)  # (E, n)
+    # KL(p || q) = sum p log p - sum p log q, and log q = scaled - lse_t with sum p = 1
+    kl = (((p * log_p).sum(-1) - (scaled * p).sum(-1) + lse_t) * valid).sum(-1)  # (E,)
+    # d(kd_scale * KL)/d(logits) = kd_scale / T * (q - p)
+    kd_coef = (valid.view(1, -1) * (kd_scales / temperature).view(-1, 1)).unsqueeze(-1)  # (E, n, 1)
+    if temperature != 1.0:
+        kd = scaled.sub_(lse_t.unsqueeze(-1)).exp_().sub_(p).mul_(kd_coef)
+    grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
+    if temperature == 1.0:
+        kd = (grad - p).mul_(kd_coef)
+    grad.scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=grad.dtype, device=grad.device))
+    grad = grad.mul_((valid.view(1, -1) * ce_scales.view(-1, 1)).unsqueeze(-1)).add_(kd).to(x.dtype)
+    grad_x = grad @ weight  # (E, n, C)
+    grad_w = (grad.flatten(0, 1).t() @ x.flatten(0, 1)).float()  # (V, C)
+    return nll, kl, grad_x, grad_w
+
+
+class _ChunkedDistillLoss(torch.autograd.Function):
+    """sum_e ce_scales[e] * NLL_e + kd_scales[e] * KL_e; gradients chunk by chunk, none to the teacher."""
+
+    @staticmethod
+    def forward(ctx, normed, weight, targets, teacher, ce_scales, kd_scales, temperature, chunk_size,  # type: ignore[override]
+                chunk_fn):
+        E, N, _ = normed.shape
+        valid = (targets != IGNORE_INDEX).float()  # (N,)
+        safe = targets.clamp(min=0)
+        grad_x = torch.empty_like(normed)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        nll_sums = torch.zeros(E, dtype=torch.float32, device=normed.device)
+        kl_sums = torch.zeros(E, dtype=torch.float32, device=normed.device)
+        for s in range(0, N, chunk_size):
+            part = slice(s, s + chunk_size)
+            nll, kl, gx, gw = chunk_fn(normed[:, part], weight, safe[part], valid[part], teacher[part], ce_scales,
+                                       kd_scales, temperature)
+            nll_sums += nll
+            kl_sums += kl
+            grad_x[:, part] = gx
+            grad_w += gw
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(nll_sums, kl_sums)
+        return (nll_sums * ce_scales + kl_sums * kd_scales).sum(), nll_sums, kl_sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll, _grad_kl):  # type: ignore[override]
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None, None, None, None
+
+
+def distill_exit_loss(
+    normed: torch.Tensor,  # (E, N, C) final-normed hidden states of E early exits
+    weight: torch.Tensor,  # (V, C) the shared LM head
+    targets: torch.Tensor,  # (N,)
+    teacher: torch.Tensor,  # (N, C) the last exit's final-normed hidden states at the same tokens
+    weights: Sequence[float],  # (E,) exit weights
+    *,
+    distill: float,  # W in [0, 1]
+    temperature: float = 1.0,
+    chunk_size: int = 2048,
+    chunk_fn=chunk_distill_and_grads,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per-exit mean NLL (E,), per-exit mean KL (E,), both detached) with self-distillation.
+
+    loss = sum_e weights[e] * ((1 - W) * mean NLL_e + W * T^2 * mean KL(p_T || q_e,T)) over the
+    non-ignored tokens; the teacher distribution is a constant (no gradient reaches `teacher`, nor
+    the head through it). T^2 keeps the KL's gradient on the cross-entropy's scale (Hinton et al.).
+    """
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+    scales = torch.tensor(list(weights), dtype=torch.float32, device=normed.device) / count
+    ce_scales, kd_scales = scales * (1.0 - distill), scales * (distill * temperature**2)
+    loss, nll, kl = _ChunkedDistillLoss.apply(normed, weight, targets, teacher.detach(), ce_scales, kd_scales,
+                                              float(temperature), chunk_size, chunk_fn)
+    return loss, nll / count, kl / count
+
+
 def exit_loss_reference(
     hidden: dict[int, torch.Tensor],  # exit k -> (B, T, C)
     unembed,
@@ -228,6 +331,29 @@ def exit_loss_reference(
     for (k, h), w in zip(sorted(hidden.items()), weights):
         logits = unembed(h).float()
         total = total + w * F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return total
+
+
+def distill_loss_reference(
+    hidden: dict[int, torch.Tensor],  # early exit k -> (B, T, C)
+    teacher_hidden: torch.Tensor,  # (B, T, C) the last exit's
+    unembed,
+    targets: torch.Tensor,  # (B, T)
+    weights: Sequence[float],
+    distill: float,
+    temperature: float,
+) -> torch.Tensor:
+    """The plain loop the chunked distillation loss must equal (used by the tests)."""
+    valid = (targets != IGNORE_INDEX).flatten()
+    log_p = F.log_softmax(unembed(teacher_hidden).float().detach().flatten(0, 1) / temperature, dim=-1)
+    total = torch.zeros((), dtype=torch.float32)
+    for (k, h), w in zip(sorted(hidden.items()), weights):
+        logits = unembed(h).float().flatten(0, 1)
+        ce = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX)
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+        kl_per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # KL(p || q)
+        kl = (kl_per_token * valid).sum() / valid.sum().clamp(min=1)
+        total = total + w * ((1 - distill) * ce + distill * temperature**2 * kl)
     return total
 
 

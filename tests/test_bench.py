@@ -241,6 +241,8 @@ def test_per_layer_evaluation(results):
         assert [r["exit_layer"] for r in rows] == list(range(1, NUM_LAYERS + 1))
         for r in rows:
             assert r["token_ppl"] > 1 and r["word_ppl"] > 1 and r["loss"] > 0
+            assert 0 <= r["agreement"] <= r["last_in_top2"] <= r["last_in_top4"] <= 1
+        assert rows[-1]["agreement"] == rows[-1]["last_in_top4"] == 1.0  # the last layer agrees with itself
 
 
 def test_prompts_and_samples(results):

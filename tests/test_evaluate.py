@@ -68,8 +68,42 @@ def test_eval_command_prints_table_and_writes_json(tmp_path, tiny_corpus_dir, ti
     assert report["split"] == "valid" and len(report["layers"]) == 4 and report["words"] > 0
     assert report["meta"]["checkpoint"].endswith("best")
     assert f"{report['layers'][-1]['word_ppl']:.2f}" in printed
+    assert report["layers"][-1]["agreement"] == 1.0 and 0 <= report["layers"][0]["last_in_top4"] <= 1
+    assert "agree" in printed and f"{report['layers'][0]['agreement']:6.3f}" in printed
     # a missing checkpoint and a --json that is a directory are one-line errors
     assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--data-dir", str(tiny_corpus_dir)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(run), "--json", str(tmp_path), "--data-dir", str(tiny_corpus_dir)]) == 2
     assert "directory" in capsys.readouterr().err
+
+
+def reference_agreement(model, tokens, seq_len):
+    """Per exit: (top-1 agreement, last top-1 in top-2, in top-4), a plain loop over every predicted token."""
+    hits, count = [[0, 0, 0] for _ in range(model.num_layers)], 0
+    with torch.no_grad():
+        for x, _ in eval_windows(tokens, seq_len, 1):
+            logits = {k: model(x, exit_layer=k).logits[0] for k in range(1, model.num_layers + 1)}  # (T, V) each
+            for t in range(x.shape[1]):
+                last_top1 = int(logits[model.num_layers][t].argmax())
+                for k in range(1, model.num_layers + 1):
+                    row = logits[k][t]
+                    hits[k - 1][0] += int(row.argmax()) == last_top1
+                    hits[k - 1][1] += last_top1 in row.topk(2).indices.tolist()
+                    hits[k - 1][2] += last_top1 in row.topk(4).indices.tolist()
+                count += 1
+    return [[h / count for h in row] for row in hits]
+
+
+def test_agreement_equals_a_plain_loop_over_tokens():
+    model = tiny_model(seed=3, vocab_size=11)  # a small vocabulary: exits often disagree yet are near misses
+    tokens = np.random.default_rng(4).integers(0, 11, size=150).astype(np.uint16)
+    result = evaluate_model(model, tokens, seq_len=32, batch_size=2, chunk_size=13)
+    expected = reference_agreement(model, tokens, 32)
+    for r, (agree, top2, top4) in zip(result.layers, expected):
+        assert (r.agreement, r.last_in_top2, r.last_in_top4) == pytest.approx((agree, top2, top4), abs=1e-12)
+        assert r.agreement <= r.last_in_top2 <= r.last_in_top4
+    last = result.final
+    assert (last.agreement, last.last_in_top2, last.last_in_top4) == (1.0, 1.0, 1.0)
+    assert 0 < result.layers[0].agreement < result.layers[0].last_in_top4 < 1  # the test can tell them apart
+    assert "agree" in result.table() and "top-4" in result.table()
+    assert result.to_dict()["layers"][0]["last_in_top2"] == result.layers[0].last_in_top2

@@ -11,6 +11,8 @@ from conftest import tiny_model
 from layerskip.losses import (
     CURRICULA,
     IGNORE_INDEX,
+    distill_exit_loss,
+    distill_loss_reference,
     enabled_exits,
     exit_loss,
     exit_loss_reference,
@@ -207,3 +209,82 @@ def test_exit_loss_with_every_target_ignored_is_zero_not_nan():
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(per_exit, torch.zeros(2))
     assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------- self-distillation
+
+
+def _students_and_teacher(exits=(1, 2, 3)):
+    """(model, idx, targets, early exits' hidden {k: (B, T, C)}, the last exit's hidden (B, T, C))."""
+    model, idx, targets = _hidden_and_targets(seed=1)
+    out = model(idx, exits=[*exits, 4], compute_logits=False)
+    return model, idx, targets, {k: out.exit_hidden[k] for k in exits}, out.exit_hidden[4]
+
+
+def _chunked_distill(model, hidden, teacher_hidden, targets, weights, distill, temperature, chunk):
+    normed = model.norm(torch.stack([hidden[k] for k in sorted(hidden)])).flatten(1, 2)  # (E, N, C)
+    teacher = model.norm(teacher_hidden).flatten(0, 1)  # (N, C)
+    return distill_exit_loss(normed, model.lm_head.weight, targets.flatten(), teacher, weights, distill=distill,
+                             temperature=temperature, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("distill,temperature,chunk", [(0.5, 1.0, 7), (1.0, 2.5, 1000), (0.3, 0.5, 16)])
+def test_distillation_loss_equals_plain_loop(distill, temperature, chunk):
+    model, _, targets, hidden, last = _students_and_teacher()
+    weights = exit_weights([1, 2, 3], 4, 0.7)[:3]
+    params = list(model.parameters())
+    ref = distill_loss_reference(hidden, last, model.unembed, targets, weights, distill, temperature)
+    ref_grads = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
+    loss, nll, kl = _chunked_distill(model, hidden, last, targets, weights, distill, temperature, chunk)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for got, want, (name, _) in zip(grads, ref_grads, model.named_parameters()):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+    valid = (targets != IGNORE_INDEX).flatten()
+    log_p = torch.log_softmax(model.unembed(last).detach().flatten(0, 1) / temperature, -1)
+    for e, k in enumerate(sorted(hidden)):
+        logits = model.unembed(hidden[k]).detach().flatten(0, 1)
+        torch.testing.assert_close(nll[e], torch.nn.functional.cross_entropy(logits, targets.flatten(),
+                                                                             ignore_index=IGNORE_INDEX))
+        log_q = torch.log_softmax(logits / temperature, -1)
+        per_token = sum(log_p[:, v].exp() * (log_p[:, v] - log_q[:, v]) for v in range(log_p.shape[1]))  # (N,)
+        torch.testing.assert_close(kl[e], per_token[valid].mean(), rtol=1e-4, atol=1e-6)
+        assert kl[e] > 0.01  # the exits differ from the last layer: the KL term is not trivially zero
+
+
+def test_distillation_gradient_never_reaches_the_teacher():
+    model, _, targets, hidden, last = _students_and_teacher(exits=(2,))
+    teacher = model.norm(last).flatten(0, 1).detach().requires_grad_()  # the last layer's normed hidden, a leaf
+    normed = model.norm(hidden[2]).flatten(0, 1).unsqueeze(0)
+    loss, _, _ = distill_exit_loss(normed, model.lm_head.weight, targets.flatten(), teacher, [1.0], distill=1.0,
+                                   temperature=2.0, chunk_size=9)
+    assert torch.autograd.grad(loss, teacher, retain_graph=True, allow_unused=True) == (None,)
+    # the head's gradient is the student's alone: the same as with the teacher's logits computed as a constant
+    with torch.no_grad():
+        log_p = torch.log_softmax(model.unembed(last).flatten(0, 1) / 2.0, -1)
+    log_q = torch.log_softmax(model.unembed(hidden[2]).flatten(0, 1) / 2.0, -1)
+    valid = (targets != IGNORE_INDEX).flatten()
+    student_only = 4.0 * (torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)[valid]
+                          ).mean()
+    torch.testing.assert_close(loss, student_only, rtol=1e-5, atol=1e-6)
+    got, want = (torch.autograd.grad(x, model.lm_head.weight, retain_graph=True)[0] for x in (loss, student_only))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    last_grads = torch.autograd.grad(loss, list(model.layers[2:].parameters()), allow_unused=True)
+    assert all(g is None for g in last_grads)  # blocks 3 and 4 only make the teacher: untouched
+
+
+def test_distillation_weight_zero_is_the_plain_loss_bit_for_bit():
+    model, _, targets, hidden, last = _students_and_teacher()
+    weights = exit_weights([1, 2, 3], 4, 0.5)[:3]
+    normed = model.norm(torch.stack([hidden[k] for k in (1, 2, 3)])).flatten(1, 2)
+    teacher = model.norm(last).flatten(0, 1)
+    inputs = [normed, model.lm_head.weight]
+    plain, plain_nll = exit_loss(normed, model.lm_head.weight, targets.flatten(), weights, chunk_size=11)
+    plain_grads = torch.autograd.grad(plain, inputs, retain_graph=True)
+    loss, nll, kl = distill_exit_loss(normed, model.lm_head.weight, targets.flatten(), teacher, weights, distill=0.0,
+                                      temperature=3.0, chunk_size=11)
+    assert torch.equal(loss, plain) and torch.equal(nll, plain_nll) and (kl > 0).all()
+    for got, want in zip(torch.autograd.grad(loss, inputs), plain_grads):
+        assert torch.equal(got, want)

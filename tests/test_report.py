@@ -65,7 +65,10 @@ def test_markdown_tables_have_the_right_rows(report, results):
     md = report.markdown.read_text()
     per_layer = markdown_section_rows(md, "## Per-layer evaluation")
     assert [row[0] for row in per_layer] == ["1", "2", "3", "4"]
-    assert len(per_layer[0]) == 1 + 3 * 2  # loss, token ppl, word ppl for both models
+    assert len(per_layer[0]) == 1 + 6 * 2  # loss, token ppl, word ppl, agree, in top-2, in top-4 for both models
+    last = results["models"][0]["per_layer"][-1]
+    assert per_layer[-1][4:7] == [fmt(last["agreement"], 3), "1.000", "1.000"]
+    assert "**agree, in top-2, in top-4**" in md  # the glossary explains them
     for model in results["models"]:
         rows = markdown_section_rows(md, f"## {model['name']} (")
         assert [row[0] for row in rows] == [c["label"] for c in model["configs"]]
@@ -172,6 +175,19 @@ def test_partial_evaluation_is_labelled(results, tmp_path):
     assert markdown_section_rows(md, "## Per-layer evaluation")[0][3] == "–"  # no word perplexity
     full = markdown_section_rows(write_report(results, tmp_path / "full").markdown.read_text(), "## Per-layer evaluation")
     assert full[0][3] != "–"
+
+
+def test_results_written_before_agreement_was_measured_still_read(results, tmp_path):
+    old = copy.deepcopy(results)
+    for model in old["models"]:
+        for row in model["per_layer"]:
+            for key in ("agreement", "last_in_top2", "last_in_top4"):
+                del row[key]
+    path = write_results(old, tmp_path / "old.json")
+    rows = markdown_section_rows(write_report(load_results(path), tmp_path / "rep").markdown.read_text(),
+                                 "## Per-layer evaluation")
+    assert all(row[4:7] == ["–", "–", "–"] and row[10:13] == ["–", "–", "–"] for row in rows)
+    assert rows[0][2] == fmt(results["models"][0]["per_layer"][0]["token_ppl"], 2)  # perplexity still shown
 
 
 def test_an_output_path_that_is_a_file_is_one_clear_error(results, tmp_path, capsys):

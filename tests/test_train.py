@@ -325,3 +325,73 @@ def test_cli_schedule_and_optimizer_flags_reach_the_config(tmp_path, tiny_corpus
     expected = [lr_at(s, base_lr=3e-3, warmup=2, total_steps=6, min_ratio=0.0) for s in range(6)]
     assert lrs == pytest.approx(expected)
     assert lrs[-1] < lr_at(5, base_lr=3e-3, warmup=2, total_steps=6, min_ratio=0.1)  # the default ends higher
+
+
+# ----------------------------------------------------------------------------- self-distillation
+
+
+class _ZeroButOn(float):
+    """0.0 that takes the distillation branch: W = 0 through the distillation code path."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def test_distillation_at_weight_zero_reproduces_the_plain_run_bit_for_bit(tmp_path, corpus, monkeypatch):
+    from layerskip.training import build
+
+    cfg = tiny_cfg(max_steps=6, max_skip_prob=0.3, early_exit_curriculum="none", val_every=100)
+    plain = train(cfg, tmp_path / "plain", corpus=corpus, progress=False)
+
+    class ForcedDistillation(build.ExitLossModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.distill = _ZeroButOn(0.0)
+
+    monkeypatch.setattr(build, "ExitLossModel", ForcedDistillation)
+    forced = train(cfg, tmp_path / "forced", corpus=corpus, progress=False)
+    assert forced.losses == plain.losses  # exactly, step for step
+    for name, w in weights(tmp_path / "plain").items():
+        assert torch.equal(w, weights(tmp_path / "forced")[name]), name
+
+
+def test_distilled_run_logs_kl_resumes_exactly_and_refuses_another_weight(tmp_path, corpus):
+    cfg = tiny_cfg(max_steps=8, early_exit_distill=0.5, early_exit_distill_temperature=2.0, val_every=4,
+                   save_every=3, early_exit_tokens=0.5)
+    whole = train(cfg, tmp_path / "whole", corpus=corpus, progress=False)
+    plain = train(cfg.replace(early_exit_distill=0.0), tmp_path / "plain", corpus=corpus, progress=False)
+    assert whole.losses[0] != plain.losses[0]  # the distillation term is in the loss
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["type"] == "train"]
+    assert all(len(r["exit_kl"]) == len(r["exits"]) - 1 and all(v > 0 for v in r["exit_kl"]) for r in steps)
+    vals = [r for r in rows if r["type"] == "val"]
+    assert vals[-1]["layers"][-1]["agreement"] == 1.0 and 0 <= vals[-1]["layers"][0]["agreement"] <= 1
+    first = train(cfg, tmp_path / "split", corpus=corpus, progress=False, stop_at_step=5)
+    with pytest.raises(ConfigError, match="early_exit_distill=0.5"):
+        resume_config(tmp_path / "split", {"early_exit_distill": 0.25})
+    second = train(resume_config(tmp_path / "split"), tmp_path / "split", corpus=corpus, progress=False, resume=True)
+    assert first.losses + second.losses == whole.losses
+
+
+def test_a_run_saved_before_distillation_resumes_without_it(tmp_path, corpus):
+    cfg = tiny_cfg(max_steps=4, save_every=2, val_every=100)
+    train(cfg, tmp_path / "old", corpus=corpus, progress=False, stop_at_step=2)
+    config_file = tmp_path / "old" / "last" / "config.json"
+    saved = json.loads(config_file.read_text())
+    for key in ("early_exit_distill", "early_exit_distill_temperature"):
+        del saved["train"][key]  # as written before the settings existed
+    config_file.write_text(json.dumps(saved))
+    resumed = resume_config(tmp_path / "old")
+    assert resumed.early_exit_distill == 0.0 and resumed.early_exit_distill_temperature == 1.0
+    assert train(resumed, tmp_path / "old", corpus=corpus, progress=False, resume=True).step == 4
+
+
+def test_cli_distillation_flags_reach_the_config(tmp_path, tiny_corpus_dir, capsys):
+    out = tmp_path / "run"
+    args = CLI_TINY + ["--data-dir", str(tiny_corpus_dir), "--max_steps", "2"]
+    assert main(["train", "--out", str(out), "--early-exit-distill", "0.3",
+                 "--early_exit_distill_temperature", "1.5"] + args) == 0
+    saved = load_checkpoint(out / "last").train_config
+    assert saved["early_exit_distill"] == 0.3 and saved["early_exit_distill_temperature"] == 1.5
+    assert main(["train", "--out", str(tmp_path / "bad"), "--early_exit_distill", "2"] + args) == 2
+    assert "early_exit_distill must be a weight in [0, 1]" in capsys.readouterr().err

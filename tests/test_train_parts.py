@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from layerskip.errors import ConfigError
-from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS, exit_loss_reference, exit_weights
+from layerskip.losses import (
+    CURRICULA,
+    LAYER_DROPOUT_SCHEDULES,
+    TIME_RAMPS,
+    distill_loss_reference,
+    exit_loss_reference,
+    exit_weights,
+)
 from layerskip.model import Transformer
 from layerskip.training import (
     ExitLossModel,
@@ -83,7 +90,8 @@ def test_early_exit_loss_on_a_token_subset_matches_the_reference_and_its_gradien
     targets[0, :4] = -100  # ignored targets stay ignored in both estimates
     exits, weights = [1, 3, 4], exit_weights([1, 3, 4], 4, 1.0)
     positions = flat_positions(sample_early_positions(3, 16, 0.4, torch.Generator().manual_seed(3)), 16)
-    loss, per_exit = ExitLossModel(model, chunk_size=7)(idx, targets, exits, weights, None, positions)
+    loss, per_exit, kl = ExitLossModel(model, chunk_size=7)(idx, targets, exits, weights, None, positions)
+    assert kl.shape == (0,)  # no distillation
     grads = torch.autograd.grad(loss, list(model.parameters()))
 
     out = model(idx, exits=exits, compute_logits=False)
@@ -95,9 +103,51 @@ def test_early_exit_loss_on_a_token_subset_matches_the_reference_and_its_gradien
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, torch.autograd.grad(reference, list(model.parameters()))):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    full_loss, full_per_exit = ExitLossModel(model, chunk_size=7)(idx, targets, exits, weights, None, None)
+    full_loss, full_per_exit, _ = ExitLossModel(model, chunk_size=7)(idx, targets, exits, weights, None, None)
     assert per_exit[-1] == pytest.approx(float(full_per_exit[-1]), rel=1e-5)  # the last exit sees every token
     assert not torch.allclose(per_exit[:-1], full_per_exit[:-1])  # the early ones a subset
+
+
+@pytest.mark.parametrize("fraction", [0.4, 1.0])
+def test_distilled_step_loss_matches_the_reference_and_the_last_exit_keeps_cross_entropy(fraction):
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(dropout=0.0).model_config(50))
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    exits, weights = [1, 3, 4], exit_weights([1, 3, 4], 4, 1.0)
+    keep = torch.ones(4, 3, dtype=torch.bool)
+    keep[2, 1] = False  # layer dropout: the teacher is the last exit of the same (dropped) forward
+    rows = sample_early_positions(3, 16, fraction, torch.Generator().manual_seed(3))
+    positions = None if rows is None else flat_positions(rows, 16)
+    step_model = ExitLossModel(model, chunk_size=5, distill=0.6, temperature=2.0)
+    loss, per_exit, kl = step_model(idx, targets, exits, weights, keep, positions)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    out = model(idx, exits=exits, layer_keep=keep, compute_logits=False)
+    chosen = torch.arange(48) if positions is None else positions
+    pick = lambda h: h.flatten(0, 1)[chosen].unsqueeze(0)  # noqa: E731
+    early = distill_loss_reference({k: pick(out.exit_hidden[k]) for k in exits[:-1]}, pick(out.exit_hidden[4]),
+                                   model.unembed, targets.flatten()[chosen].unsqueeze(0), weights[:-1], 0.6, 2.0)
+    last = exit_loss_reference({4: out.exit_hidden[4]}, model.unembed, targets, weights[-1:])  # plain CE
+    torch.testing.assert_close(loss, early + last, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(early + last, list(model.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert per_exit.shape == (3,) and kl.shape == (2,) and (kl > 0).all()
+    plain = ExitLossModel(model, chunk_size=5)(idx, targets, exits, weights, keep, positions)
+    torch.testing.assert_close(per_exit, plain.exit_nll)  # exit_losses stay cross-entropy, comparable across W
+    only_last = step_model(idx, targets, [4], [1.0], keep, positions)  # a step with no early exit
+    assert only_last.exit_kl.shape == (0,) and torch.equal(only_last.exit_nll, plain.exit_nll[-1:])
+
+
+def test_distillation_settings_are_validated():
+    for bad in (dict(early_exit_distill=-0.1), dict(early_exit_distill=1.5), dict(early_exit_distill=float("nan")),
+                dict(early_exit_distill_temperature=0.0), dict(early_exit_distill_temperature=float("inf"))):
+        with pytest.raises(ConfigError, match="early_exit_distill"):
+            tiny_cfg(**bad)
+    with pytest.raises(ConfigError, match="early_exit_scale is 0"):
+        tiny_cfg(early_exit_distill=0.5, early_exit_scale=0.0)
+    cfg = tiny_cfg(early_exit_distill=1.0, early_exit_distill_temperature=0.5)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert tiny_cfg().early_exit_distill == 0.0 and tiny_cfg().early_exit_distill_temperature == 1.0
 
 
 # ----------------------------------------------------------------------------- optimizer

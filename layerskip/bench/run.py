@@ -174,7 +174,8 @@ def estimated_dee_speedup(summary: dict[str, Any], runs: list[Run], costs: StepC
 
 def per_layer_eval(checkpoint, files: dict[str, Path], settings: BenchSettings, device: torch.device,
                    name: str) -> dict[str, Any]:
-    """Loss and token/word perplexity of every exit on the test split (or its first eval_tokens)."""
+    """Loss, token/word perplexity and agreement with the last layer of every exit on the test split
+    (or its first eval_tokens)."""
     if settings.eval_tokens == 0:
         return {"per_layer": None, "per_layer_split": None, "per_layer_tokens": None}
     ckpt = load_checkpoint(checkpoint, device=device, dtype=settings.dtype)
@@ -186,7 +187,8 @@ def per_layer_eval(checkpoint, files: dict[str, Path], settings: BenchSettings, 
     result = evaluate_model(ckpt.model, tokens, split="test", words=words, seq_len=seq_len,
                             max_tokens=settings.eval_tokens)
     log(f"bench: evaluated {name} in {result.seconds:.1f} s")
-    rows = [{"exit_layer": r.layer, "loss": r.loss, "token_ppl": r.token_ppl, "word_ppl": r.word_ppl}
+    rows = [{"exit_layer": r.layer, "loss": r.loss, "token_ppl": r.token_ppl, "word_ppl": r.word_ppl,
+             "agreement": r.agreement, "last_in_top2": r.last_in_top2, "last_in_top4": r.last_in_top4}
             for r in result.layers]
     return {"per_layer": rows, "per_layer_split": "test", "per_layer_tokens": result.tokens}
 

@@ -12,6 +12,12 @@ split. --eval alone evaluates the run already in --out (or --checkpoint CKPT). T
 last/ checkpoints and metrics.jsonl; --resume continues a stopped run exactly where it was,
 --overwrite replaces one. Under torchrun every process trains its share of each batch
 (DistributedDataParallel) and only rank 0 prints and writes.
+
+Continual LayerSkip training of an existing model (its weights, tokenizer and shape; a fresh
+optimizer; the schedule and LayerSkip settings from the flags), with the paper's values
+(rotational, the default curriculum; its e_scale is 0.1 to 0.2):
+  layerskip train --out runs/cont --init-from runs/plain --max_skip_prob 0.1 --layer_dropout_schedule exp \\
+  --early_exit_scale 0.1
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("early_exit_rotation", int, "rotational curriculum: every R-th exit each step (default 2)"),
     ("early_exit_gradual_steps", int, "gradual curriculum: steps to enable every exit (default: the run)"),
     ("early_exit_tokens", float, "fraction of tokens the early exits' loss is estimated on (default 0.25; 1: all)"),
+    ("early_exit_distill", float, "self-distillation weight W in [0, 1]: each early exit's loss is (1 - W) x "
+     "cross-entropy + W x T^2 x KL(last layer, detached || exit) on the same tokens (default 0: cross-entropy only)"),
+    ("early_exit_distill_temperature", float, "the distillation temperature T (default 1)"),
     ("val_every", int, "also validate every N steps (default: each epoch only)"),
     ("val_tokens", int, "validate on the first N valid tokens only (default 65536; 0: all)"),
     ("eval_batch_size", int, "sequences per evaluation batch (default 16)"),
@@ -71,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", action="store_true", help="then evaluate every layer of the best checkpoint")
     add_checkpoint_arg(parser, required=False)
     parser.add_argument("--eval_split", "--eval-split", dest="eval_split", default="test", choices=["valid", "test"])
+    add_flag(parser, "init_from", default=None, metavar="CKPT",
+             help="continual training: start from this checkpoint or run directory (its weights, tokenizer and "
+                  "shape; a fresh optimizer; schedule and LayerSkip settings from the flags)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -100,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     do_train = args.train or not args.eval
     if do_train:
         result = train(out, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                       progress=not args.quiet, **explicit_settings(args))
+                       progress=not args.quiet, init_from=args.init_from, **explicit_settings(args))
         if result.val is not None:
             print(result.val.table())
         print(f"trained {result.step} steps (stopped: {result.stopped}); best checkpoint {result.best}")

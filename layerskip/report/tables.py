@@ -55,13 +55,15 @@ def headline_rows(results: dict[str, Any]) -> list[list[str]]:
 
 
 def per_layer_table(models: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
-    """One row per exit layer, columns per model (token and word perplexity)."""
+    """One row per exit layer, columns per model (loss, token and word perplexity, agreement with the
+    last layer); results written before agreement was measured show a dash there."""
     with_eval = [m for m in models if m.get("per_layer")]
     if not with_eval:
         return None
     header = ["exit layer"]
     for m in with_eval:
-        header += [f"{m['name']} loss", f"{m['name']} token ppl", f"{m['name']} word ppl"]
+        header += [f"{m['name']} {column}" for column in ("loss", "token ppl", "word ppl", "agree", "in top-2",
+                                                          "in top-4")]
     depth = max(len(m["per_layer"]) for m in with_eval)
     rows = []
     for i in range(depth):
@@ -69,7 +71,9 @@ def per_layer_table(models: list[dict[str, Any]]) -> tuple[list[str], list[list[
         row = [str(layer)]
         for m in with_eval:
             entry = m["per_layer"][i] if i < len(m["per_layer"]) else {}
-            row += [fmt(entry.get("loss"), 3), fmt(entry.get("token_ppl"), 2), fmt(entry.get("word_ppl"), 2)]
+            row += [fmt(entry.get("loss"), 3), fmt(entry.get("token_ppl"), 2), fmt(entry.get("word_ppl"), 2),
+                    fmt(entry.get("agreement"), 3), fmt(entry.get("last_in_top2"), 3),
+                    fmt(entry.get("last_in_top4"), 3)]
         rows.append(row)
     return header, rows
 
@@ -153,6 +157,9 @@ def estimate_cell(config: dict[str, Any]) -> str:
 
 
 GLOSSARY = [  # (column, what it means), the report's last section
+    ("agree, in top-2, in top-4", "per-layer evaluation, teacher-forced: the share of predicted tokens whose "
+     "exit's top-1 is the last layer's top-1 (what DEE's and SSD's gains depend on; 1 at the last layer), and "
+     "the share whose last-layer top-1 is within the exit's two or four highest-scoring tokens"),
     ("tokens/s, ms/token", "median over prompts of new tokens / wall time of the whole generate() call "
      "(prefill included)"),
     ("TTFT", "time to first token (median), from the call to the first committed token"),

@@ -13,7 +13,8 @@ makes ``resume`` continue with exactly the losses an uninterrupted run would hav
     config.py       TrainConfig, what a resume may change, TrainResult
     step.py         one step's plan, random draws and loss (ExitLossModel)
     optim.py        AdamW, or Muon + AdamW
-    build.py        the model a run trains: seeded or resumed, compiled per block, DDP
+    build.py        the model a run trains: seeded, resumed or started from a checkpoint, compiled per block, DDP
+    init_from.py    continual training: the config and records of a run starting from a checkpoint
     data_order.py   which windows of the train split each step reads
     distributed.py  torchrun processes and their collectives
     run_dir.py      --out, resuming from it, metrics.jsonl
@@ -23,6 +24,7 @@ makes ``resume`` continue with exactly the losses an uninterrupted run would hav
 
 from layerskip.training.config import RESUME_OVERRIDABLE, TrainConfig, TrainingDiverged, TrainResult, saved_train_config
 from layerskip.training.distributed import DistInfo, init_distributed
+from layerskip.training.init_from import init_config, load_start, same_start
 from layerskip.training.loop import Trainer, train
 from layerskip.training.optim import OptimizerGroup, make_optimizer
 from layerskip.training.run_dir import resume_config
@@ -38,10 +40,13 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "flat_positions",
+    "init_config",
     "init_distributed",
+    "load_start",
     "make_optimizer",
     "resume_config",
     "sample_early_positions",
+    "same_start",
     "saved_train_config",
     "step_plan",
     "train",

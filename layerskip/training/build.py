@@ -7,6 +7,7 @@ exit losses on torch 2.13 CPU; per-block compilation does not, and a test checks
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -19,16 +20,21 @@ from layerskip.training.distributed import DistInfo
 from layerskip.training.step import ExitLossModel
 
 
-def build_model(cfg: TrainConfig, corpus: Any, device: torch.device, resume_from: Any = None) -> Transformer:
-    """The model in train mode on `device`: seeded from cfg.seed, with the weights of the
-    checkpoint `resume_from` when given."""
+def build_model(cfg: TrainConfig, corpus: Any, device: torch.device, source: Any = None) -> Transformer:
+    """The model in train mode on `device`: seeded from cfg.seed, or with the shape, weights and
+    token counts of the checkpoint `source` (the one resumed, or the one continual training starts from)."""
     torch.manual_seed(cfg.seed)
     vocab = corpus.tokenizer.vocab_size
-    model = Transformer(cfg.model_config(vocab))
+    # a source's own config: an imported model may set what TrainConfig does not (rope_theta, kv heads, ...)
+    config = cfg.model_config(vocab) if source is None else dataclasses.replace(source.model_config,
+                                                                                 dropout=cfg.dropout)
+    model = Transformer(config)
     # checkpoints carry the training split's token counts (they rank the short decoding head)
-    model.set_token_counts(torch.from_numpy(np.bincount(corpus.tokens["train"], minlength=vocab)))
-    if resume_from is not None:
-        model.load_state_dict(resume_from.model.state_dict())
+    counts = None if source is None else source.model.token_counts
+    model.set_token_counts(counts.cpu() if counts is not None else
+                           torch.from_numpy(np.bincount(corpus.tokens["train"], minlength=vocab)))
+    if source is not None:
+        model.load_state_dict(source.model.state_dict())
     model.to(device).train()
     return model
 
@@ -45,7 +51,8 @@ def compile_blocks(model: Transformer) -> None:
 
 def training_module(model: Transformer, cfg: TrainConfig, dist: DistInfo, device: torch.device) -> nn.Module:
     """What a step calls: the model with its early-exit loss, in DDP when there are several processes."""
-    module: nn.Module = ExitLossModel(model, cfg.loss_chunk, compile_loss=cfg.compile)
+    module: nn.Module = ExitLossModel(model, cfg.loss_chunk, compile_loss=cfg.compile, distill=cfg.early_exit_distill,
+                                      temperature=cfg.early_exit_distill_temperature)
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 

@@ -62,6 +62,9 @@ class TrainConfig:
     max_steps: int | None = None
     time_budget: float | None = None  # minutes, for the whole run including validation
     seed: int = 0
+    # continual training: the checkpoint whose weights, tokenizer and shape the run started from
+    # (recorded as an absolute path; None: weights seeded from `seed`)
+    init_from: str | None = None
     # LayerSkip
     max_skip_prob: float = 0.1
     layer_dropout_schedule: str = "linear"
@@ -73,6 +76,10 @@ class TrainConfig:
     # Fraction of tokens the early (not last) exits' loss is estimated on: their LM-head work
     # dominates a small model's LayerSkip step.
     early_exit_tokens: float = 0.25
+    # Self-distillation: each early exit's loss is (1 - W) x cross-entropy + W x T^2 x KL(last
+    # layer's distribution at temperature T, a constant || the exit's at T); 0: cross-entropy only.
+    early_exit_distill: float = 0.0
+    early_exit_distill_temperature: float = 1.0
     # speed
     precision: str = "bf16"
     compile: bool = True
@@ -117,6 +124,19 @@ class TrainConfig:
         _req(0 <= self.max_skip_prob <= 1, f"max_skip_prob must be in [0, 1], got {self.max_skip_prob!r}")
         _req(self.early_exit_scale >= 0 and math.isfinite(self.early_exit_scale),
              f"early_exit_scale must be >= 0 (0: plain training loss), got {self.early_exit_scale!r}")
+        self._check_distillation()
+        _req(self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+             f"init_from must be a checkpoint path or None, got {self.init_from!r}")
+
+    def _check_distillation(self) -> None:
+        w, t = self.early_exit_distill, self.early_exit_distill_temperature
+        _req(isinstance(w, (int, float)) and 0 <= w <= 1,
+             f"early_exit_distill must be a weight in [0, 1] (0: cross-entropy only), got {w!r}")
+        _req(isinstance(t, (int, float)) and math.isfinite(t) and t > 0,
+             f"early_exit_distill_temperature must be a positive number, got {t!r}")
+        _req(w == 0 or self.early_exit_scale > 0,
+             f"early_exit_distill {w} trains the early exits, but early_exit_scale is 0 (the last layer only); "
+             "give early_exit_scale > 0 or drop early_exit_distill")
 
     def _check_choices(self) -> None:
         choices = (("layer_dropout_schedule", LAYER_DROPOUT_SCHEDULES), ("layer_dropout_ramp", TIME_RAMPS),
@@ -149,7 +169,8 @@ class TrainConfig:
 
 
 # What runs saved before a setting existed were trained with, where its default changed since.
-SAVED_BEFORE_DEFAULTS: dict[str, Any] = {"optimizer": "adamw"}
+SAVED_BEFORE_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "early_exit_distill": 0.0,
+                                         "early_exit_distill_temperature": 1.0}
 
 
 def saved_train_config(data: dict[str, Any]) -> TrainConfig:

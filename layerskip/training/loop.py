@@ -20,6 +20,7 @@ from layerskip.training.build import build_model, compile_blocks, training_modul
 from layerskip.training.config import TrainConfig, TrainingDiverged, TrainResult
 from layerskip.training.data_order import BatchOrder
 from layerskip.training.distributed import all_agree, barrier, from_rank0, init_distributed, mean_across
+from layerskip.training.init_from import check_matches, check_tokenizer, load_start, start_record
 from layerskip.training.optim import make_optimizer
 from layerskip.training.pacing import Pace, planned_steps, schedule_end_reason, steps_within_budget
 from layerskip.training.run_dir import METRICS_FILE, MetricsLog, load_resume_point, prepare_run_dir, truncate_metrics
@@ -35,7 +36,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out_dir: Path, *, data_dir: str | Path | None = None, resume: bool = False,
                  overwrite: bool = False, device: str = "auto", progress: bool = True,
-                 stop_at_step: int | None = None, corpus: Any = None) -> None:
+                 stop_at_step: int | None = None, corpus: Any = None, init_checkpoint: Any = None) -> None:
         self.cfg, self.out_dir, self.progress, self.stop_at_step = cfg, out_dir, progress, stop_at_step
         self._start_process(device)
         if self.dist.main:
@@ -44,7 +45,10 @@ class Trainer:
         self.resuming = resume
         self.resume_point = load_resume_point(out_dir, cfg) if resume else None
         self.state = self.resume_point.state if self.resume_point else None
+        self._find_source(init_checkpoint)
         self.corpus = corpus or self._load_corpus(data_dir)
+        if self.source is not None:
+            check_tokenizer(self.corpus, self.source.tokenizer, str(self.source.path))
         self._build_model()
         self.order = BatchOrder(len(self.corpus.tokens["train"]), cfg.seq_len, cfg.batch_size, cfg.seed,
                                 self.dist.rank, self.dist.world)
@@ -62,10 +66,23 @@ class Trainer:
         if self.cfg.batch_size % self.dist.world:
             raise ConfigError(f"batch_size {self.cfg.batch_size} must be divisible by the {self.dist.world} processes")
 
+    def _find_source(self, init_checkpoint: Any) -> None:
+        """The checkpoint the weights, shape and tokenizer come from: last/ when resuming, the
+        starting checkpoint of a new continual run (cfg.init_from), else none (seeded weights)."""
+        self.source, self.init_record = None, None
+        if self.state:
+            self.source = self.resume_point.checkpoint
+            self.init_record = self.source.meta.get("init_from")
+        elif self.cfg.init_from is not None:
+            self.source = load_start(init_checkpoint if init_checkpoint is not None else self.cfg.init_from)
+            check_matches(self.cfg, self.source)
+            self.init_record = start_record(self.source)
+        self.tokenizer_config = self.source.tokenizer_config if self.source else self.cfg.tokenizer_config()
+
     def _load_corpus(self, data_dir: str | Path | None):
         from layerskip.data import load_corpus
 
-        tokenizer = self.resume_point.checkpoint.tokenizer if self.state else None
+        tokenizer = self.source.tokenizer if self.source else None  # the model's own, never a new one
         if not self.dist.main:
             barrier(self.dist)  # rank 0 trains and caches the tokenizer first
         corpus = load_corpus(data_dir, self.cfg.tokenizer_config(), tokenizer=tokenizer)
@@ -75,9 +92,9 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        self.model = build_model(cfg, self.corpus, self.device,
-                                 resume_from=self.resume_point.checkpoint if self.state else None)
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.model = build_model(cfg, self.corpus, self.device, source=self.source)
+        self.source = None  # its weights are copied: let them be freed
+        self.optimizer = make_optimizer(self.model, cfg)  # fresh, unless resuming
         if self.state:
             self.optimizer.load_state_dict(self.state["optimizer"])
         if cfg.compile:
@@ -107,12 +124,13 @@ class Trainer:
         positions = early_positions(cfg, step, rows)
         lr = self._set_lr(step)
         with autocast_context(cfg, dev):
-            loss, per_exit = self.module(x.to(dev), y.to(dev), exits, weights, _on(dev, keep), _on(dev, positions))
-        shared = mean_across(torch.cat([loss.detach().float().reshape(1), per_exit.float()]).cpu(), self.dist)
-        loss_value = float(shared[0])
-        self._stop_if_diverged(step, "the loss", loss_value)
+            loss, per_exit, kl = self.module(x.to(dev), y.to(dev), exits, weights, _on(dev, keep), _on(dev, positions))
+        shared = mean_across(torch.cat([loss.detach().float().reshape(1), per_exit.float(), kl.float()]).cpu(),
+                             self.dist).tolist()
+        self._stop_if_diverged(step, "the loss", shared[0])
         grad_norm = self._update(step, loss)
-        return StepStats(loss_value, exits, [float(v) for v in shared[1:]], lr, grad_norm, time.perf_counter() - start)
+        return StepStats(shared[0], exits, shared[1 : 1 + len(exits)], lr, grad_norm, time.perf_counter() - start,
+                         exit_kl=shared[1 + len(exits) :])
 
     def _set_lr(self, step: int) -> float:
         cfg = self.cfg
@@ -162,8 +180,10 @@ class Trainer:
         cfg, step = self.cfg, self.step
         meta = {"step": step, "epoch": step / self.order.steps_per_epoch, "val_loss": val_loss,
                 "plain": cfg.plain, "world_size": self.dist.world}
+        if self.init_record is not None:
+            meta["init_from"] = self.init_record
         return save_checkpoint(self.out_dir / which, self.model, self.corpus.tokenizer,
-                               tokenizer_config=cfg.tokenizer_config(), train_config=cfg.to_dict(), meta=meta,
+                               tokenizer_config=self.tokenizer_config, train_config=cfg.to_dict(), meta=meta,
                                trainer_state=self._trainer_state() if which == "last" else None)
 
     def _trainer_state(self) -> dict[str, Any]:
@@ -213,7 +233,8 @@ class Trainer:
         if self.dist.main:
             metrics.write({"type": "start", "step": self.step, "resumed": self.resuming, "config": self.cfg.to_dict(),
                            "world_size": self.dist.world, "device": str(self.device),
-                           "steps_per_epoch": self.order.steps_per_epoch, "torch": torch.__version__})
+                           "steps_per_epoch": self.order.steps_per_epoch, "torch": torch.__version__,
+                           **({"init_from": self.init_record} if self.init_record else {})})
         losses: list[float] = []
         self.last_val, self.last_val_step = None, -1  # the latest validation's result and step
         try:
@@ -281,7 +302,8 @@ class Trainer:
             metrics.write({"type": "train", "step": self.step, "epoch": self.step / self.order.steps_per_epoch,
                            "loss": stats.loss, "exits": stats.exits, "exit_losses": stats.exit_losses, "lr": stats.lr,
                            "grad_norm": stats.grad_norm, "step_seconds": stats.seconds,
-                           "tokens_per_s": tokens_per_step / stats.seconds, "elapsed": self.elapsed()})
+                           "tokens_per_s": tokens_per_step / stats.seconds, "elapsed": self.elapsed(),
+                           **({"exit_kl": stats.exit_kl} if cfg.early_exit_distill else {})})
 
     # -- when to stop ---------------------------------------------------------------------
 
@@ -313,12 +335,13 @@ class Trainer:
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, data_dir: str | Path | None = None, resume: bool = False,
           overwrite: bool = False, device: str = "auto", progress: bool = True, stop_at_step: int | None = None,
-          corpus: Any = None) -> TrainResult:
+          corpus: Any = None, init_checkpoint: Any = None) -> TrainResult:
     """Train into out_dir (RUN/best, RUN/last, RUN/metrics.jsonl); see TrainConfig for the settings.
 
     resume: continue the run in out_dir (cfg must equal its saved config, see resume_config).
     stop_at_step: stop after this many steps as if interrupted (last/ is saved, no validation).
     corpus: an already loaded ``layerskip.data.Corpus`` (skips locating and encoding the data).
+    init_checkpoint: the loaded checkpoint cfg.init_from names (see init_config), so it is not read twice.
     """
     return Trainer(cfg, Path(out_dir), data_dir=data_dir, resume=resume, overwrite=overwrite, device=device,
-                   progress=progress, stop_at_step=stop_at_step, corpus=corpus).run()
+                   progress=progress, stop_at_step=stop_at_step, corpus=corpus, init_checkpoint=init_checkpoint).run()

@@ -2,19 +2,23 @@
 
 The step's plan (enabled exits, their weights, per-block skip probabilities), its random
 draws (each from its own seed, so a run is reproducible and resumable at any step), and
-``ExitLossModel``: the trunk plus the weighted early-exit loss in one forward.
+``ExitLossModel``: the trunk plus the weighted early-exit loss (with self-distillation when
+asked) in one forward.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from layerskip.losses import (
+    chunk_distill_and_grads,
     chunk_nll_and_grads,
+    distill_exit_loss,
     enabled_exits,
     exit_loss,
     exit_weights,
@@ -37,6 +41,7 @@ class StepStats:
     lr: float
     grad_norm: float | None
     seconds: float
+    exit_kl: list[float] = field(default_factory=list)  # self-distillation: each early exit's mean KL
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device):
@@ -109,15 +114,25 @@ def flat_positions(rows: torch.Tensor, seq_len: int) -> torch.Tensor:
     return (rows + offsets).flatten()
 
 
+class ExitLosses(NamedTuple):
+    loss: torch.Tensor  # the weighted loss, the one to differentiate
+    exit_nll: torch.Tensor  # (E,) each enabled exit's mean NLL, detached
+    exit_kl: torch.Tensor  # (E-1,) each early exit's mean KL to the last layer; (0,) without distillation
+
+
 class ExitLossModel(nn.Module):
     """Trunk + weighted early-exit loss in one forward, so DDP sees every parameter's use."""
 
-    def __init__(self, model: Transformer, chunk_size: int, *, compile_loss: bool = False) -> None:
+    def __init__(self, model: Transformer, chunk_size: int, *, compile_loss: bool = False, distill: float = 0.0,
+                 temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.distill, self.temperature = distill, temperature
         # the head + loss of one chunk, compiled on its own (like each block) when asked
         self.chunk_fn = torch.compile(chunk_nll_and_grads, dynamic=True) if compile_loss else chunk_nll_and_grads
+        self.distill_fn = (torch.compile(chunk_distill_and_grads, dynamic=True) if compile_loss and distill > 0
+                           else chunk_distill_and_grads)
 
     def forward(
         self,
@@ -127,21 +142,28 @@ class ExitLossModel(nn.Module):
         weights: list[float],
         keep: torch.Tensor | None,  # (L, B) bool
         early_positions: torch.Tensor | None = None,  # (n,) flat token indices for the early exits
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted loss, per-exit mean NLL): the last exit over every token, the earlier ones
-        over `early_positions` only when given (an unbiased, cheaper estimate of their loss)."""
+    ) -> ExitLosses:
+        """The last exit's loss over every token, the earlier ones' over `early_positions` only when
+        given (an unbiased, cheaper estimate of their loss), distilled from the last exit when asked."""
         out = self.model(idx, exits=exits, layer_keep=keep, compute_logits=False)
         flat_targets = targets.flatten()
-        if early_positions is None or len(exits) == 1:
+        no_kl = torch.zeros(0, device=flat_targets.device)
+        if len(exits) == 1 or (early_positions is None and not self.distill):
             hidden = torch.stack([out.exit_hidden[k] for k in exits])  # (E, B, T, C)
             normed = self.model.norm(hidden).flatten(1, 2)  # (E, B*T, C)
-            return self._loss(normed, flat_targets, weights)
-        early = torch.stack([out.exit_hidden[k].flatten(0, 1).index_select(0, early_positions) for k in exits[:-1]])
-        early_loss, early_nll = self._loss(self.model.norm(early), flat_targets.index_select(0, early_positions),
-                                           weights[:-1])
-        last = self.model.norm(out.exit_hidden[exits[-1]]).flatten(0, 1).unsqueeze(0)  # (1, B*T, C)
-        last_loss, last_nll = self._loss(last, flat_targets, weights[-1:])
-        return early_loss + last_loss, torch.cat([early_nll, last_nll])
+            return ExitLosses(*self._loss(normed, flat_targets, weights), no_kl)
+        pick = (lambda t: t) if early_positions is None else (lambda t: t.index_select(0, early_positions))
+        early = torch.stack([pick(out.exit_hidden[k].flatten(0, 1)) for k in exits[:-1]])  # (E-1, n, C)
+        last = self.model.norm(out.exit_hidden[exits[-1]]).flatten(0, 1)  # (B*T, C)
+        if self.distill:
+            early_loss, early_nll, kl = distill_exit_loss(
+                self.model.norm(early), self.model.lm_head.weight, pick(flat_targets), pick(last), weights[:-1],
+                distill=self.distill, temperature=self.temperature, chunk_size=self.chunk_size,
+                chunk_fn=self.distill_fn)
+        else:
+            (early_loss, early_nll), kl = self._loss(self.model.norm(early), pick(flat_targets), weights[:-1]), no_kl
+        last_loss, last_nll = self._loss(last.unsqueeze(0), flat_targets, weights[-1:])
+        return ExitLosses(early_loss + last_loss, torch.cat([early_nll, last_nll]), kl)
 
     def _loss(self, normed: torch.Tensor, targets: torch.Tensor,
               weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
