@@ -1,6 +1,9 @@
-"""Devices: `--device auto|cpu|cuda|mps` -> a torch.device, timing across devices, CPU memory reuse."""
+"""Devices: `--device auto|cpu|cuda|mps` -> a torch.device, timing across devices, decoding threads,
+CPU memory reuse."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -27,6 +30,33 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+# Decoding one sequence on CPU uses every available core from this many parameters up, one
+# thread below (see decoding_threads).
+THREADS_MIN_PARAMETERS = 100_000_000
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def decoding_threads(num_parameters: int, device: torch.device | str, cores: int | None = None) -> int:
+    """torch CPU threads for decoding one sequence of a model with num_parameters on device.
+
+    On CPU a small model's step is a chain of tiny products whose cost is dispatch and thread
+    wake-ups: one thread is fastest, and more are many times slower on a busy machine. From
+    THREADS_MIN_PARAMETERS up, each product reads megabytes of weights and is bound by memory
+    bandwidth, which one core cannot saturate: every core (cores, default: the available ones)
+    reads its share. On a GPU the host only launches kernels: one thread.
+    """
+    if torch.device(device).type != "cpu" or num_parameters < THREADS_MIN_PARAMETERS:
+        return 1
+    return max(1, cores if cores is not None else available_cores())
 
 
 # glibc mallopt parameters (malloc.h)
