@@ -181,14 +181,15 @@ def attend_scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCa
                   pos: int, scale: float = 1.0) -> torch.Tensor:
     """Causal attention without the output projection -> (B * T, H * D); scale: of the scores (1: q is scaled).
 
-    q (B, H, T, D) attends over the cached keys/values plus k, v (B, H_kv, T, D). Few queries
-    (decoding, drafts, verification) use three plain calls, which cost less than SDPA's fixed
-    overhead on CPU; long prefills use SDPA.
+    q (B, H, T, D) attends over the cached keys/values plus k, v (B, H_kv, T, D). Few fp32
+    queries (decoding, drafts, verification) use three plain calls, which cost less than SDPA's
+    fixed overhead on CPU; long prefills and half precision use SDPA, which accumulates in fp32
+    (plain bf16 products round the scores and probabilities to bf16: 3 ulps off the plain path).
     """
     b, heads, t, d = q.shape
     if cache is not None:
         k, v = cache.write(layer, pos, k, v)
-    if t > PLAIN_ATTENTION_MAX_QUERIES:
+    if t > PLAIN_ATTENTION_MAX_QUERIES or q.dtype != torch.float32:
         y = causal_attention(q, k, v, scale=scale)
     else:  # query head h reads key/value head h // groups, as SDPA's enable_gqa does
         kv_heads = k.shape[1]
