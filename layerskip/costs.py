@@ -75,9 +75,9 @@ class DeeEstimate:
     mean_exit_layer: float
 
 
-def time_pieces(pieces: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median microseconds of each piece, interleaved, the device synchronised around each."""
-    samples: dict[str, list[float]] = {name: [] for name in pieces}
+def time_pieces(pieces: dict[object, Callable[[], object]], repeats: int, device: torch.device) -> dict[object, float]:
+    """Median microseconds of each piece (named by any key), interleaved, the device synchronised around each."""
+    samples: dict[object, list[float]] = {name: [] for name in pieces}
     for _ in range(repeats):
         for name, run in pieces.items():
             synchronize(device)
@@ -236,40 +236,53 @@ def ssd_estimate(costs: SsdCosts, acceptance: float) -> float:
 
 
 @decoding()
-def measure_ssd_costs(model: Transformer, draft_layer: int, k: int, *, draft_vocab: int | None = None,
-                      position: int = 64, repeats: int = 30) -> SsdCosts:
-    """Time each piece of an SSD round (draft layer E, k drafts) at `position`, interleaved."""
-    num_layers = model.num_layers
+def measure_ssd_costs(model: Transformer, draft_layer: int, ks: Sequence[int] = (4,), *,
+                      draft_vocabs: Sequence[int | None] = (None,), position: int = 64,
+                      repeats: int = 30) -> dict[tuple[int, int | None], SsdCosts]:
+    """Time the pieces of SSD rounds (draft layer E, each k in ks, each draft head) at `position`.
+
+    Every piece is timed in one interleaved loop, the pieces rounds share (the AR step, the
+    tail, one head row) once, so all the estimates rest on the same samples. Returns
+    (k, draft_vocab) -> SsdCosts; draft_vocab None is the full head.
+    """
+    num_layers, k_max = model.num_layers, max(ks)
     if not (isinstance(draft_layer, int) and 1 <= draft_layer < num_layers):
         raise ConfigError(f"the draft layer must be in 1..{num_layers - 1}, got {draft_layer!r}")
-    if not (isinstance(position, int) and 1 <= position and position + k + 1 <= model.config.max_seq_len):
+    if not (isinstance(position, int) and 1 <= position and position + k_max + 1 <= model.config.max_seq_len):
         raise ConfigError(f"position + k + 1 must fit the model's context of {model.config.max_seq_len}")
     device = model.embed_tokens.weight.device
-    prompt = torch.randint(model.config.vocab_size, (1, position + k + 1), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to(device)
+    prompt = torch.randint(model.config.vocab_size, (1, position + k_max + 1),
+                           generator=torch.Generator().manual_seed(0)).to(device)
     fast, e = FastDecoder.of(model), draft_layer
-    cache = model.new_cache(max_len=position + k + 1)
+    cache = model.new_cache(max_len=position + k_max + 1)
     fast.run_blocks(model.embed(prompt[:, :position]), 0, num_layers, cache=cache, pos=0)
-    token, rows = prompt[:, position : position + 1], model.embed(prompt[:, position:])  # (1, 1), (1, k + 1, C)
-    drafted = fast.run_blocks(rows, 0, e, cache=cache, pos=position)
+    token = prompt[:, position : position + 1]  # (1, 1)
+    drafted = fast.run_blocks(model.embed(prompt[:, position:]), 0, e, cache=cache, pos=position)  # (1, k_max + 1, C)
     verified = fast.run_blocks(drafted, e, num_layers, cache=cache, pos=position)
 
-    def draft_step() -> int:
-        h = fast.run_blocks(model.embed(token), 0, e, cache=cache, pos=position)
-        logits = fast.unembed(h) if draft_vocab is None else fast.unembed_short(h, draft_vocab)[0]
-        return int(logits[0, -1].argmax())
+    def run(start: int, end: int, h: torch.Tensor) -> torch.Tensor:
+        return fast.run_blocks(h, start, end, cache=cache, pos=position)
 
-    pieces = {
-        "ar_step": lambda: int(fast.unembed(fast.run_blocks(model.embed(token), 0, num_layers, cache=cache,
-                                                            pos=position))[0, -1].argmax()),
-        "draft_step": draft_step,
-        "tail": lambda: fast.run_blocks(model.embed(token), 0, e, cache=cache, pos=position),
-        "verify_blocks": lambda: fast.run_blocks(drafted, e, num_layers, cache=cache, pos=position),
-        "head_rows": lambda: fast.unembed(verified).argmax(-1).tolist(),
+    def draft_step(vocab: int | None) -> Callable[[], int]:
+        def step() -> int:
+            h = run(0, e, model.embed(token))
+            return int((fast.unembed(h) if vocab is None else fast.unembed_short(h, vocab)[0])[0, -1].argmax())
+        return step
+
+    pieces: dict[object, Callable[[], object]] = {
+        "ar_step": lambda: int(fast.unembed(run(0, num_layers, model.embed(token)))[0, -1].argmax()),
+        "tail": lambda: run(0, e, model.embed(token)),
         "head_row": lambda: int(fast.unembed(verified[:, :1])[0, -1].argmax()),
+        **{("draft_step", vocab): draft_step(vocab) for vocab in draft_vocabs},
+        **{("verify_blocks", k): (lambda k=k: run(e, num_layers, drafted[:, : k + 1])) for k in ks},
+        **{("head_rows", k): (lambda k=k: fast.unembed(verified[:, : k + 1]).argmax(-1).tolist()) for k in ks},
     }
-    for run in pieces.values():  # warm-up: derived weights, the allocator
-        run()
+    for piece in pieces.values():  # warm-up: derived weights, the allocator
+        piece()
     us = time_pieces(pieces, repeats, device)
-    return SsdCosts(**us, batched_head=rows_cost_alike(verified.dtype, device), draft_layer=e, k=k,
-                    draft_vocab=draft_vocab, position=position, repeats=repeats, threads=torch.get_num_threads())
+    batched, threads = rows_cost_alike(verified.dtype, device), torch.get_num_threads()
+    return {(k, vocab): SsdCosts(ar_step=us["ar_step"], draft_step=us["draft_step", vocab], tail=us["tail"],
+                                 verify_blocks=us["verify_blocks", k], head_rows=us["head_rows", k],
+                                 head_row=us["head_row"], batched_head=batched, draft_layer=e, k=k,
+                                 draft_vocab=vocab, position=position, repeats=repeats, threads=threads)
+            for k in ks for vocab in draft_vocabs}

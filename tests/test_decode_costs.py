@@ -116,14 +116,16 @@ def test_ssd_estimate_is_the_rounds_arithmetic():
             ssd_estimate(ssd_costs(True), bad)
 
 
-def test_measured_ssd_costs_are_positive():
+def test_measured_ssd_costs_are_positive_and_share_the_common_pieces():
     model = tiny_model(num_kv_heads=2)
-    for vocab in (None, 10):
-        c = measure_ssd_costs(model, 2, 3, draft_vocab=vocab, position=20, repeats=3)
+    measured = measure_ssd_costs(model, 2, (1, 3), draft_vocabs=(None, 10), position=20, repeats=3)
+    assert set(measured) == {(1, None), (1, 10), (3, None), (3, 10)}
+    for (k, vocab), c in measured.items():
         assert min(c.ar_step, c.draft_step, c.tail, c.verify_blocks, c.head_rows, c.head_row) > 0
-        assert (c.k, c.draft_layer, c.draft_vocab, c.batched_head) == (3, 2, vocab, False)
+        assert (c.k, c.draft_layer, c.draft_vocab, c.batched_head) == (k, 2, vocab, False)
         assert ssd_estimate(c, 1.0) > ssd_estimate(c, 0.0)
+        assert c.ar_step == measured[1, None].ar_step and c.draft_step == measured[1, vocab].draft_step
     with pytest.raises(ConfigError, match="draft layer"):
-        measure_ssd_costs(model, 4, 3)
+        measure_ssd_costs(model, 4, (3,))
     with pytest.raises(ConfigError, match="context"):
-        measure_ssd_costs(model, 2, 3, position=62)
+        measure_ssd_costs(model, 2, (3,), position=62)
