@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from layerskip import fastpath
 from layerskip.decoding import Autoregressive, DynamicEarlyExit, SelfSpeculative
 from layerskip.decoding import ssd as ssd_module
-from layerskip.device import THREADS_MIN_PARAMETERS, decoding_threads
+from layerskip.device import THREADS_MIN_PARAMETERS, available_cores, decoding_threads, idle_cores
 from layerskip.fastpath import FOLDED, IN_PLACE, FastDecoder, decoding, layout_of, weight_bytes
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -192,9 +192,10 @@ def test_short_head_without_token_counts_ranks_by_the_tokenizers_order():
 
 
 def test_decoding_threads_rule():
-    assert decoding_threads(2_600_000, "cpu", cores=8) == 1  # a small model: one thread
-    assert decoding_threads(THREADS_MIN_PARAMETERS - 1, "cpu", cores=8) == 1
-    assert decoding_threads(THREADS_MIN_PARAMETERS, "cpu", cores=8) == 8  # bandwidth-bound: every core
-    assert decoding_threads(7_000_000_000, torch.device("cpu"), cores=2) == 2
-    assert decoding_threads(7_000_000_000, "cuda") == 1  # the host only launches kernels
-    assert decoding_threads(7_000_000_000, "cpu") >= 1
+    assert decoding_threads(2_600_000, "cpu", cores=8, load=0.0) == 1  # a small model: one thread
+    assert decoding_threads(THREADS_MIN_PARAMETERS - 1, "cpu", cores=8, load=0.0) == 1
+    assert decoding_threads(THREADS_MIN_PARAMETERS, "cpu", cores=8, load=0.3) == 8  # bandwidth-bound: every core
+    assert decoding_threads(7_000_000_000, torch.device("cpu"), cores=8, load=3.7) == 5  # only the idle ones
+    assert decoding_threads(7_000_000_000, "cpu", cores=2, load=5.0) == 1  # a busy machine: one
+    assert decoding_threads(7_000_000_000, "cuda", cores=8, load=0.0) == 1  # the host only launches kernels
+    assert 1 <= decoding_threads(7_000_000_000, "cpu") <= idle_cores() <= available_cores()

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="OUT", help="also write text and statistics as JSON to OUT")
     add_flag(parser, "threads", type=int, default=None,
              help="torch CPU threads (default: by the model's size, layerskip.device.decoding_threads: 1 "
-             "below 100M parameters, where decoding one sequence is fastest on one thread, every core above)")
+             "below 100M parameters, where decoding one sequence is fastest on one thread, every idle core above)")
     add_device_arg(parser)
 
 
