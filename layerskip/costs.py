@@ -20,6 +20,11 @@ the full head. The same with free checks is the most any cheaper confidence meas
 give at that exit histogram. Where the estimate matches the measured speed-up, the cost
 model explains it. ``exit_share_needed`` runs it backwards: the share of tokens that must
 exit at each layer for a target speed-up.
+
+``measure_ssd_costs`` times the pieces of one self-speculative round (a draft step, the tail,
+verification's blocks over k + 1 rows, the verifier's head), and ``ssd_estimate`` turns them
+into SSD's speed-up over AR at an acceptance rate (accepted / drafted, as the LayerSkip paper
+and ``layerskip bench`` count it): the round's arithmetic, without the strategy's bookkeeping.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from layerskip.decoding.measures import logit_confidence
 from layerskip.decoding.propagation import FusedPropagation
 from layerskip.device import synchronize
 from layerskip.errors import ConfigError
-from layerskip.fastpath import FastDecoder, decoding
+from layerskip.fastpath import FastDecoder, decoding, rows_cost_alike
 from layerskip.model import Transformer
 
 PIECES = ("ar_step", "block", "full_head", "check", "propagate", "rest")
@@ -70,9 +75,9 @@ class DeeEstimate:
     mean_exit_layer: float
 
 
-def time_pieces(pieces: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median microseconds of each piece, interleaved, the device synchronised around each."""
-    samples: dict[str, list[float]] = {name: [] for name in pieces}
+def time_pieces(pieces: dict[object, Callable[[], object]], repeats: int, device: torch.device) -> dict[object, float]:
+    """Median microseconds of each piece (named by any key), interleaved, the device synchronised around each."""
+    samples: dict[object, list[float]] = {name: [] for name in pieces}
     for _ in range(repeats):
         for name, run in pieces.items():
             synchronize(device)
@@ -98,7 +103,7 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(model.config.vocab_size, (1, position), generator=generator).to(device)
     fast = FastDecoder.of(model)
-    cache = model.new_cache()
+    cache = model.new_cache(max_len=position + 1)  # not the whole context: 128k positions of a Llama 3 take GBs
     fast.run_blocks(model.embed(prompt), 0, num_layers, cache=cache, pos=0)
     token = prompt[:, -1:]
     hidden = fast.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
@@ -188,3 +193,96 @@ def exit_share_needed(costs: StepCosts, target_speedup: float, checked_layers: S
         else:  # share * early + (1 - share) * full = budget
             needed[layer] = (full - budget) / (full - early)
     return needed
+
+
+# ----------------------------------------------------------------------------- self-speculative decoding
+
+
+@dataclass
+class SsdCosts:
+    """Median microseconds of the pieces of one self-speculative round (see ``ssd_estimate``)."""
+
+    ar_step: float  # one autoregressive step, as in StepCosts
+    draft_step: float  # blocks [0, E) on one token + the draft head (short or full) + argmax
+    tail: float  # blocks [0, E) on one token, no head
+    verify_blocks: float  # blocks [E, L) on k + 1 rows
+    head_rows: float  # the full head on k + 1 rows in one product, argmax per row
+    head_row: float  # the full head on one row, argmax
+    batched_head: bool  # whether verification unembeds its rows in one product (fastpath.rows_cost_alike)
+    draft_layer: int
+    k: int
+    draft_vocab: int | None
+    position: int
+    repeats: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ssd_estimate(costs: SsdCosts, acceptance: float) -> float:
+    """SSD's speed-up over AR when a share `acceptance` of the drafted tokens is accepted.
+
+    A round drafts k tokens (k draft steps and the tail), verifies k + 1 rows, and commits the
+    accepted drafts plus one token of the full model: acceptance * k + 1 tokens on average.
+    Row by row, the verifier's head reads as many rows as it commits tokens.
+    """
+    if not (isinstance(acceptance, (int, float)) and 0 <= acceptance <= 1):
+        raise ConfigError(f"an acceptance rate is in [0, 1] (accepted / drafted), got {acceptance!r}")
+    tokens = acceptance * costs.k + 1
+    head = costs.head_rows if costs.batched_head else tokens * costs.head_row
+    round_us = costs.k * costs.draft_step + costs.tail + costs.verify_blocks + head
+    return costs.ar_step * tokens / round_us
+
+
+@decoding()
+def measure_ssd_costs(model: Transformer, draft_layer: int, ks: Sequence[int] = (4,), *,
+                      draft_vocabs: Sequence[int | None] = (None,), position: int = 64,
+                      repeats: int = 30) -> dict[tuple[int, int | None], SsdCosts]:
+    """Time the pieces of SSD rounds (draft layer E, each k in ks, each draft head) at `position`.
+
+    Every piece is timed in one interleaved loop, the pieces rounds share (the AR step, the
+    tail, one head row) once, so all the estimates rest on the same samples. Returns
+    (k, draft_vocab) -> SsdCosts; draft_vocab None is the full head.
+    """
+    num_layers, k_max = model.num_layers, max(ks)
+    if not (isinstance(draft_layer, int) and 1 <= draft_layer < num_layers):
+        raise ConfigError(f"the draft layer must be in 1..{num_layers - 1}, got {draft_layer!r}")
+    if not (isinstance(position, int) and 1 <= position and position + k_max + 1 <= model.config.max_seq_len):
+        raise ConfigError(f"position + k + 1 must fit the model's context of {model.config.max_seq_len}")
+    device = model.embed_tokens.weight.device
+    prompt = torch.randint(model.config.vocab_size, (1, position + k_max + 1),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    fast, e = FastDecoder.of(model), draft_layer
+    cache = model.new_cache(max_len=position + k_max + 1)
+    fast.run_blocks(model.embed(prompt[:, :position]), 0, num_layers, cache=cache, pos=0)
+    token = prompt[:, position : position + 1]  # (1, 1)
+    drafted = fast.run_blocks(model.embed(prompt[:, position:]), 0, e, cache=cache, pos=position)  # (1, k_max + 1, C)
+    verified = fast.run_blocks(drafted, e, num_layers, cache=cache, pos=position)
+
+    def run(start: int, end: int, h: torch.Tensor) -> torch.Tensor:
+        return fast.run_blocks(h, start, end, cache=cache, pos=position)
+
+    def draft_step(vocab: int | None) -> Callable[[], int]:
+        def step() -> int:
+            h = run(0, e, model.embed(token))
+            return int((fast.unembed(h) if vocab is None else fast.unembed_short(h, vocab)[0])[0, -1].argmax())
+        return step
+
+    pieces: dict[object, Callable[[], object]] = {
+        "ar_step": lambda: int(fast.unembed(run(0, num_layers, model.embed(token)))[0, -1].argmax()),
+        "tail": lambda: run(0, e, model.embed(token)),
+        "head_row": lambda: int(fast.unembed(verified[:, :1])[0, -1].argmax()),
+        **{("draft_step", vocab): draft_step(vocab) for vocab in draft_vocabs},
+        **{("verify_blocks", k): (lambda k=k: run(e, num_layers, drafted[:, : k + 1])) for k in ks},
+        **{("head_rows", k): (lambda k=k: fast.unembed(verified[:, : k + 1]).argmax(-1).tolist()) for k in ks},
+    }
+    for piece in pieces.values():  # warm-up: derived weights, the allocator
+        piece()
+    us = time_pieces(pieces, repeats, device)
+    batched, threads = rows_cost_alike(verified.dtype, device), torch.get_num_threads()
+    return {(k, vocab): SsdCosts(ar_step=us["ar_step"], draft_step=us["draft_step", vocab], tail=us["tail"],
+                                 verify_blocks=us["verify_blocks", k], head_rows=us["head_rows", k],
+                                 head_row=us["head_row"], batched_head=batched, draft_layer=e, k=k,
+                                 draft_vocab=vocab, position=position, repeats=repeats, threads=threads)
+            for k in ks for vocab in draft_vocabs}

@@ -1,6 +1,9 @@
-"""Devices: `--device auto|cpu|cuda|mps` -> a torch.device, timing across devices, CPU memory reuse."""
+"""Devices: `--device auto|cpu|cuda|mps` -> a torch.device, timing across devices, decoding threads,
+CPU memory reuse."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -27,6 +30,47 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+# Decoding one sequence on CPU uses the idle cores from this many parameters up, one thread
+# below (see decoding_threads).
+THREADS_MIN_PARAMETERS = 100_000_000
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def idle_cores(cores: int | None = None, load: float | None = None) -> int:
+    """Cores not busy with other work: cores minus the whole part of the 1-minute load average (at least 1)."""
+    cores = available_cores() if cores is None else cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # Windows
+            load = 0.0
+    return max(1, min(cores, cores - int(load)))
+
+
+def decoding_threads(num_parameters: int, device: torch.device | str, cores: int | None = None,
+                     load: float | None = None) -> int:
+    """torch CPU threads for decoding one sequence of a model with num_parameters on device.
+
+    On CPU a small model's step is a chain of tiny products whose cost is dispatch and thread
+    wake-ups: one thread is fastest. From THREADS_MIN_PARAMETERS up, each product reads
+    megabytes of weights and is bound by memory bandwidth, which one core cannot saturate:
+    every idle core reads its share. Cores another process keeps busy are left out: a thread
+    that waits for a descheduled sibling stalls every product (on 2 cores at load 5, 2 threads
+    decoded 6-100x slower than 1 at every size). cores, load: defaults the machine's now.
+    On a GPU the host only launches kernels: one thread.
+    """
+    if torch.device(device).type != "cpu" or num_parameters < THREADS_MIN_PARAMETERS:
+        return 1
+    return idle_cores(cores, load)
 
 
 # glibc mallopt parameters (malloc.h)

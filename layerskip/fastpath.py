@@ -1,8 +1,17 @@
 """The decoding fast path: the model's blocks and heads as the same functions in fewer calls.
 
-Decoding a token is a chain of tiny products whose fixed cost per call dominates on CPU.
-``FastDecoder.of(model)`` offers ``run_blocks``, ``unembed`` and ``unembed_short`` with the
-model's signatures, computed from copies of its weights laid out for a few rows at a time.
+Decoding a token of a small model is a chain of tiny products whose fixed cost per call
+dominates on CPU. ``FastDecoder.of(model)`` offers ``run_blocks``, ``unembed`` and
+``unembed_short`` with the model's signatures. Two layouts, chosen per model (``layout_of``):
+
+- ``folded``: from copies of the weights laid out for a few rows at a time (norm gains folded
+  in, queries/keys/values in one product, transposed). Fastest for small fp32 models, at the
+  cost of a second copy of the weights.
+- ``in_place``: from the model's own weights through ``F.linear``, no copy. For models whose
+  weights exceed ``COPY_LIMIT_BYTES`` (there each product reads megabytes and the calls' fixed
+  cost no longer matters, while a copy would double the memory), and for half precision on CPU
+  (products of transposed bf16/fp16 copies are 2.5x / 100x slower than ``F.linear``'s).
+
 The copies follow weight changes; inside a ``decoding()`` scope each is checked only once.
 """
 
@@ -20,10 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from layerskip.cache import KVCache
-from layerskip.model import Block, RMSNorm, Transformer, causal_attention, causal_mask, normalize
+from layerskip.model import Block, RMSNorm, Transformer, apply_rotary, causal_attention, causal_mask, normalize
 
 PLAIN_ATTENTION_MAX_QUERIES = 16  # above this many queries, SDPA is faster than plain products
 FEW_ROWS = 16  # unembed at most this many rows on CPU through the head's transposed copy
+# Decoding copies only for models whose weights take at most this many bytes (fp32: 268M
+# parameters; the copies were 1.3x faster at every fp32 size measured, up to 157M), larger ones
+# decode from their own weights. Read when copies are built, so tests and benchmarks may change it.
+COPY_LIMIT_BYTES = 2**30
+FOLDED, IN_PLACE = "folded", "in_place"
 T = TypeVar("T")
 
 # The current `decoding()` scope (None outside one): while it lasts, weights do not change.
@@ -82,6 +96,16 @@ class DerivedWeights:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def tensor_bytes(self) -> int:
+        """Bytes of the tensors the copies hold (themselves, or their attributes or items one level down)."""
+        total = 0
+        for _, copy, _ in self._entries.values():
+            parts = copy if isinstance(copy, (tuple, list)) else getattr(copy, "__dict__", {}).values()
+            for part in (copy,) if isinstance(copy, torch.Tensor) else parts:
+                if isinstance(part, torch.Tensor):
+                    total += part.numel() * part.element_size()
+        return total
 
 
 # ----------------------------------------------------------------------------- one block
@@ -155,27 +179,56 @@ class FastBlock:
 
 
 def attend_scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int,
-                  pos: int) -> torch.Tensor:
-    """Causal attention of queries already scaled by 1/sqrt(D), without the output projection -> (B * T, H * D).
+                  pos: int, scale: float = 1.0) -> torch.Tensor:
+    """Causal attention without the output projection -> (B * T, H * D); scale: of the scores (1: q is scaled).
 
-    q (B, H, T, D) attends over the cached keys/values plus k, v (B, H_kv, T, D). Few queries
-    (decoding, drafts, verification) use three plain calls, which cost less than SDPA's fixed
-    overhead on CPU; long prefills use SDPA.
+    q (B, H, T, D) attends over the cached keys/values plus k, v (B, H_kv, T, D). Few fp32
+    queries (decoding, drafts, verification) use three plain calls, which cost less than SDPA's
+    fixed overhead on CPU; long prefills and half precision use SDPA, which accumulates in fp32
+    (plain bf16 products round the scores and probabilities to bf16: 3 ulps off the plain path).
     """
     b, heads, t, d = q.shape
     if cache is not None:
         k, v = cache.write(layer, pos, k, v)
-    if t > PLAIN_ATTENTION_MAX_QUERIES:
-        y = causal_attention(q, k, v, scale=1.0)
+    if t > PLAIN_ATTENTION_MAX_QUERIES or q.dtype != torch.float32:
+        y = causal_attention(q, k, v, scale=scale)
     else:  # query head h reads key/value head h // groups, as SDPA's enable_gqa does
         kv_heads = k.shape[1]
         groups = heads // kv_heads
         scores = q.reshape(b, kv_heads, groups * t, d) @ k.transpose(-1, -2)  # (B, H_kv, G*T, S)
+        if scale != 1.0:
+            scores = scores * scale
         mask = causal_mask(t, k.shape[2], q.device)
         if mask is not None:
             scores = scores.masked_fill(~mask.repeat(groups, 1), -math.inf)
         y = (scores.softmax(-1) @ v).view(b, heads, t, d)
     return y.transpose(1, 2).reshape(b * t, -1)
+
+
+@dataclass(frozen=True)
+class InPlaceBlock:
+    """One block's forward (without dropout) on the block's own weights: no copy, the plain path's products.
+
+    For models whose copies would cost too much memory, where a step reads megabytes per product
+    and the few extra calls of the unfolded layout cost nothing that shows. Only attention
+    differs from ``Block.forward``: plain products for a few fp32 queries, as in FastBlock (in
+    half precision it is the same SDPA, and the block gives the plain block's bits).
+    """
+
+    block: Block
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                 layer: int, pos: int) -> torch.Tensor:
+        block, b, t, c = self.block, *x.shape
+        attn, mlp = block.attn, block.mlp
+        h = rms_norm(block.attn_norm, x)
+        q = F.linear(h, attn.q_proj.weight).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k, v = attn.project_kv(h, cos, sin)
+        y = attend_scaled(apply_rotary(q, cos, sin), k, v, cache, layer, pos, attn.head_dim**-0.5)
+        x = x + F.linear(y, attn.o_proj.weight).view(b, t, c)
+        h = rms_norm(block.mlp_norm, x)
+        return x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
+                            mlp.down_proj.weight)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -188,6 +241,39 @@ def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32 == norm.weight.dtype:
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
     return norm(x)
+
+
+def transposed_products_pay(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether x @ W^T with W^T stored contiguously is at least as fast as F.linear(x, W) for a few rows.
+
+    On CPU it is for fp32 (MKL: 1.2x faster for one row of a small head), but bf16 products
+    with a transposed weight run 2.5x slower and fp16 ones up to 100x slower than F.linear's.
+    """
+    return device.type != "cpu" or dtype == torch.float32
+
+
+def rows_cost_alike(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a product of a few rows (up to ~16) with a large weight costs about what one row does.
+
+    Then verification unembeds all its rows in one product instead of row by row up to the
+    first rejection. True on GPUs, and for bf16 on CPU, where such products are bound by reading
+    the weight (5 rows cost what 1 does); fp32 and fp16 products of a few rows on CPU cost
+    about a row's arithmetic each (5 rows: 3-10x one row), so reading the head again per row is cheaper.
+    """
+    return device.type != "cpu" or dtype == torch.bfloat16
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of the model's parameters (a tied head counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def layout_of(model: Transformer) -> str:
+    """FOLDED (decoding copies) or IN_PLACE (the model's own weights): see the module docstring."""
+    weight = model.embed_tokens.weight
+    if not transposed_products_pay(weight.dtype, weight.device) or weight_bytes(model) > COPY_LIMIT_BYTES:
+        return IN_PLACE
+    return FOLDED
 
 
 class FastDecoder:
@@ -209,15 +295,37 @@ class FastDecoder:
         self.copies = DerivedWeights()  # the blocks' and the head's, and strategies' own (propagation)
         self._short_heads = DerivedWeights()
         self._ranked_by = model.token_counts  # the counts the short heads' tokens were chosen by
+        self._layout = DerivedWeights()  # the layout, decided again when the weights change (dtype, device)
+        self._last_layout: str | None = None
 
     @property
     def model(self) -> Transformer:
         return self._model()
 
-    def block(self, layer: int) -> FastBlock:
-        """Block `layer`'s FastBlock, rebuilt whenever one of its weights changes."""
-        def build() -> FastBlock:
-            return FastBlock.of(self.model.layers[layer])
+    @property
+    def layout(self) -> str:
+        """FOLDED or IN_PLACE (``layout_of``), decided again when the embedding or head weights change
+        (dtype, device); a change of layout drops the other layout's copies. The copies read it
+        when they are built, so COPY_LIMIT_BYTES applies from a model's next weight change."""
+        def sources() -> tuple[torch.Tensor, ...]:
+            model = self.model
+            return model.embed_tokens.weight, model.lm_head.weight
+
+        layout = self._layout.get("layout", sources, lambda: layout_of(self.model)) or layout_of(self.model)
+        if layout != self._last_layout:
+            self.copies.clear()
+            self._last_layout = layout
+        return layout
+
+    def copy_bytes(self) -> int:
+        """Bytes held by the decoding copies (blocks, head, short heads, strategies' own)."""
+        return self.copies.tensor_bytes() + self._short_heads.tensor_bytes()
+
+    def block(self, layer: int) -> FastBlock | InPlaceBlock:
+        """Block `layer` for decoding (a FastBlock, or an InPlaceBlock), rebuilt whenever a weight changes."""
+        def build() -> FastBlock | InPlaceBlock:
+            block = self.model.layers[layer]
+            return FastBlock.of(block) if self.layout == FOLDED else InPlaceBlock(block)
 
         return (self.copies.get(("block", layer), lambda: block_weights(self.model.layers[layer]), build)
                 or build())
@@ -232,27 +340,27 @@ class FastDecoder:
         pos: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``Transformer.run_blocks`` through FastBlocks."""
+        """``Transformer.run_blocks`` through FastBlocks (or InPlaceBlocks)."""
         cos, sin = rope if rope is not None else self.model.rotary(pos, h.shape[1])
         for layer in range(start, end):
             h = self.block(layer)(h, cos, sin, cache, layer, pos)
         return h
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``Transformer.unembed``; a few rows on CPU go through the head's transposed copy.
+        """``Transformer.unembed``; with the folded layout a few rows on CPU go through the head's transposed copy.
 
         Decoding unembeds one row (or k + 1) at a time, and on CPU (MKL) x @ W^T with W^T stored
-        contiguously is much faster than F.linear(x, W) for a few rows of a large head.
+        contiguously is faster than F.linear(x, W) for a few rows of a small fp32 head.
         """
         model = self.model
         if hidden.device.type == "cpu" and hidden.numel() <= FEW_ROWS * hidden.shape[-1]:
             head = self.copies.get("head", self._head_weights, self._build_head)
-            if head is not None:
+            if isinstance(head, torch.Tensor):  # not IN_PLACE, and not untracked (None)
                 return normalize(hidden, model.norm.eps) @ head
         return model.lm_head(rms_norm(model.norm, hidden))
 
     def unembed_short(self, hidden: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Transformer.unembed_short`` through a cached copy of the short head."""
+        """``Transformer.unembed_short`` through a cached copy of the short head (size / V of the head)."""
         model = self.model
         if size >= model.config.vocab_size:
             return self.unembed(hidden), torch.arange(model.config.vocab_size, device=hidden.device)
@@ -260,18 +368,25 @@ class FastDecoder:
             self._short_heads.clear()
             self._ranked_by = model.token_counts
 
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
+        def build() -> tuple[torch.Tensor, torch.Tensor, bool]:
             ids = model.frequent_ids(size)
+            weight = model.lm_head.weight
+            transposed = transposed_products_pay(weight.dtype, weight.device)
             with torch.no_grad():
-                return ids, model.folded_head(ids).contiguous()
+                head = model.folded_head(ids)  # (C, N), a view of the (N, C) rows
+                return ids, (head.contiguous() if transposed else head.t().contiguous()), transposed
 
-        ids, head = self._short_heads.get(size, self._head_weights, build) or build()
-        return normalize(hidden, model.norm.eps) @ head, ids
+        ids, head, transposed = self._short_heads.get(size, self._head_weights, build) or build()
+        x = normalize(hidden, model.norm.eps)
+        return (x @ head if transposed else F.linear(x, head)), ids
 
     def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         return model.lm_head.weight, model.norm.weight
 
-    def _build_head(self) -> torch.Tensor:
+    def _build_head(self) -> torch.Tensor | str:
+        """The head's folded transposed copy, or IN_PLACE (no copy) for that layout."""
+        if self.layout != FOLDED:
+            return IN_PLACE
         with torch.no_grad():
             return self.model.folded_head().contiguous()

@@ -73,3 +73,34 @@ def test_decode_speed_script_on_the_best_case(tmp_path, capsys):
     assert doc["results"][1]["acceptance_rate"] == 1.0 and doc["results"][1]["identical_to_ar"] == 1.0
     assert doc["settings"]["prompt_source"] == "random token ids" and len(doc["runs"]["ar"]) == 2
     assert "ssd E=2 k=3" in capsys.readouterr().out
+
+
+def test_a_random_model_is_built_in_its_dtype_without_an_fp32_copy(monkeypatch):
+    """bf16 straight from the meta device: tied heads stay tied, rotary tables and norms are right, it decodes."""
+    import torch
+
+    from layerskip.model import Transformer
+
+    built = []
+    real_init = Transformer.__init__
+
+    def spy(self, cfg):
+        real_init(self, cfg)
+        built.append(self.embed_tokens.weight.device.type)
+
+    monkeypatch.setattr(Transformer, "__init__", spy)
+    cfg = tiny_config(num_kv_heads=2)
+    model = random_model(0, cfg, dtype=torch.bfloat16)
+    assert built == ["meta"]  # never materialised in fp32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+    assert model.lm_head.weight is model.embed_tokens.weight
+    reference = Transformer(cfg).to(torch.bfloat16)
+    assert torch.equal(model.rope_cos, reference.rope_cos) and torch.equal(model.rope_sin, reference.rope_sin)
+    assert all(torch.all(b.attn_norm.weight == 1) for b in model.layers)
+    std = model.layers[0].mlp.up_proj.weight.float().std().item()
+    assert abs(std - cfg.init_std) < 0.1 * cfg.init_std
+    untied = random_model(0, tiny_config(tie_embeddings=False), dtype=torch.bfloat16)
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+    assert not torch.equal(untied.lm_head.weight, untied.embed_tokens.weight)
+    prompt = [5, 6, 7]
+    assert SelfSpeculative(2, 3).generate(model, prompt, 10).tokens == Autoregressive().generate(model, prompt, 10).tokens

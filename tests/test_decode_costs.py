@@ -1,4 +1,4 @@
-"""layerskip.costs and benchmarks/decode_costs.py: the DEE cost model's arithmetic, and real timings."""
+"""layerskip.costs and benchmarks/decode_costs.py: the DEE and SSD cost models' arithmetic, and real timings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from layerskip.costs import PIECES, StepCosts, dee_estimate, exit_share_needed, measure_step_costs
+from layerskip.costs import (
+    PIECES,
+    SsdCosts,
+    StepCosts,
+    dee_estimate,
+    exit_share_needed,
+    measure_ssd_costs,
+    measure_step_costs,
+    ssd_estimate,
+)
 from layerskip.errors import ConfigError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_costs.py"
@@ -88,3 +97,35 @@ def test_script_measures_a_random_model(capsys):
     shares = re.findall(r"l=(\d): +(\d+%|out of reach) with checks, +(\d+%|out of reach) if checks were free",
                         capsys.readouterr().out)
     assert [layer for layer, _, _ in shares] == ["1", "2", "3", "4", "5"]
+
+
+def ssd_costs(batched: bool) -> SsdCosts:
+    return SsdCosts(ar_step=10, draft_step=3, tail=2.5, verify_blocks=8, head_rows=2, head_row=1, batched_head=batched,
+                    draft_layer=1, k=4, draft_vocab=None, position=8, repeats=1, threads=1)
+
+
+def test_ssd_estimate_is_the_rounds_arithmetic():
+    # every draft accepted: 5 tokens a round for 4 draft steps, the tail, verification and the head
+    assert ssd_estimate(ssd_costs(batched=True), 1.0) == pytest.approx(50 / (12 + 2.5 + 8 + 2))
+    assert ssd_estimate(ssd_costs(batched=False), 1.0) == pytest.approx(50 / (12 + 2.5 + 8 + 5 * 1))
+    # none accepted: one token a round; row by row the head reads one row only
+    assert ssd_estimate(ssd_costs(batched=False), 0.0) == pytest.approx(10 / (12 + 2.5 + 8 + 1))
+    assert ssd_estimate(ssd_costs(batched=True), 0.5) == pytest.approx(30 / 24.5)
+    for bad in (-0.1, 1.5, "0.7"):
+        with pytest.raises(ConfigError, match="acceptance"):
+            ssd_estimate(ssd_costs(True), bad)
+
+
+def test_measured_ssd_costs_are_positive_and_share_the_common_pieces():
+    model = tiny_model(num_kv_heads=2)
+    measured = measure_ssd_costs(model, 2, (1, 3), draft_vocabs=(None, 10), position=20, repeats=3)
+    assert set(measured) == {(1, None), (1, 10), (3, None), (3, 10)}
+    for (k, vocab), c in measured.items():
+        assert min(c.ar_step, c.draft_step, c.tail, c.verify_blocks, c.head_rows, c.head_row) > 0
+        assert (c.k, c.draft_layer, c.draft_vocab, c.batched_head) == (k, 2, vocab, False)
+        assert ssd_estimate(c, 1.0) > ssd_estimate(c, 0.0)
+        assert c.ar_step == measured[1, None].ar_step and c.draft_step == measured[1, vocab].draft_step
+    with pytest.raises(ConfigError, match="draft layer"):
+        measure_ssd_costs(model, 4, (3,))
+    with pytest.raises(ConfigError, match="context"):
+        measure_ssd_costs(model, 2, (3,), position=62)

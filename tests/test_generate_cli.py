@@ -142,3 +142,26 @@ def test_stop_at_eol(checkpoint, capsys, tmp_path):
     expected = full[: full.index(tok.eol_id) + 1] if tok.eol_id in full else full
     assert code == 0 and doc["tokens"] == expected
     assert doc["summary"]["stop_reason"] == ("eos" if tok.eol_id in full else "length")
+
+
+def test_threads_follow_the_models_size_unless_given(checkpoint, capsys, monkeypatch):
+    import torch
+
+    from layerskip import device
+
+    path, model, _ = checkpoint
+    asked = []
+
+    def rule(num_parameters, where):
+        asked.append((num_parameters, torch.device(where).type))
+        return 2
+
+    monkeypatch.setattr(device, "decoding_threads", rule)
+    try:
+        assert generate(capsys, "--checkpoint", str(path), "--prompt", PROMPT, "--max_length", "2")[0] == 0
+        assert asked == [(model.num_parameters(), "cpu")] and torch.get_num_threads() == 2
+        assert generate(capsys, "--checkpoint", str(path), "--prompt", PROMPT, "--max_length", "2", "--threads", "1",
+                        "--device", "cpu")[0] == 0
+        assert len(asked) == 1 and torch.get_num_threads() == 1  # --threads wins
+    finally:
+        torch.set_num_threads(1)

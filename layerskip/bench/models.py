@@ -1,11 +1,12 @@
-"""Models and prompts for the scripts in benchmarks/: a checkpoint, or a random model of the
-default shape, optionally built as the best case for self-speculative decoding.
+"""Models and prompts for the scripts in benchmarks/: a checkpoint, or a random model (the default
+shape or any config, in any dtype), optionally built as the best case for self-speculative decoding.
 
 Every script gets its prompts from BenchModel.prompts, so they decode what `layerskip bench` does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from layerskip.bench.prompts import paragraph_prompts, random_prompts
 from layerskip.checkpoint import Checkpoint, load_checkpoint
 from layerskip.config import ModelConfig
-from layerskip.model import Transformer
+from layerskip.model import Transformer, rotary_tables
 
 
 @dataclass
@@ -51,10 +52,40 @@ def load_model(checkpoint: str | Path | None = None, *, seed: int = 0, best_case
     return BenchModel(model)
 
 
-def random_model(seed: int = 0, config: ModelConfig | None = None) -> Transformer:
-    """Random weights (seeded) of the default shape, or of config; no dropout, eval mode."""
-    torch.manual_seed(seed)
-    return Transformer(config or ModelConfig(dropout=0.0)).eval()
+def random_model(seed: int = 0, config: ModelConfig | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    """Random weights (seeded) of the default shape, or of config; no dropout, eval mode.
+
+    dtype (other than fp32): built on the meta device and materialised in that dtype, so a
+    large shape never holds an fp32 copy (the Llama 2 7B shape is 13.5 GB in bf16, 27 GB in
+    fp32); the same distribution as the fp32 initialisation, other draws.
+    """
+    if dtype is None or dtype == torch.float32:
+        torch.manual_seed(seed)
+        return Transformer(config or ModelConfig(dropout=0.0)).eval()
+    cfg = config or ModelConfig(dropout=0.0)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device="cpu")
+    if cfg.tie_embeddings:  # to_empty gives every parameter its own storage; tie them again
+        model.lm_head.weight = model.embed_tokens.weight
+    _initialise(model, seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def _initialise(model: Transformer, seed: int) -> None:
+    """Transformer's initialisation, in place in the parameters' own dtype; the rotary tables too."""
+    cfg, generator = model.config, torch.Generator().manual_seed(seed)
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # GPT-2's scaled init, as Transformer
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else cfg.init_std
+            param.normal_(0.0, std, generator=generator)
+    cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from layerskip.checkpoint import load_checkpoint
 from layerskip.console import log
 from layerskip.costs import StepCosts, dee_estimate, measure_step_costs
 from layerskip.data import encode_splits, find_split_files, read_lines, resolve_data_dir
-from layerskip.device import resolve_device
+from layerskip.device import decoding_threads, resolve_device
 from layerskip.evaluation import evaluate_model
 from layerskip.jsonfile import sanitize, write_json
 from layerskip.sources import load_tokenizer, read_model_config, resolve_source
@@ -52,6 +52,7 @@ def run_bench(
     """Benchmark checkpoint (and baseline) and return the results document (JSON-serialisable).
 
     settings.threads sets torch's CPU threads for the run only; the previous value is restored.
+    Without it each model decodes with ``decoding_threads`` for its size (evaluation keeps torch's).
     """
     device = resolve_device(settings.device)
     threads_before = torch.get_num_threads()
@@ -85,6 +86,7 @@ def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettin
         results_models = [
             bench_model(name, role, path, prompts, settings, th, device, bar) for name, role, path, th in models
         ]
+    machine["torch_threads"] = results_models[0]["decoding_threads"]  # what decoding ran with
     for record, (name, _, path, _) in zip(results_models, models):
         record.update(per_layer_eval(path, files, settings, device, name))
     settings_dict = asdict(settings)
@@ -123,9 +125,15 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], setting
     ids = [prompt_ids(p, tok, settings.prompt_tokens) for p in prompts]
     fingerprint = model_fingerprint(model) if thresholds is not None else None
     configs = build_configs(num_layers, settings, thresholds, fingerprint)
-    with torch.inference_mode():
-        runs, peaks = measure_configs(model, ids, configs, settings, progress)
-    costs = step_costs(model, configs, settings)
+    threads_before = torch.get_num_threads()
+    threads = settings.threads or decoding_threads(model.num_parameters(), device)
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            runs, peaks = measure_configs(model, ids, configs, settings, progress)
+        costs = step_costs(model, configs, settings)
+    finally:
+        torch.set_num_threads(threads_before)
     ar_greedy = runs["ar"]
     summaries = []
     for c in configs:
@@ -143,7 +151,8 @@ def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], setting
     ]
     return {
         "name": name, "role": role, "checkpoint": str(ckpt.path), "num_layers": num_layers,
-        "num_parameters": model.num_parameters(), "train": ckpt.train_config, "dtype": str(model.lm_head.weight.dtype),
+        "num_parameters": model.num_parameters(), "decoding_threads": threads, "train": ckpt.train_config,
+        "dtype": str(model.lm_head.weight.dtype),
         "configs": summaries, "samples": samples, "peak_rss_bytes": peak_rss_bytes(),
         "step_costs": costs.to_dict() if costs else None,
     }

@@ -63,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="timed repetitions of each piece of a decoding step (block, heads, check, propagation) for "
                   "the step-cost breakdown and DEE's estimated speed-ups (default: 300; 0 skips them)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and sampling (default: 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads while decoding (default: by each model's size, "
+                        "layerskip.device.decoding_threads, as `layerskip generate`)")
     add_data_dir_arg(parser)
     add_device_arg(parser)
     add_dtype_arg(parser)

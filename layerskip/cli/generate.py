@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dee_arguments(parser)
     parser.add_argument("--json", default=None, metavar="OUT", help="also write text and statistics as JSON to OUT")
     add_flag(parser, "threads", type=int, default=None,
-             help="torch CPU threads (default 1 on CPU: decoding one sequence of a small model is fastest "
-             "on one thread, and many times slower with more on a busy machine)")
+             help="torch CPU threads (default: by the model's size, layerskip.device.decoding_threads: 1 "
+             "below 100M parameters, where decoding one sequence is fastest on one thread, every idle core above)")
     add_device_arg(parser)
     add_dtype_arg(parser)
 
@@ -132,17 +132,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from layerskip.api import generate, load
-    from layerskip.device import resolve_device
+    from layerskip.device import decoding_threads
     from layerskip.errors import ConfigError
 
     if args.max_length < 1:
         raise ConfigError(f"--max_length must be >= 1, got {args.max_length}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    device = resolve_device(args.device)
-    if args.threads is not None or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
     ckpt = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    model = ckpt.model
+    torch.set_num_threads(args.threads or decoding_threads(model.num_parameters(), model.lm_head.weight.device))
     temperature = 0.0 if args.greedy else args.temperature
     stream = TextStream(ckpt.tokenizer, ckpt.tokenizer.encode(args.prompt), sys.stdout)  # prints the prompt too
     out = generate(ckpt, args.prompt, mode=args.mode, max_new_tokens=args.max_length, temperature=temperature,

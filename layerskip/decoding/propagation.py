@@ -11,10 +11,12 @@ d_model projections per skipped layer, done for all of them in one batched produ
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from layerskip.cache import KVCache
-from layerskip.fastpath import FastDecoder
+from layerskip.fastpath import FOLDED, FastDecoder
 from layerskip.model import Transformer, normalize
 
 
@@ -43,11 +45,16 @@ class FusedPropagation:
     """
 
     @classmethod
-    def for_model(cls, model: Transformer) -> FusedPropagation:
+    def for_model(cls, model: Transformer) -> FusedPropagation | Callable[..., int]:
         """The model's FusedPropagation, built once and rebuilt only when a weight it folds changes.
 
         Stacking the weights costs milliseconds, a noticeable share of a short generation.
+        A model decoded from its own weights (``fastpath.IN_PLACE``: large, or half precision on
+        CPU) gets ``propagate_kv``: stacking would copy its K/V weights, and there a product per
+        layer costs no more than the fused one.
         """
+        if FastDecoder.of(model).layout != FOLDED:
+            return propagate_kv
         def sources() -> tuple[torch.Tensor, ...]:
             return tuple(w for b in model.layers for w in (b.attn.k_proj.weight, b.attn.v_proj.weight,
                                                            b.attn_norm.weight))

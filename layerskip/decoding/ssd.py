@@ -19,7 +19,8 @@ One round, with n the position of the newest committed token (not yet in the cac
    full-model steps (1, 2, 4, ... rounds, see ``Backoff``).
 3. Verify: ONE ``run_blocks(kept_hidden, E, L)`` over all those positions, reusing the
    draft's work in [0, E) (never recomputed); the full model's logits at positions
-   n .. n + m come from the shared head (on CPU row by row, only up to the first rejection).
+   n .. n + m come from the shared head: in one product where a few rows cost what one does
+   (GPUs, bf16 on CPU), else row by row, only up to the first rejection (see ``RowLogits``).
    Drafts and verification run the model's fast path (``layerskip.fastpath``).
 4. Accept the longest prefix of drafts the full model agrees with (greedy: equal to its
    argmax; sampling: speculative rejection sampling, accept with probability min(1, p/q),
@@ -50,7 +51,7 @@ from layerskip.decoding.base import (
     token_buffer,
 )
 from layerskip.errors import ConfigError
-from layerskip.fastpath import FastDecoder, decoding
+from layerskip.fastpath import FastDecoder, decoding, rows_cost_alike
 from layerskip.model import Transformer
 
 
@@ -160,7 +161,7 @@ class SelfSpeculative:
             raise ConfigError(f"draft_vocab must be an integer >= 1 (tokens the draft head holds; None: all), "
                               f"got {draft_vocab!r}")
         self.max_backoff, self.draft_vocab = max_backoff, draft_vocab
-        self.lazy_head = True  # on CPU: unembed verified rows one at a time (see RowLogits)
+        self.lazy_head = True  # unembed verified rows one at a time where rows cost each their own (RowLogits)
 
     def __repr__(self) -> str:
         return (f"SelfSpeculative(draft_layer={self.draft_layer}, k={self.k}, "
@@ -285,7 +286,7 @@ class SelfSpeculative:
         unembedded only up to the first rejected draft (see ``RowLogits``).
         """
         h = fast.run_blocks(draft.hidden, self.draft_layer, fast.model.num_layers, cache=cache, pos=n)
-        rows = RowLogits(fast, h, lazy=self.lazy_head and h.device.type == "cpu")
+        rows = RowLogits(fast, h, lazy=self.lazy_head and not rows_cost_alike(h.dtype, h.device))
         drafts = draft.tokens
         for j in range(h.shape[1]):
             logits = rows[j]  # (V,)
@@ -311,9 +312,12 @@ class SelfSpeculative:
 class RowLogits:
     """The full model's logits of verified rows, on demand: ``rows[j]`` is (V,).
 
-    lazy: unembed one row at a time when first asked for. On CPU the LM head's cost grows
-    with the rows it is given (MKL's fp32 products of a few rows are compute bound), so rows
-    after a rejected draft are never unembedded. Otherwise: all rows at once.
+    lazy: unembed one row at a time when first asked for, so rows after a rejected draft are
+    never unembedded: for CPU products in fp32 or fp16, whose cost grows with the rows (a
+    row's arithmetic costs more than reading the head). Otherwise (GPUs, bf16 on CPU: reading
+    the head costs more, and a few rows cost what one does) all rows in one product, which
+    reads the head once instead of once per row. Both costs grow with the head's size alike,
+    so the choice depends on the kernel (``fastpath.rows_cost_alike``), not on the size.
     """
 
     def __init__(self, fast: FastDecoder, h: torch.Tensor, *, lazy: bool) -> None:
