@@ -212,12 +212,16 @@ def _merges(merges: list[Any]) -> list[str]:
     """Merges as llama.cpp reads them, "left right" (tokenizer.json writes "left right" or, lately, [left, right])."""
     out = []
     for merge in merges:
-        pair = merge.split(" ") if isinstance(merge, str) else merge
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p and " " not in p
-                                                                  for p in pair)):
+        if isinstance(merge, str):
+            left, _, right = merge.partition(" ")
+        elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(part, str) for part in merge):
+            left, right = merge
+        else:
+            left = right = ""
+        if not left or not right or " " in left or " " in right:
             raise CheckpointError(f"the {_JSON}'s merge {merge!r} is not two tokens without spaces; llama.cpp "
                                   "writes a merge as 'left right'")
-        out.append(f"{pair[0]} {pair[1]}")
+        out.append(f"{left} {right}")
     return out
 
 
