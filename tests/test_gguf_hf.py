@@ -18,7 +18,7 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import pytest
 import torch
-from conftest import make_wikitext_lines
+from conftest import make_wikitext_lines, tiny_model
 from hf_dirs import LLAMA3, bpe_tokenizer, hf_llama, write_json
 
 import layerskip
@@ -222,6 +222,16 @@ def test_llama_cpp_tokenizes_text_exactly_as_the_directorys_tokenizer(exported):
     assert sum(len(ids) for ids in theirs) > 2 * len(TEXTS)
 
 
+def test_special_tokens_text_is_read_as_tokenizers_does_when_llama_cpp_parses_special_tokens(json_export):
+    _, _, tok, ckpt, full, _ = json_export
+    model = llama(full, vocab_only=True)
+    for text in (f"a{SPECIALS[3]}b", f"x {SPECIALS[1]} y{USER_TOKEN}z"):
+        ids = tok.encode(text).ids
+        assert {tok.token_to_id(s) for s in SPECIALS} & set(ids) and ckpt.tokenizer.encode(text) == ids
+        assert model.tokenize(text.encode(), add_bos=True, special=True) == ids
+        assert model.tokenize(text.encode(), add_bos=True, special=False) != ids  # the special text spelt out
+
+
 def test_the_texts_tell_llama3s_pre_tokenizer_from_gpt2s(json_export, tmp_path, monkeypatch):
     """Control: under llama.cpp's GPT-2 pre-tokenizer the same vocabulary splits some of TEXTS differently."""
     _, _, tok, ckpt, _, _ = json_export
@@ -249,8 +259,6 @@ def test_llama_cpp_logits_match_ours_and_the_draft_matches_our_exit(exported):
 def test_a_llama3_sized_vocabulary_is_written_whole_and_llama_cpp_tokenizes_with_it_alike():
     """128,000 BPE tokens and 256 special ones, as Llama 3 has (a synthetic BPE: every merge joins a token and a
     byte character); the export reads it in one pass (measured: about 0.3 s for the vocabulary)."""
-    from conftest import tiny_model
-
     from layerskip.checkpoint import Checkpoint
 
     text = synthetic_llama3_json(128_000, 256)
@@ -295,6 +303,26 @@ def synthetic_llama3_json(num_bpe: int, num_special: int) -> str:
                        "model": {**base["model"], "vocab": vocab, "merges": merges}})
 
 
+@pytest.mark.parametrize("kind", ["tokenizer.json", "tokenizer.model"])
+def test_a_model_whose_tokenizer_config_says_no_bos_gets_none_from_llama_cpp(kind, json_export, spm_export, tmp_path):
+    """llama.cpp's llama-bpe (and SentencePiece) add a BOS unless the file says not to: the file says so."""
+    from layerskip.checkpoint import Checkpoint
+    from layerskip.hf.model_tokenizers import SpmModelTokenizer
+
+    _, _, tok, ckpt, _, _ = json_export if kind == "tokenizer.json" else spm_export
+    no_bos = SpecialTokens(add_bos=False, bos=None, eos=ckpt.tokenizer.eos_id)
+    ours = JsonTokenizer(tok.to_str(), no_bos, Path("hf")) if kind == "tokenizer.json" else \
+        SpmModelTokenizer(tok, no_bos, Path("hf"))
+    assert ours.bos_id is None
+    export_gguf(Checkpoint(model=ckpt.model, tokenizer=ours, model_config=ckpt.config, tokenizer_config=None),
+                tmp_path / "m.gguf")
+    keys = read(tmp_path / "m.gguf")[0]
+    assert keys["tokenizer.ggml.add_bos_token"] is False
+    assert keys.get("tokenizer.ggml.bos_token_id") == (None if kind == "tokenizer.json" else 1)  # the model's <s>
+    model = llama(tmp_path / "m.gguf", vocab_only=True)
+    assert [model.tokenize(t.encode(), add_bos=True, special=False) for t in TEXTS] == [ours.encode(t) for t in TEXTS]
+
+
 # ----------------------------------------------------------------------------- the command, hf:, our own exports
 
 
@@ -316,8 +344,6 @@ def test_the_command_exports_an_hf_hub_id_with_its_draft(json_export, tmp_path, 
 def test_a_directory_export_hf_wrote_keeps_layerskips_vocabulary(tmp_path, tiny_tokenizer):
     """Loaded from its Hugging Face export, a layerskip model keeps its own tokenizer, so its GGUF vocabulary is the
     one the layerskip checkpoint gives (end of line as "\\n"), not a Llama 2 model's."""
-    from conftest import tiny_model
-
     from layerskip.checkpoint import save_checkpoint
     from layerskip.config import TokenizerConfig
     from layerskip.hf import export_hf

@@ -12,8 +12,9 @@
   tokens as control tokens, other added tokens as user-defined ones. Any other pre-tokenizer,
   normaliser, decoder or BPE option is refused with what was found.
 
-One difference remains by design: ``tokenizers`` finds special tokens' text (``<|eot_id|>``)
-anywhere in a text, llama.cpp only when asked to parse special tokens (its command-line tools do).
+Special tokens' text in a prompt (``<|eot_id|>``): ``tokenizers`` always reads it as the special
+token, llama.cpp when asked to parse special tokens (its command-line tools do; llama-cpp-python's
+``tokenize(..., special=True)``). SentencePiece never does, like llama.cpp with ``special=False``.
 Everything here is linear in the vocabulary and merges (Llama 3: 128,256 tokens, 280,147 merges).
 """
 
