@@ -15,7 +15,7 @@
 Special tokens' text in a prompt (``<|eot_id|>``): ``tokenizers`` always reads it as the special
 token, llama.cpp when asked to parse special tokens (its command-line tools do; llama-cpp-python's
 ``tokenize(..., special=True)``). SentencePiece never does, like llama.cpp with ``special=False``.
-Everything here is linear in the vocabulary and merges (Llama 3: 128,256 tokens, 280,147 merges).
+Everything here is linear in the vocabulary and the merges (a Llama 3 vocabulary has 128,256 tokens).
 """
 
 from __future__ import annotations
