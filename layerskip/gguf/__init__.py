@@ -5,10 +5,11 @@
 A LayerSkip model's first E blocks plus its shared final norm and head are themselves a Llama
 of E layers, trained to predict the next token: written as a second file, they serve llama.cpp's
 speculative decoding as the draft model of the full file. Weights, rotary and norm settings and
-the tokenizer are written with the ``gguf`` package (llama.cpp's own writer), imported inside
-the functions that need it (pip install -e ".[gguf]"); what llama.cpp would compute or tokenize
-differently is refused with a ``CheckpointError``. ``GGUFDraft`` makes the draft file the draft model
-of llama-cpp-python's speculative decoding.
+the tokenizer (ours, or a Hugging Face directory's own: ``layerskip.gguf.hf_vocab``) are written
+with the ``gguf`` package (llama.cpp's own writer), imported inside the functions that need it
+(pip install -e ".[gguf]"); what llama.cpp would compute or tokenize differently is refused with
+a ``CheckpointError``. ``GGUFDraft`` makes the draft file the draft model of llama-cpp-python's
+speculative decoding.
 """
 
 from layerskip.gguf.draft import GGUFDraft

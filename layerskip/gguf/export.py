@@ -76,7 +76,11 @@ def export_gguf(checkpoint: Checkpoint | str | Path, out: str | Path, *, dtype: 
 
 
 def _model_name(ckpt: Checkpoint) -> str:
-    """general.name: the run's directory name (a run's best/ or last/ checkpoint is named after the run)."""
+    """general.name: the run's directory name (a run's best/ or last/ checkpoint is named after the run), or
+    the hub repository's name (hf:OWNER/NAME, whose directory is a snapshot named by its commit)."""
+    origin = ckpt.meta.get("loaded_from")
+    if isinstance(origin, str) and origin.startswith("hf:"):
+        return origin.removeprefix("hf:").partition("@")[0].rsplit("/", 1)[-1]
     if ckpt.path is None:
         return "layerskip"
     path = Path(ckpt.path).resolve()

@@ -128,6 +128,7 @@ class JsonTokenizer:
         except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
             raise CheckpointError(f"{where / TOKENIZER_JSON} is not a tokenizer tokenizers can read ({exc})") from None
         self.cache_key = b"tokenizers\0" + text.encode("utf-8")
+        self.text = text  # the tokenizer.json itself (layerskip.gguf writes its vocabulary and merges)
         added = self._bos_the_post_processor_adds()
         add_bos = specials.add_bos if specials.add_bos is not None else added is not None
         bos = _token_id(specials.bos, self._backend.token_to_id, self.vocab_size, where)
