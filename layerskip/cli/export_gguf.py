@@ -11,6 +11,8 @@ and head, a Llama of E layers for llama.cpp's speculative decoding:
   llama-speculative-simple -m model.gguf -md draft.gguf -p "The game" -n 64 --spec-draft-n-max 4 --temp 0 --ignore-eos
 
 (--ignore-eos: our end-of-sequence token is the end of a line, where llama.cpp would stop).
+A Hugging Face Llama directory or hf:OWNER/NAME is written with its own tokenizer (Llama 2
+tokenizer.model, Llama 3 tokenizer.json), BOS and EOS.
 
 --dtype f32 (default), f16, bf16 or q8_0 (1-D norm weights stay f32; q8_0 tensors whose rows are
 not a multiple of 32 are written as f16). Files are written atomically; an existing file is
