@@ -168,6 +168,10 @@ def test_record_states_the_policy_and_its_guarantee(scores, model):
     assert record["risk"]["definition"] == cal.RISK_DEFINITION
     assert f"at most {0.3:g}" in record["guarantee"] and f"{out.test_tokens} held-out" in record["guarantee"]
     assert record["data"]["test_tokens"] == out.test_tokens and record["command"] == "layerskip calibrate"
+    _, test = cal.split_scores(scores, 0.5, seed=0)
+    _, exits = cal.policy_disagreements(test, out.thresholds)
+    counts = record["risk"]["exit_layer_counts_teacher_forced"]
+    assert counts == [int((exits == layer).sum()) for layer in range(1, NUM_LAYERS + 1)] and sum(counts[:-1]) > 0
 
 
 def test_short_head_calibration_is_recorded_and_restored(tmp_path, counted_model):

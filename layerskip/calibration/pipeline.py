@@ -178,6 +178,8 @@ def log_calibration(result: Calibration, record: dict[str, Any], generated: dict
     log(f"held-out teacher-forced disagreement {result.test_risk:.4%} on {result.test_tokens:,} tokens "
         f"(bound {result.delta:g} at 1-epsilon {1 - result.epsilon:g}); mean exit layer {result.mean_exit_layer:.2f}, "
         f"LM-head evaluations per token {result.head_evals_per_token:.2f}")
+    counts = np.cumsum(result.exit_layer_counts[:-1]) / max(result.test_tokens, 1)
+    log("held-out tokens exiting by layer 1.." + f"{result.num_layers - 1}: " + ", ".join(f"{c:.1%}" for c in counts))
     if generated.get("new_tokens"):
         log(f"on DEE's own generations: disagreement {generated['disagreement']:.2%}, mean exit layer "
             f"{generated['mean_exit_layer']:.2f} ({generated['new_tokens']} tokens; not covered by the guarantee)")

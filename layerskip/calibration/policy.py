@@ -147,6 +147,7 @@ class Calibration:
     exit_vocab: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     classifier: ExitClassifier | None = None  # measure "classifier": fit on the learn half
+    exit_layer_counts: list[int] = field(default_factory=list)  # test-half tokens exiting after block 1..L
 
     @property
     def test_risk(self) -> float:
@@ -224,6 +225,7 @@ def calibrate_scores(
         exit_vocab=scores.exit_vocab,
         extra={"requested_method": requested, "auto_learn_half_mean_exit_layer_by_risk": learn_choice},
         classifier=test.classifier,
+        exit_layer_counts=np.bincount(exits, minlength=scores.num_layers + 1)[1:].tolist(),
     )
 
 

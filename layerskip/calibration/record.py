@@ -73,6 +73,7 @@ def thresholds_record(cal: Calibration, *, data: dict[str, Any], model_info: dic
             "mean_exit_layer_teacher_forced": cal.mean_exit_layer,
             "blocks_per_token_teacher_forced": cal.mean_exit_layer,
             "head_evals_per_token_teacher_forced": cal.head_evals_per_token,
+            "exit_layer_counts_teacher_forced": cal.exit_layer_counts,
             "generated_text": generated or {},
         },
         "data": {**data, "learn_tokens": cal.learn_tokens, "test_tokens": cal.test_tokens},
