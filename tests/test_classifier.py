@@ -85,6 +85,22 @@ def test_features_are_the_hidden_state_the_cosine_and_the_short_heads_maximum(mo
     torch.testing.assert_close(feats[..., 33], torch.softmax(model.unembed(h)[..., ids], -1).amax(-1))
 
 
+@pytest.mark.parametrize("hidden", [0, 4])
+def test_the_decoding_check_scores_the_features(hidden):
+    """confidence() (one fused product) = score(classifier_features()), also after the head's weights change."""
+    model = tiny_model(seed=3)
+    clf = random_classifier(seed=1, hidden=hidden)
+    h, prev = torch.randn(3, 5, 32), torch.randn(3, 5, 32)
+    for _ in range(2):
+        conf, (short, ids) = clf.confidence(model, h, prev, 2)
+        feats, (ref_short, ref_ids) = classifier_features(model, h, prev, 20)
+        torch.testing.assert_close(conf, clf.score(2, feats), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(short, ref_short, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ids, ref_ids) and conf.shape == (3, 5)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(2.0)  # a stale fused head would show on the second pass
+
+
 def test_the_classifier_is_fit_on_the_learn_half_only(features):
     """Changing every test-half feature changes nothing about the fitted classifier."""
     checked = [True] * (NUM_LAYERS - 1)

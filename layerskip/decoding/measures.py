@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import base64
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 
 from layerskip.config import GLOBAL_MEASURES, MEASURES
 from layerskip.errors import ConfigError
+from layerskip.fastpath import DerivedWeights
 from layerskip.model import normalize
 
 HIDDEN_MEASURES = ("saturation",)  # computed from hidden states, without the head
@@ -83,6 +85,7 @@ class ExitClassifier:
     layers: dict[int, Layer]  # exit layer (1..L-1) -> its network; layers without one never exit
     info: dict[str, Any] = field(default_factory=dict)  # how it was fit (recorded in the file)
     _placed: dict[torch.device, dict[int, Layer]] = field(default_factory=dict, repr=False, compare=False)
+    _derived: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False, compare=False)
 
     @property
     def num_features(self) -> int:
@@ -106,9 +109,23 @@ class ExitClassifier:
 
     def confidence(self, decoder: Any, hidden: torch.Tensor, prev_hidden: torch.Tensor,
                    layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """(confidence (...), (short logits, ids)) of exit hidden states (..., C) after block `layer`."""
-        features, short = classifier_features(decoder, hidden, prev_hidden, self.vocab)
-        return self.score(layer, features), short
+        """(confidence (...), (short logits (..., N), ids)) of exit hidden states (..., C) after block `layer`.
+
+        ``score(layer, classifier_features(...))`` up to rounding, in fewer operations (a decoding
+        step pays per operation): one product gives the short head's logits and the first
+        layer's hidden-state term together, and the hidden state is normalised once.
+        """
+        model = getattr(decoder, "model", decoder)
+        fused, ids, extra, bias, rest = self._decision(model, layer)
+        n = ids.numel()
+        z = normalize(hidden.float(), model.norm.eps) @ fused  # (..., N + H1)
+        short = z[..., :n]
+        top = torch.softmax(short, dim=-1).amax(dim=-1, keepdim=True)  # (..., 1)
+        cos = torch.nn.functional.cosine_similarity(hidden.float(), prev_hidden.float(), dim=-1).unsqueeze(-1)
+        x = torch.addcmul(torch.addcmul(z[..., n:] + bias, cos, extra[0]), top, extra[1])  # (..., H1)
+        for weight, b in rest:  # the MLP's output layer
+            x = torch.nn.functional.linear(torch.relu(x), weight, b)
+        return torch.sigmoid(x.squeeze(-1)), (short, ids)
 
     def check_model(self, model: torch.nn.Module, layers: list[int] | None = None) -> None:
         """Refuse a model of another width, or exit layers (`layers`) without a network."""
@@ -120,6 +137,28 @@ class ExitClassifier:
         if missing:
             raise ConfigError(f"the exit classifier has no weights for layer(s) {missing}, where a finite threshold "
                               "asks for a check; calibrate again")
+
+    def _decision(self, model: torch.nn.Module, layer: int) -> tuple:
+        """(fused (C, N + H1), ids (N,), (w_cos, w_top) each (H1,), b1 (H1,), the rest of the network) for
+        `confidence`, derived from the model's head and this layer's weights; rebuilt when they change."""
+        derived = self._derived.get(model)
+        if derived is None:
+            derived = self._derived[model] = DerivedWeights()
+
+        def sources() -> tuple[torch.Tensor, ...]:
+            counts = () if model.token_counts is None else (model.token_counts,)
+            return (model.lm_head.weight, model.norm.weight, *counts)
+
+        def build() -> tuple:
+            device = model.lm_head.weight.device
+            (w1, b1), *rest = self._on(device)[layer]
+            width = w1.shape[1] - 2
+            with torch.no_grad():
+                ids = model.frequent_ids(min(self.vocab, model.config.vocab_size))
+                fused = torch.cat((model.folded_head(ids).float(), w1[:, :width].t()), dim=1).contiguous()
+            return fused, ids, (w1[:, width], w1[:, width + 1]), b1, rest
+
+        return derived.get(layer, sources, build) or build()
 
     def _on(self, device: torch.device) -> dict[int, Layer]:
         placed = self._placed.get(device)
