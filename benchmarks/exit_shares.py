@@ -34,8 +34,8 @@ from layerskip.errors import run_script
 # name -> (measure, exit_vocab, classifier hidden units)
 CONFIGS = {
     "softmax": ("softmax", None, 0), "softmax@1024": ("softmax", 1024, 0), "softmax@512": ("softmax", 512, 0),
-    "softmax@256": ("softmax", 256, 0), "saturation": ("saturation", None, 0), "classifier": ("classifier", None, 0),
-    "classifier-mlp16": ("classifier", None, 16),
+    "softmax@256": ("softmax", 256, 0), "saturation": ("saturation", None, 0),
+    "classifier": ("classifier", None, 32), "classifier-logistic": ("classifier", None, 0),
 }
 
 

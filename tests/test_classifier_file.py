@@ -44,7 +44,7 @@ def test_learn_then_test_runs_with_the_classifier(calibrated, checkpoint):
     policy, path = calibrated
     record = json.loads(path.read_text())
     assert record["measure"] == "classifier" and record["classifier"]["vocab"] == 64
-    assert sorted(record["classifier"]["layers"]) == ["1", "2", "3"] and record["classifier"]["hidden"] == 0
+    assert sorted(record["classifier"]["layers"]) == ["1", "2", "3"] and record["classifier"]["hidden"] == 32
     assert record["classifier"]["fit"]["learn_tokens"] == record["data"]["learn_tokens"]
     assert "exit classifier (fit on the learn half only)" in record["guarantee"]
     assert record["risk"]["test_disagreement"] <= 0.3 and record["method"]["members_tested"] >= 1
@@ -144,8 +144,11 @@ BAD_FILES = {
     "layer out of range": (lambda r: r["classifier"]["layers"].update({"4": r["classifier"]["layers"]["1"]}),
                            "not an exit layer"),
     "bias shape": (lambda r: first_linear(r).update(bias=tensor([0.0, 1.0])), "do not form a linear layer"),
-    "two outputs": (lambda r: first_linear(r).update(weight=tensor([[0.0] * 34] * 2), bias=tensor([0.0, 0.0])),
+    "two outputs": (lambda r: r["classifier"]["layers"]["1"][-1].update(weight=tensor([[0.0] * 32] * 2),
+                                                                        bias=tensor([0.0, 0.0])),
                     "must have one output"),
+    "layers do not chain": (lambda r: first_linear(r).update(weight=tensor([[0.0] * 34] * 5), bias=tensor([0.0] * 5)),
+                            "reads 32 inputs, the layer before gives 5"),
     "truncated": (lambda r: first_linear(r)["weight"].update(shape=[1, 35]), "do not hold a float32 tensor"),
     "not base64": (lambda r: first_linear(r)["weight"].update(float32_base64="***"), "not base64"),
     "NaN": (lambda r: first_linear(r).update(bias=tensor([float("nan")])), "NaN"),
@@ -171,7 +174,7 @@ def test_a_classifier_for_another_width_is_refused(calibrated, checkpoint, tmp_p
     _, path = calibrated
     record = json.loads(path.read_text())
     for net in record["classifier"]["layers"].values():
-        net[0]["weight"] = tensor([[0.1] * 20])
+        net[0]["weight"] = tensor([[0.1] * 20] * 32)  # 32 hidden units, as the file's MLP has
     bad = tmp_path / "narrow.json"
     bad.write_text(json.dumps(record))
     model = load_checkpoint(checkpoint).model

@@ -5,7 +5,10 @@ predicts whether the exit's top-1 equals the last layer's top-1 from the exit's 
 features. It is fit on the learn half's tokens only (at most ``fit_tokens`` of them, a
 seeded sample), so the test half that Learn-then-Test counts on never touches it: the
 classifier is part of the policy the guarantee covers. Full-batch L-BFGS on standardised
-features with a small L2 penalty, in float64 on the CPU: deterministic given the seed.
+features with a small L2 penalty, in float32 on the CPU: deterministic given the seed (and
+the machine's thread count). The default, a 32-unit MLP fit by 200 L-BFGS iterations, was
+chosen by measurement: on a trained model it let 1.5-2.5 times as many held-out tokens
+exit at <= 1% disagreement as logistic regression did, in seconds per layer.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from layerskip.calibration.scores import ExitScores
 from layerskip.decoding.measures import ExitClassifier, Layer
 from layerskip.errors import ConfigError
 
-DEFAULT_HIDDEN = 0  # logistic regression; see the report of the measurement that chose it
+DEFAULT_HIDDEN = 32  # units of the MLP's hidden layer (0: logistic regression)
 FIT_TOKENS = 65536  # learn-half tokens a layer's classifier is fit on, at most
 L2 = 1e-4  # penalty on the weights (standardised inputs), so separable layers keep finite weights
 MAX_ITER = 200
@@ -43,8 +46,8 @@ def fit_classifier(learn: ExitScores, checked: list[bool], *, hidden: int = DEFA
     layers = {}
     for row, on in enumerate(checked):
         if on:
-            x = torch.from_numpy(learn.features[row, sample]).double()  # (n, F)
-            y = torch.from_numpy(learn.agree[row, sample]).double()  # (n,)
+            x = torch.from_numpy(learn.features[row, sample]).float()  # (n, F)
+            y = torch.from_numpy(learn.agree[row, sample]).float()  # (n,)
             layers[row + 1] = fit_network(x, y, hidden, seed=seed + row)
     info = {"fit": {"model": "logistic regression" if hidden == 0 else f"MLP, one hidden layer of {hidden} (ReLU)",
                     "learn_tokens": int(sample.size), "l2": L2, "seed": seed,
@@ -53,11 +56,11 @@ def fit_classifier(learn: ExitScores, checked: list[bool], *, hidden: int = DEFA
 
 
 def fit_network(x: torch.Tensor, y: torch.Tensor, hidden: int, *, seed: int = 0) -> Layer:
-    """Linear layers (float32) whose sigmoid output fits P(y = 1 | x); x (n, F), y (n,) in {0, 1}, float64."""
+    """Linear layers (float32) whose sigmoid output fits P(y = 1 | x); x (n, F), y (n,) in {0, 1}, fit in x's dtype."""
     mean, scale = x.mean(0), x.std(0)
     scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))  # constant features stay as they are
     z = (x - mean) / scale
-    params = _initial(z.shape[1], hidden, torch.Generator().manual_seed(seed))
+    params = _initial(z.shape[1], hidden, torch.Generator().manual_seed(seed), x.dtype)
     optimizer = torch.optim.LBFGS(params, lr=1, max_iter=MAX_ITER, history_size=20, tolerance_grad=1e-9,
                                   tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
@@ -76,16 +79,15 @@ def fit_network(x: torch.Tensor, y: torch.Tensor, hidden: int, *, seed: int = 0)
     return [(w.float().contiguous(), b.float().contiguous()) for w, b in folded]
 
 
-def _initial(features: int, hidden: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """[W1, b1(, W2, b2)] in float64, requiring grad: zeros for logistic regression, seeded for an MLP."""
+def _initial(features: int, hidden: int, generator: torch.Generator, dtype: torch.dtype) -> list[torch.Tensor]:
+    """[W1, b1(, W2, b2)] requiring grad: zeros for logistic regression, seeded for an MLP."""
     if hidden == 0:
-        shapes = [(1, features), (1,)]
-        tensors = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+        tensors = [torch.zeros(1, features, dtype=dtype), torch.zeros(1, dtype=dtype)]
     else:
-        tensors = [torch.randn(hidden, features, generator=generator, dtype=torch.float64) / features ** 0.5,
-                   torch.zeros(hidden, dtype=torch.float64),
-                   torch.randn(1, hidden, generator=generator, dtype=torch.float64) / hidden ** 0.5,
-                   torch.zeros(1, dtype=torch.float64)]
+        tensors = [torch.randn(hidden, features, generator=generator, dtype=dtype) / features ** 0.5,
+                   torch.zeros(hidden, dtype=dtype),
+                   torch.randn(1, hidden, generator=generator, dtype=dtype) / hidden ** 0.5,
+                   torch.zeros(1, dtype=dtype)]
     return [t.requires_grad_() for t in tensors]
 
 

@@ -27,7 +27,7 @@ from layerskip.config import MEASURES
 
 # The classifier's settings and their defaults (layerskip.calibration.classifier, decoding.measures), kept
 # here so that `layerskip calibrate --help` imports no torch.
-CLASSIFIER_VOCAB, DEFAULT_HIDDEN, FIT_TOKENS = 256, 0, 65536
+CLASSIFIER_VOCAB, DEFAULT_HIDDEN, FIT_TOKENS = 256, 32, 65536
 CLASSIFIER_DEFAULTS = {"classifier_vocab": CLASSIFIER_VOCAB, "classifier_hidden": DEFAULT_HIDDEN,
                        "classifier_fit_tokens": FIT_TOKENS}
 
