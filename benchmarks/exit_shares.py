@@ -108,19 +108,20 @@ def main(argv=None) -> int:
         print(f"{name}: done ({results[name]['scoring_seconds']:.0f} s scoring)", flush=True)
     costs = {}
     if args.cost_repeats:
-        for vocab in (1024, 512, 256):
+        for vocab, hidden in ((1024, 32), (512, 0), (256, None)):
             c = measure_step_costs(model, check_vocab=vocab, repeats=args.cost_repeats,
-                                   classifier_vocab=args.classifier_vocab if vocab == 1024 else None)
+                                   classifier_vocab=None if hidden is None else args.classifier_vocab,
+                                   classifier_hidden=hidden)
             costs[f"softmax@{vocab}"] = c.check / c.block
             if c.classifier_check is not None:
-                costs[f"classifier@{args.classifier_vocab}"] = c.classifier_check / c.block
-                costs["block_us"] = c.block
+                costs[f"classifier@{args.classifier_vocab} (hidden {hidden})"] = c.classifier_check / c.block
+            costs[f"block_us (softmax@{vocab} run)"] = c.block
     for delta in (f"{d:g}" for d in args.deltas):
         print(f"\ncalibrated (delta {delta}): held-out tokens exiting by each layer\n"
               + table(results, "calibrated", delta, model.num_layers))
         print(f"\nranked (delta {delta}): test tokens each layer alone could exit\n"
               + table(results, "ranked", delta, model.num_layers))
-    print("\ncheck cost in blocks: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items() if k != "block_us"))
+    print("\ncheck cost in blocks: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items() if "block_us" not in k))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"results": results, "check_cost_blocks": costs, "checkpoint": str(ckpt.path)}, f, indent=2)

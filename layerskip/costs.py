@@ -13,7 +13,7 @@ position:
 - ``propagate``: CALM propagation of one exited token's K/V to the layers it skipped;
 - ``classifier_check`` (not in PIECES; None unless ``classifier_vocab`` is given): one check
   of the learned exit classifier (measure ``classifier``): its features through a short head
-  of ``classifier_vocab`` tokens and a logistic regression (``classifier_hidden`` 0) or MLP;
+  of ``classifier_vocab`` tokens and its MLP (``classifier_hidden`` units; 0: logistic regression);
 - ``rest``: ``ar_step`` minus L blocks minus the head (embedding, slicing, dispatch).
 
 ``dee_estimate`` turns those costs and an exit histogram into DEE's expected time per
@@ -91,11 +91,12 @@ def time_pieces(pieces: dict[str, Callable[[], object]], repeats: int, device: t
 @decoding()
 def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, position: int = 64,
                        repeats: int = 300, classifier_vocab: int | None = None,
-                       classifier_hidden: int = 0) -> StepCosts:
+                       classifier_hidden: int | None = None) -> StepCosts:
     """Time each piece of one token's step at `position` (a random prompt fills the cache before it).
 
     classifier_vocab: also time a learned-classifier check whose features read a short head of
-    that many tokens (its network: ``classifier_hidden`` units, 0: logistic regression).
+    that many tokens (its network: ``classifier_hidden`` units, 0: logistic regression; None:
+    calibrate's default).
     """
     num_layers, max_len = model.num_layers, model.config.max_seq_len
     if not (isinstance(position, int) and 1 <= position < max_len):
@@ -132,6 +133,10 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
         "propagate": lambda: propagate(model, hidden, middle, position, cache),
     }
     if classifier_vocab is not None:
+        if classifier_hidden is None:
+            from layerskip.calibration.classifier import DEFAULT_HIDDEN
+
+            classifier_hidden = DEFAULT_HIDDEN
         pieces["classifier_check"] = _classifier_check(fast, hidden, middle, classifier_vocab, classifier_hidden)
     for run in pieces.values():  # warm-up: derived weights, the allocator
         run()
