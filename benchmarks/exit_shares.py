@@ -36,6 +36,7 @@ CONFIGS = {
     "softmax": ("softmax", None, 0), "softmax@1024": ("softmax", 1024, 0), "softmax@512": ("softmax", 512, 0),
     "softmax@256": ("softmax", 256, 0), "saturation": ("saturation", None, 0),
     "classifier": ("classifier", None, 32), "classifier-logistic": ("classifier", None, 0),
+    "classifier@256": ("classifier", 256, 32),  # exits through the check's own short head
 }
 
 
