@@ -6,9 +6,9 @@ features. It is fit on the learn half's tokens only (at most ``fit_tokens`` of t
 seeded sample), so the test half that Learn-then-Test counts on never touches it: the
 classifier is part of the policy the guarantee covers. Full-batch L-BFGS on standardised
 features with a small L2 penalty, in float32 on the CPU: deterministic given the seed (and
-the machine's thread count). The default, a 32-unit MLP fit by 200 L-BFGS iterations, was
-chosen by measurement: on a trained model it let 1.5-2.5 times as many held-out tokens
-exit at <= 1% disagreement as logistic regression did, in seconds per layer.
+the machine's thread count). The default, a 32-unit MLP fit by 200 L-BFGS iterations on
+up to 65,536 tokens, was chosen by measurement against logistic regression, smaller MLPs
+and fewer tokens or iterations (``benchmarks/exit_shares.py`` compares the measures).
 """
 
 from __future__ import annotations
