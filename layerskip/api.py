@@ -195,6 +195,7 @@ def _early_exit(model: torch.nn.Module, *, thresholds: Thresholds | str | os.Pat
         policy.min_exit_layer if min_exit_layer is None else min_exit_layer,
         policy.check_every if check_every is None else check_every,
         exit_vocab=policy.exit_vocab if exit_vocab is None else exit_vocab,
+        classifier=policy.classifier,
     )
 
 

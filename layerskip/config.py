@@ -15,8 +15,10 @@ from layerskip.errors import ConfigError
 
 T = TypeVar("T")
 
-# Dynamic early exit's confidence measures, each in [0, 1] (see layerskip.decoding.dee).
-MEASURES = ("softmax", "margin", "saturation")
+# Dynamic early exit's confidence measures, each in [0, 1] (see layerskip.decoding.measures);
+# "classifier" reads weights a calibration fits, so it needs a thresholds file.
+MEASURES = ("softmax", "margin", "saturation", "classifier")
+GLOBAL_MEASURES = MEASURES[:3]  # need no fitted weights, so one global threshold (--conf) can use them
 MEASURE_RANGE = (0.0, 1.0)
 
 

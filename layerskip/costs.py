@@ -11,6 +11,9 @@ position:
 - ``check``: one DEE confidence check, the softmax maximum through the exit head (the short
   head of ``check_vocab`` tokens, or the full head);
 - ``propagate``: CALM propagation of one exited token's K/V to the layers it skipped;
+- ``classifier_check`` (not in PIECES; None unless ``classifier_vocab`` is given): one check
+  of the learned exit classifier (measure ``classifier``): its features through a short head
+  of ``classifier_vocab`` tokens and its MLP (``classifier_hidden`` units; 0: logistic regression);
 - ``rest``: ``ar_step`` minus L blocks minus the head (embedding, slicing, dispatch).
 
 ``dee_estimate`` turns those costs and an exit histogram into DEE's expected time per
@@ -61,6 +64,8 @@ class StepCosts:
     check_vocab: int | None  # tokens in the exit head the check reads; None: the full head
     repeats: int
     threads: int
+    classifier_check: float | None = None  # one learned-classifier check (measure "classifier")
+    classifier_vocab: int | None = None  # tokens in the short head its features read
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,8 +95,14 @@ def time_pieces(pieces: dict[object, Callable[[], object]], repeats: int, device
 
 @decoding()
 def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, position: int = 64,
-                       repeats: int = 300) -> StepCosts:
-    """Time each piece of one token's step at `position` (a random prompt fills the cache before it)."""
+                       repeats: int = 300, classifier_vocab: int | None = None,
+                       classifier_hidden: int | None = None) -> StepCosts:
+    """Time each piece of one token's step at `position` (a random prompt fills the cache before it).
+
+    classifier_vocab: also time a learned-classifier check whose features read a short head of
+    that many tokens (its network: ``classifier_hidden`` units, 0: logistic regression; None:
+    calibrate's default).
+    """
     num_layers, max_len = model.num_layers, model.config.max_seq_len
     if not (isinstance(position, int) and 1 <= position < max_len):
         raise ConfigError(f"the position must be in 1..{max_len - 1} (the model's context is {max_len}), got {position!r}")
@@ -126,12 +137,32 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
         "check": check,
         "propagate": lambda: propagate(model, hidden, middle, position, cache),
     }
+    if classifier_vocab is not None:
+        if classifier_hidden is None:
+            from layerskip.calibration.classifier import DEFAULT_HIDDEN
+
+            classifier_hidden = DEFAULT_HIDDEN
+        pieces["classifier_check"] = _classifier_check(fast, hidden, middle, classifier_vocab, classifier_hidden)
     for run in pieces.values():  # warm-up: derived weights, the allocator
         run()
     us = time_pieces(pieces, repeats, device)
     us["rest"] = us["ar_step"] - num_layers * us["block"] - us["full_head"]
     return StepCosts(**us, num_layers=num_layers, position=position, check_vocab=check_vocab, repeats=repeats,
-                     threads=torch.get_num_threads())
+                     threads=torch.get_num_threads(), classifier_vocab=classifier_vocab)
+
+
+def _classifier_check(fast: FastDecoder, hidden: torch.Tensor, layer: int, vocab: int,
+                      units: int) -> Callable[[], float]:
+    """One learned-classifier check at `layer` (as DynamicEarlyExit runs it), with zero weights of its shape:
+    the cost does not depend on their values."""
+    from layerskip.decoding.measures import ExitClassifier
+
+    width = hidden.shape[-1] + 2
+    shapes = [(1, width)] if units == 0 else [(units, width), (1, units)]
+    like = hidden.new_zeros
+    classifier = ExitClassifier(vocab=vocab, layers={layer: [(like(shape), like(shape[0])) for shape in shapes]})
+    prev = hidden.clone()
+    return lambda: classifier.confidence(fast, hidden, prev, layer)[0].item()
 
 
 def token_cost(costs: StepCosts, exit_layer: int, checked_layers: Sequence[int], *, free_checks: bool = False) -> float:

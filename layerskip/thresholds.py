@@ -1,7 +1,10 @@
 """The thresholds file (thresholds.json) that `layerskip calibrate` writes and DEE reads.
 
 Reading it needs no calibration code: ``load_thresholds`` checks the file against the model
-(layer count, measure, fingerprint of the weights) and returns the exit policy it holds.
+(layer count, measure, fingerprint of the weights) and returns the exit policy it holds. A
+file for the ``classifier`` measure also holds the exit classifier's weights (its
+"classifier" entry, ``measures.ExitClassifier.to_record``); they are part of the policy, so
+such a file must name the model it was fit for, and a malformed or missing entry is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from layerskip.errors import ConfigError
 
 if TYPE_CHECKING:
     from layerskip.decoding.dee import DynamicEarlyExit
+    from layerskip.decoding.measures import ExitClassifier
 
 FORMAT = "layerskip-thresholds"
 VERSION = 1
@@ -67,12 +71,13 @@ class Thresholds:
     record: dict[str, Any]  # the whole file
     path: Path | None  # None: a record that was never written
     exit_vocab: int | None = None
+    classifier: ExitClassifier | None = None  # measure "classifier": its weights, from the file
 
     def strategy(self) -> DynamicEarlyExit:
         from layerskip.decoding.dee import DynamicEarlyExit
 
         return DynamicEarlyExit(self.thresholds, self.measure, self.min_exit_layer, self.check_every,
-                                exit_vocab=self.exit_vocab)
+                                exit_vocab=self.exit_vocab, classifier=self.classifier)
 
     # A sequence of the per-layer thresholds, so ``list(load_thresholds(...))`` works. Layers
     # a calibration did not check are already inf, so these alone reproduce the policy.
@@ -130,11 +135,11 @@ def thresholds_from_record(record: Any, num_layers: int, measure: str | None = N
     if fingerprint is not None and file_fp is not None and file_fp != fingerprint:
         raise bad(f"was calibrated for another model (fingerprint {file_fp}, this one is {fingerprint}); "
                   "its guarantee does not carry over: run `layerskip calibrate` on this checkpoint")
-    from layerskip.decoding.dee import DynamicEarlyExit
+    from layerskip.decoding.dee import check_policy
 
     try:
         settings = {k: record.get(k, 1) for k in ("min_exit_layer", "check_every")}
-        DynamicEarlyExit(0.0, file_measure, **settings, exit_vocab=record.get("exit_vocab"))
+        check_policy(**settings, exit_vocab=record.get("exit_vocab"))
         for k in ("delta", "epsilon"):
             if record.get(k) is not None:
                 check_risk_settings(record[k], 0.5) if k == "delta" else check_risk_settings(0.5, record[k])
@@ -143,10 +148,36 @@ def thresholds_from_record(record: Any, num_layers: int, measure: str | None = N
     # The policy is (thresholds, min_exit_layer, check_every): layers it never checks get inf.
     checked = checked_mask(num_layers, settings["min_exit_layer"], settings["check_every"])
     thresholds = [t if c else math.inf for t, c in zip(thresholds, checked)]
+    classifier = _classifier(record, thresholds, num_layers, bad)
     return Thresholds(thresholds=thresholds, measure=file_measure, num_layers=num_layers,
                       min_exit_layer=settings["min_exit_layer"], check_every=settings["check_every"],
                       delta=record.get("delta"), epsilon=record.get("epsilon"), record=record, path=path,
-                      exit_vocab=record.get("exit_vocab"))
+                      exit_vocab=record.get("exit_vocab"), classifier=classifier)
+
+
+def _classifier(record: dict[str, Any], thresholds: list[float], num_layers: int,
+                bad: Callable[[str], ConfigError]) -> ExitClassifier | None:
+    """The exit classifier of a "classifier" record (None for other measures, which must not hold one)."""
+    from layerskip.decoding.measures import ExitClassifier
+
+    if record["measure"] != "classifier":
+        if "classifier" in record:
+            raise bad(f"holds exit classifier weights, but its measure is {record['measure']!r}")
+        return None
+    if "classifier" not in record:
+        raise bad("measure 'classifier' but no classifier weights ('classifier' entry); calibrate again with "
+                  "`layerskip calibrate --measure classifier`")
+    if not (record.get("model") or {}).get("fingerprint"):
+        raise bad("holds exit classifier weights but no model fingerprint; a classifier fits one model only")
+    try:
+        classifier = ExitClassifier.from_record(record["classifier"], num_layers)
+    except ConfigError as exc:
+        raise bad(str(exc)) from None
+    missing = [layer for layer, t in enumerate(thresholds, start=1)
+               if math.isfinite(t) and layer not in classifier.layers]
+    if missing:
+        raise bad(f"the exit classifier has no weights for layer(s) {missing}, which have finite thresholds")
+    return classifier
 
 
 def _threshold(layer: int, value: Any, measure: str, bad: Callable[[str], ConfigError]) -> float:
@@ -166,6 +197,14 @@ def thresholds_for(model: torch.nn.Module, thresholds: Thresholds | str | Path, 
     """A thresholds file or loaded Thresholds, refused unless made for this model (weights, depth, measure)."""
     fingerprint = model_fingerprint(model)
     if isinstance(thresholds, Thresholds):
-        return thresholds_from_record(thresholds.record, model.num_layers, measure, fingerprint=fingerprint,
-                                      path=thresholds.path)
-    return load_thresholds(thresholds, model.num_layers, measure, fingerprint=fingerprint)
+        policy = thresholds_from_record(thresholds.record, model.num_layers, measure, fingerprint=fingerprint,
+                                        path=thresholds.path)
+    else:
+        policy = load_thresholds(thresholds, model.num_layers, measure, fingerprint=fingerprint)
+    if policy.classifier is not None:
+        try:
+            policy.classifier.check_model(model)
+        except ConfigError as exc:
+            where = f"thresholds file {policy.path}" if policy.path is not None else "thresholds"
+            raise ConfigError(f"{where}: {exc}") from None
+    return policy

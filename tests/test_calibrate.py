@@ -17,7 +17,7 @@ from conftest import tiny_model
 from layerskip import calibration as cal
 from layerskip.checkpoint import save_checkpoint
 from layerskip.cli import main
-from layerskip.config import MEASURES, TokenizerConfig
+from layerskip.config import GLOBAL_MEASURES, TokenizerConfig
 from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.errors import ConfigError
 from layerskip.thresholds import load_thresholds, model_fingerprint
@@ -48,7 +48,7 @@ def held_out(model):
 # ----------------------------------------------------------------------------- scores and the policy
 
 
-@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("measure", GLOBAL_MEASURES)
 def test_exit_scores_for_every_measure(model, measure):
     s = cal.exit_scores(model, random_text(640, 3), measure, seq_len=32, batch_size=8)
     assert s.confidence.shape == (NUM_LAYERS - 1, 640) and s.agree.shape == (NUM_LAYERS - 1, 640)
@@ -66,7 +66,7 @@ def counted_model():
     return model
 
 
-@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("measure", GLOBAL_MEASURES)
 @pytest.mark.parametrize("exit_vocab", [None, 20])
 def test_offline_policy_matches_dee_first_token(model, counted_model, measure, exit_vocab):
     """The calibrated policy is the one DEE runs: for a prompt, DEE's first token (exact
@@ -168,6 +168,10 @@ def test_record_states_the_policy_and_its_guarantee(scores, model):
     assert record["risk"]["definition"] == cal.RISK_DEFINITION
     assert f"at most {0.3:g}" in record["guarantee"] and f"{out.test_tokens} held-out" in record["guarantee"]
     assert record["data"]["test_tokens"] == out.test_tokens and record["command"] == "layerskip calibrate"
+    _, test = cal.split_scores(scores, 0.5, seed=0)
+    _, exits = cal.policy_disagreements(test, out.thresholds)
+    counts = record["risk"]["exit_layer_counts_teacher_forced"]
+    assert counts == [int((exits == layer).sum()) for layer in range(1, NUM_LAYERS + 1)] and sum(counts[:-1]) > 0
 
 
 def test_short_head_calibration_is_recorded_and_restored(tmp_path, counted_model):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from layerskip.config import MEASURES
+from layerskip.config import GLOBAL_MEASURES
 from layerskip.decoding.base import SamplingConfig, sample_token, sampling_probs
 from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.decoding.measures import logit_confidence, saturation_confidence
@@ -43,7 +43,7 @@ def plain_loop(model, prompt, n, *, exit_layer=None, sampling=SamplingConfig(), 
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("measure", GLOBAL_MEASURES)
 @pytest.mark.parametrize("min_exit_layer,check_every", [(1, 1), (2, 2)])
 def test_unreachable_threshold_equals_full_greedy(model, measure, min_exit_layer, check_every):
     dee = DynamicEarlyExit(1.5, measure=measure, min_exit_layer=min_exit_layer, check_every=check_every)
@@ -64,7 +64,7 @@ def test_infinite_per_layer_thresholds_check_nothing(model):
     assert result.stats["head_evals_per_token"] == 1
 
 
-@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("measure", GLOBAL_MEASURES)
 @pytest.mark.parametrize("min_exit_layer", [1, 2, 3])
 def test_threshold_zero_exits_at_the_first_allowed_layer(model, measure, min_exit_layer):
     result = DynamicEarlyExit(0.0, measure=measure, min_exit_layer=min_exit_layer).generate(model, PROMPT, 16)
@@ -89,7 +89,7 @@ def counted_model(model):
     model.set_token_counts(None)
 
 
-@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("measure", GLOBAL_MEASURES)
 def test_short_exit_head_with_unreachable_threshold_equals_full_greedy(counted_model, measure):
     result = DynamicEarlyExit(1.5, measure=measure, exit_vocab=6).generate(counted_model, PROMPT, 12)
     assert result.tokens == plain_loop(counted_model, PROMPT, 12)
@@ -98,7 +98,7 @@ def test_short_exit_head_with_unreachable_threshold_equals_full_greedy(counted_m
     assert result.stats["short_head_evals_per_token"] == (0 if measure == "saturation" else 3)
 
 
-@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("measure", GLOBAL_MEASURES)
 @pytest.mark.parametrize("min_exit_layer", [1, 3])
 def test_short_exit_head_exits_with_a_frequent_token(counted_model, measure, min_exit_layer):
     model = counted_model
@@ -164,7 +164,7 @@ def reference_dee(model, prompt, new_tokens, exits):
     return cache
 
 
-@pytest.mark.parametrize("measure", MEASURES)
+@pytest.mark.parametrize("measure", GLOBAL_MEASURES)
 def test_cache_complete_and_consistent_after_dee(model, measure):
     lam = middle_threshold(model, measure)
     dee = DynamicEarlyExit(lam, measure=measure)

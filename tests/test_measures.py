@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from layerskip.config import MEASURES
-from layerskip.decoding.measures import LOGIT_MEASURES, logit_confidence, saturation_confidence
+from layerskip.decoding.measures import (
+    HIDDEN_MEASURES,
+    LEARNED_MEASURES,
+    LOGIT_MEASURES,
+    logit_confidence,
+    saturation_confidence,
+)
 from layerskip.errors import ConfigError
 
 
@@ -20,8 +26,9 @@ def test_confidence_measures_on_known_logits():
     assert saturation_confidence(h, -h).item() == 0.0  # clamped
 
 
-def test_every_measure_is_computed_from_logits_or_from_hidden_states():
-    assert set(LOGIT_MEASURES) | {"saturation"} == set(MEASURES)
-    for measure in ("saturation", "entropy"):
+def test_every_measure_is_computed_from_logits_hidden_states_or_learned_weights():
+    kinds = (LOGIT_MEASURES, HIDDEN_MEASURES, LEARNED_MEASURES)
+    assert sorted(sum(kinds, ())) == sorted(MEASURES) and LEARNED_MEASURES == ("classifier",)
+    for measure in ("saturation", "classifier", "entropy"):
         with pytest.raises(ConfigError, match="not computed from logits"):
             logit_confidence(torch.zeros(1, 3), measure)

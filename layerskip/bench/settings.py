@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerskip.config import MEASURES
+from layerskip.config import GLOBAL_MEASURES, MEASURES
 from layerskip.decoding.autoregressive import Autoregressive
 from layerskip.decoding.dee import DynamicEarlyExit
 from layerskip.decoding.ssd import SelfSpeculative
@@ -37,7 +37,7 @@ class BenchSettings:
     warmup: int = 1
     draft_layers: tuple[int, ...] | None = None  # None: a spread over 1..L-1
     ks: tuple[int, ...] = (2, 4, 6)
-    dee_measures: tuple[str, ...] = MEASURES
+    dee_measures: tuple[str, ...] = GLOBAL_MEASURES  # "classifier" needs a thresholds file (--thresholds)
     dee_thresholds: tuple[float, ...] | None = None  # None: DEFAULT_DEE_THRESHOLDS per measure
     temperature: float = 0.8  # for the sampled AR and SSD configs; 0 skips them
     sample_draft_layer: int | None = None  # None: the middle of the draft layers
@@ -60,9 +60,12 @@ class BenchSettings:
             raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if not self.ks or any(not (isinstance(k, int) and k >= 1) for k in self.ks):
             raise ConfigError(f"ks (draft lengths) must be integers >= 1, got {self.ks!r}")
-        bad = [m for m in self.dee_measures if m not in MEASURES]
+        bad = [m for m in self.dee_measures if m not in GLOBAL_MEASURES]
         if bad:
-            raise ConfigError(f"unknown DEE measure(s) {bad}; choose from {list(MEASURES)}")
+            learned = " (the classifier measure needs its calibrated file: --thresholds FILE)" \
+                if set(bad) <= set(MEASURES) else ""
+            raise ConfigError(f"DEE measure(s) {bad} cannot be swept with global thresholds{learned}; choose from "
+                              f"{list(GLOBAL_MEASURES)}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"temperature must be >= 0 (0 skips the sampled configs), got {self.temperature!r}")
         for name, least in (("draft_vocab", 1), ("exit_vocab", 2)):  # as SelfSpeculative / DynamicEarlyExit

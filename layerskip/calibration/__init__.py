@@ -50,6 +50,13 @@ without any correction, so the chosen member, the last one rejected, satisfies:
     draws from the same distribution, then with probability at least 1 - epsilon over the
     test half, R(lambda_hat) <= delta.
 
+**The learned exit classifier** (measure ``classifier``, CALM's early-exit classifier): the
+confidence is a small classifier's predicted probability that exit l agrees with the last
+layer. It is fit (``classifier``) on the learn half only, before the family is built, and
+then scores both halves; the test half is only ever scored, never fit on, so the classifier
+is part of the calibrated policy and the guarantee below covers it unchanged. Its weights
+are written into thresholds.json.
+
 When no member is rejected, every threshold is infinite (``null`` in the file): DEE is the
 full model and R = 0. Caveats (also in the file): tokens of running text are not
 independent, so the effective sample size is smaller than n; the risk is about the greedy
@@ -58,13 +65,15 @@ top-1 under teacher forcing; the guarantee holds for the exact policy that was c
 Thresholds are monotone in delta: a smaller delta gives larger p-values, an earlier stop
 and so thresholds that are the same or higher on every layer.
 
-The modules, in the order the data flows: ``scores`` (the torch pass), ``stats`` (binomial
-tail, fixed-sequence test, isotonic fits; numpy only), ``policy`` (policies, families and
+The modules, in the order the data flows: ``scores`` (the torch pass), ``classifier`` (fitting
+the exit classifier), ``stats`` (binomial tail, fixed-sequence test, isotonic fits; numpy
+only), ``policy`` (policies, families and
 the Learn-then-Test choice), ``generated`` (DEE on its own text), ``record`` (the file's
 contents) and ``pipeline`` (``calibrate_checkpoint`` and ``evaluate_thresholds``, which the
 CLI calls). ``layerskip.thresholds`` reads the file back.
 """
 
+from layerskip.calibration.classifier import classifier_scores, fit_classifier
 from layerskip.calibration.generated import generated_disagreement
 from layerskip.calibration.pipeline import calibrate_checkpoint, evaluate_thresholds
 from layerskip.calibration.policy import (
@@ -102,6 +111,7 @@ from layerskip.calibration.stats import (
 __all__ = [
     "AUTO_RISK_LEVELS", "METHODS", "RISK_DEFINITION", "Calibration", "ExitScores", "FixedSequenceResult",
     "auto_method", "binomial_cdf", "binomial_pvalue", "calibrate_checkpoint", "calibrate_scores", "check_method",
+    "classifier_scores", "fit_classifier",
     "evaluate_thresholds", "exit_scores", "fixed_sequence_test", "generated_disagreement", "global_family",
     "guarantee_text", "head_evals", "isotonic_increasing", "learn_half_exit_layers", "local_error_curve",
     "per_layer_family", "per_layer_grid", "policy_disagreements", "policy_exit_layers", "split_scores",

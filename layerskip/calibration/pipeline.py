@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from layerskip.calibration.classifier import DEFAULT_HIDDEN, FIT_TOKENS, check_classifier_settings
 from layerskip.calibration.generated import generated_disagreement
 from layerskip.calibration.policy import (
     Calibration,
@@ -24,9 +25,11 @@ from layerskip.calibration.policy import (
 from layerskip.calibration.record import thresholds_record, write_json_atomic
 from layerskip.calibration.scores import ExitScores, exit_scores
 from layerskip.checkpoint import Checkpoint, load_checkpoint
+from layerskip.config import check_measure
 from layerskip.console import log
 from layerskip.data import load_corpus
-from layerskip.decoding.dee import DynamicEarlyExit
+from layerskip.decoding.dee import DynamicEarlyExit, check_policy
+from layerskip.decoding.measures import CLASSIFIER_VOCAB
 from layerskip.device import resolve_device
 from layerskip.errors import ConfigError
 from layerskip.jsonfile import sanitize
@@ -57,6 +60,9 @@ def calibrate_checkpoint(
     gen_prompts: int = 8,
     gen_tokens: int = 32,
     seed: int = 0,
+    classifier_vocab: int = CLASSIFIER_VOCAB,
+    classifier_hidden: int = DEFAULT_HIDDEN,
+    classifier_fit_tokens: int = FIT_TOKENS,
     device: str = "auto",
     command: str | None = None,
     progress: bool = True,
@@ -66,26 +72,35 @@ def calibrate_checkpoint(
     checkpoint: a loaded Checkpoint (used where it is) or a checkpoint/run directory (loaded on
         `device`). output: where to write thresholds.json (None: write nothing). command: the
         command line recorded in the file. progress: log the run and the result on stderr.
+        classifier_*: measure "classifier" only: the features' short head, the hidden units of its
+        MLP (0: logistic regression), the learn-half tokens it is fit on at most.
     Returns the policy, whose ``.record`` is the whole thresholds record and ``.strategy()`` the DEE.
     """
     check_risk_settings(delta, epsilon)
     check_method(method)
+    _check_classifier_options(measure, classifier_vocab, classifier_hidden, classifier_fit_tokens)
     check_counts(dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, gen_prompts=gen_prompts,
                       gen_tokens=gen_tokens))
     ckpt, device = _checkpoint_on(checkpoint, device)
     corpus = load_corpus(data_dir, tokenizer=ckpt.tokenizer)
     model = ckpt.model
-    DynamicEarlyExit(0.0, measure, min_exit_layer, check_every, exit_vocab=exit_vocab).checked_layers(model.num_layers)
+    check_policy(min_exit_layer, check_every, exit_vocab)
+    if min_exit_layer > model.num_layers:  # as DynamicEarlyExit.checked_layers
+        raise ConfigError(f"min_exit_layer {min_exit_layer} is beyond the model's {model.num_layers} layers")
     valid = corpus.tokens["valid"]  # calibration never reads the test split
     if progress:
         head = "the full head" if exit_vocab is None else f"a {exit_vocab}-token short head"
         log(f"calibrate: {min(len(valid), max_tokens or len(valid)):,} validation tokens, {model.num_layers} layers, "
             f"measure {measure}, exits through {head}, delta {delta:g}, epsilon {epsilon:g}")
     scores = exit_scores(model, valid, measure, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                         progress=progress_bar if progress else None, exit_vocab=exit_vocab)
+                         progress=progress_bar if progress else None, exit_vocab=exit_vocab,
+                         classifier_vocab=classifier_vocab)
     result = calibrate_scores(scores, delta=delta, epsilon=epsilon, method=method, min_exit_layer=min_exit_layer,
-                              check_every=check_every, seed=seed)
-    dee = DynamicEarlyExit(result.thresholds, result.measure, exit_vocab=result.exit_vocab)
+                              check_every=check_every, seed=seed, classifier_hidden=classifier_hidden,
+                              classifier_fit_tokens=classifier_fit_tokens)
+    scores.features = None  # the classifier's features are fit and scored: free them before generating
+    dee = DynamicEarlyExit(result.thresholds, result.measure, exit_vocab=result.exit_vocab,
+                           classifier=result.classifier)
     generated = _generated(model, dee, valid, gen_prompts, gen_tokens)
     data = {"split": "valid", "data_dir": str(corpus.data_dir), "tokens": scores.num_tokens,
             "windows": scores.num_windows, "seq_len": scores.seq_len, "max_tokens": max_tokens}
@@ -127,7 +142,8 @@ def evaluate_thresholds(
     policy = thresholds_for(model, thresholds)
     tokens = corpus.tokens[split]
     scores = exit_scores(model, tokens, policy.measure, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                         progress=progress_bar if progress else None, exit_vocab=policy.exit_vocab)
+                         progress=progress_bar if progress else None, exit_vocab=policy.exit_vocab,
+                         classifier=policy.classifier)
     return {
         "thresholds_file": None if policy.path is None else str(policy.path),
         "split": split, "tokens": scores.num_tokens, "measure": policy.measure, "exit_vocab": policy.exit_vocab,
@@ -146,6 +162,15 @@ def check_counts(counts: dict[str, int | None], *, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{name} must be >= {least}, got {value}")
 
 
+def _check_classifier_options(measure: str, vocab: int, hidden: int, fit_tokens: int) -> None:
+    """The classifier settings (checked for every measure, so a typo never waits for the scoring pass)."""
+    check_measure(measure)
+    check_classifier_settings(hidden, fit_tokens)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 2:
+        raise ConfigError(f"classifier_vocab must be an integer >= 2 (tokens in the classifier's short head), "
+                          f"got {vocab!r}")
+
+
 def log_calibration(result: Calibration, record: dict[str, Any], generated: dict[str, Any]) -> None:
     """The outcome in a few lines: thresholds, held-out risk and cost, the generated-text check."""
     shown = ", ".join("-" if t is None else f"{t:.4g}" for t in record["thresholds"])
@@ -153,6 +178,8 @@ def log_calibration(result: Calibration, record: dict[str, Any], generated: dict
     log(f"held-out teacher-forced disagreement {result.test_risk:.4%} on {result.test_tokens:,} tokens "
         f"(bound {result.delta:g} at 1-epsilon {1 - result.epsilon:g}); mean exit layer {result.mean_exit_layer:.2f}, "
         f"LM-head evaluations per token {result.head_evals_per_token:.2f}")
+    counts = np.cumsum(result.exit_layer_counts[:-1]) / max(result.test_tokens, 1)
+    log("held-out tokens exiting by layer 1.." + f"{result.num_layers - 1}: " + ", ".join(f"{c:.1%}" for c in counts))
     if generated.get("new_tokens"):
         log(f"on DEE's own generations: disagreement {generated['disagreement']:.2%}, mean exit layer "
             f"{generated['mean_exit_layer']:.2f} ({generated['new_tokens']} tokens; not covered by the guarantee)")

@@ -6,6 +6,7 @@ teacher-forced disagreement and exit layers are counts over ExitScores.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,9 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from layerskip.calibration.classifier import DEFAULT_HIDDEN, FIT_TOKENS, classifier_scores, fit_classifier
 from layerskip.calibration.scores import ExitScores
 from layerskip.calibration.stats import fixed_sequence_test, local_error_curve
-from layerskip.decoding.dee import DynamicEarlyExit
+from layerskip.decoding.dee import check_policy
+from layerskip.decoding.measures import ExitClassifier
 from layerskip.errors import ConfigError
 from layerskip.thresholds import check_risk_settings, checked_mask
 
@@ -43,8 +46,8 @@ def policy_exit_layers(confidence: np.ndarray, thresholds: Sequence[float]) -> n
 def head_evals(exits: np.ndarray, thresholds: Sequence[float], measure: str) -> np.ndarray:
     """LM-head evaluations DEE spends on each token exiting at `exits` (as DynamicEarlyExit counts them)."""
     num_layers = len(thresholds) + 1
-    if measure == "saturation":
-        return np.ones_like(exits)  # only the exit's head
+    if measure in ("saturation", "classifier"):
+        return np.ones_like(exits)  # only the exit's head (the classifier's short heads are counted apart)
     checked = np.array([layer for layer, lam in enumerate(thresholds, start=1) if math.isfinite(lam)])
     passed = (checked[None, :] <= exits[:, None]).sum(1) if checked.size else np.zeros_like(exits)
     return passed + (exits == num_layers)
@@ -143,6 +146,8 @@ class Calibration:
     seed: int = 0
     exit_vocab: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    classifier: ExitClassifier | None = None  # measure "classifier": fit on the learn half
+    exit_layer_counts: list[int] = field(default_factory=list)  # test-half tokens exiting after block 1..L
 
     @property
     def test_risk(self) -> float:
@@ -175,11 +180,18 @@ def calibrate_scores(
     check_every: int = 1,
     learn_fraction: float = 0.5,
     seed: int = 0,
+    classifier_hidden: int = DEFAULT_HIDDEN,
+    classifier_fit_tokens: int = FIT_TOKENS,
 ) -> Calibration:
-    """Learn-then-Test on precomputed exit scores (see the package docstring)."""
+    """Learn-then-Test on precomputed exit scores (see the package docstring).
+
+    Measure "classifier": scores with features get a classifier fit on the learn half only
+    (``classifier_hidden`` units, 0: logistic regression), which then scores both halves;
+    scores a given classifier already scored are used as they are.
+    """
     check_risk_settings(delta, epsilon)
     requested = check_method(method)
-    DynamicEarlyExit(0.0, scores.measure, min_exit_layer, check_every)  # validates the settings
+    check_policy(min_exit_layer, check_every, scores.exit_vocab)
     if not 0 < learn_fraction < 1:
         raise ConfigError(f"learn_fraction must be in (0, 1), got {learn_fraction!r}")
     learn, test = split_scores(scores, learn_fraction, seed)
@@ -189,6 +201,9 @@ def calibrate_scores(
             "window(s) cannot be split into learn and test halves; use more tokens or a shorter --seq_len"
         )
     checked = checked_mask(scores.num_layers, min_exit_layer, check_every)
+    if scores.measure == "classifier":
+        learn, test = learned_confidences(learn, test, checked, hidden=classifier_hidden, seed=seed,
+                                          fit_tokens=classifier_fit_tokens)
     families = {"per-layer": per_layer_family(learn, checked, per_layer_grid()),
                 "global": global_family(learn, checked)}
     learn_choice = {}
@@ -209,7 +224,24 @@ def calibrate_scores(
         head_evals_per_token=float(head_evals(exits, thresholds, scores.measure).mean()),
         exit_vocab=scores.exit_vocab,
         extra={"requested_method": requested, "auto_learn_half_mean_exit_layer_by_risk": learn_choice},
+        classifier=test.classifier,
+        exit_layer_counts=np.bincount(exits, minlength=scores.num_layers + 1)[1:].tolist(),
     )
+
+
+def learned_confidences(learn: ExitScores, test: ExitScores, checked: list[bool], *, hidden: int, seed: int,
+                        fit_tokens: int) -> tuple[ExitScores, ExitScores]:
+    """Both halves scored by a classifier fit on the learn half alone (the test half only gets scored).
+
+    Scores that a given classifier already scored (no features) pass through unchanged.
+    """
+    if learn.features is None:
+        if learn.classifier is None:
+            raise ConfigError("classifier exit scores hold neither features nor a classifier's scores")
+        return learn, test
+    classifier = fit_classifier(learn, checked, hidden=hidden, seed=seed, fit_tokens=fit_tokens)
+    return tuple(dataclasses.replace(half, confidence=classifier_scores(classifier, half.features), features=None,
+                                     classifier=classifier) for half in (learn, test))
 
 
 def auto_method(learn: ExitScores, families: dict[str, list[list[float]]]) -> tuple[str, dict[str, dict[str, float]]]:

@@ -31,14 +31,15 @@ def guarantee_text(cal: Calibration) -> str:
         f"model's top-1 is at most {cal.delta:g}, assuming those tokens and the tokens DEE is used on are "
         "independent draws from one distribution (running text is dependent, so the effective sample is "
         "smaller). It holds for greedy top-1 with exactly these thresholds, measure, exit_vocab, min_exit_layer "
-        "and check_every; DEE's own generations (propagated K/V, its own prefix) are measured separately."
+        "and check_every" + (" and this exit classifier (fit on the learn half only)" if cal.classifier else "")
+        + "; DEE's own generations (propagated K/V, its own prefix) are measured separately."
     )
 
 
 def thresholds_record(cal: Calibration, *, data: dict[str, Any], model_info: dict[str, Any],
                       generated: dict[str, Any] | None = None, command: str | None = None) -> dict[str, Any]:
     """The JSON document written to thresholds.json (null threshold: never exit at that layer)."""
-    return {
+    record = {
         "format": FORMAT,
         "version": VERSION,
         "measure": cal.measure,
@@ -72,12 +73,16 @@ def thresholds_record(cal: Calibration, *, data: dict[str, Any], model_info: dic
             "mean_exit_layer_teacher_forced": cal.mean_exit_layer,
             "blocks_per_token_teacher_forced": cal.mean_exit_layer,
             "head_evals_per_token_teacher_forced": cal.head_evals_per_token,
+            "exit_layer_counts_teacher_forced": cal.exit_layer_counts,
             "generated_text": generated or {},
         },
         "data": {**data, "learn_tokens": cal.learn_tokens, "test_tokens": cal.test_tokens},
         "model": model_info,
         "command": command,
     }
+    if cal.classifier is not None:  # the classifier is part of the policy: it travels with the thresholds
+        record["classifier"] = cal.classifier.to_record()
+    return record
 
 
 def write_json_atomic(path: str | Path, record: dict[str, Any]) -> Path:

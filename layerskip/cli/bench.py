@@ -26,7 +26,7 @@ import argparse
 import sys
 
 from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_dtype_arg, add_flag
-from layerskip.config import MEASURES
+from layerskip.config import GLOBAL_MEASURES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "draft_layers", type=int, nargs="+", default=None,
              help="SSD draft layers E to sweep (default: a spread over 1..L-1)")
     add_flag(parser, "ks", type=int, nargs="+", default=[2, 4, 6], help="SSD draft lengths k to sweep (default: 2 4 6)")
-    add_flag(parser, "dee_measures", nargs="+", default=list(MEASURES), choices=MEASURES, help="DEE confidence measures to sweep (default: all)")
+    add_flag(parser, "dee_measures", nargs="+", default=list(GLOBAL_MEASURES), choices=GLOBAL_MEASURES,
+             help="DEE confidence measures to sweep with global thresholds (default: all but classifier, which "
+             "needs --thresholds FILE)")
     add_flag(parser, "dee_thresholds", type=float, nargs="+", default=None,
              help="global DEE thresholds to sweep for every measure (default: a per-measure set)")
     parser.add_argument("--temperature", type=float, default=0.8,

@@ -11,6 +11,8 @@ half, and on DEE's own generations) and the model's fingerprint.
 examples:
   layerskip calibrate --checkpoint runs/layerskip --output runs/layerskip/thresholds.json \\
       --delta 0.01 --epsilon 0.05 --measure softmax
+  layerskip calibrate --checkpoint runs/layerskip --output runs/layerskip/thresholds-clf.json \\
+      --measure classifier --delta 0.01
   layerskip calibrate --checkpoint runs/layerskip --evaluate runs/layerskip/thresholds.json --split test
 """
 
@@ -22,6 +24,12 @@ import shlex
 
 from layerskip.cli.common import add_checkpoint_arg, add_data_dir_arg, add_device_arg, add_dtype_arg, add_flag
 from layerskip.config import MEASURES
+
+# The classifier's settings and their defaults (layerskip.calibration.classifier, decoding.measures), kept
+# here so that `layerskip calibrate --help` imports no torch.
+CLASSIFIER_VOCAB, DEFAULT_HIDDEN, FIT_TOKENS = 256, 32, 65536
+CLASSIFIER_DEFAULTS = {"classifier_vocab": CLASSIFIER_VOCAB, "classifier_hidden": DEFAULT_HIDDEN,
+                       "classifier_fit_tokens": FIT_TOKENS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,14 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "epsilon", type=float, default=0.05,
              help="the guarantee holds with probability >= 1 - epsilon (default 0.05)")
     add_flag(parser, "measure", choices=MEASURES, default="softmax",
-             help="confidence measure: softmax maximum, top-1 minus top-2 margin, or hidden-state "
-             "saturation (cosine of consecutive layers; needs no LM head) (default softmax)")
+             help="confidence measure: softmax maximum, top-1 minus top-2 margin, hidden-state "
+             "saturation (cosine of consecutive layers; needs no LM head), or classifier (CALM's learned exit "
+             "classifier, fit on the learn half and written into the file) (default softmax)")
     add_flag(parser, "method", choices=("auto", "per-layer", "global"), default="auto",
              help="the family of policies tested: per-layer thresholds learnt on half the windows, one "
              "global threshold, or auto: whichever exits earlier on the learn half (default auto)")
     add_flag(parser, "exit_vocab", type=int, default=None,
              help="early exits read a short head of the N most frequent training tokens (cheaper than the "
              "full head; the guarantee covers it; N >= the vocabulary is the full head) (default: the full head)")
+    add_flag(parser, "classifier_vocab", type=int, default=CLASSIFIER_VOCAB,
+             help="--measure classifier: tokens in the short head whose largest probability is one of the "
+             f"classifier's features (default {CLASSIFIER_VOCAB})")
+    add_flag(parser, "classifier_hidden", type=int, default=DEFAULT_HIDDEN,
+             help="--measure classifier: hidden units of its one-hidden-layer MLP; 0 is logistic regression "
+             f"(default {DEFAULT_HIDDEN})")
+    add_flag(parser, "classifier_fit_tokens", type=int, default=FIT_TOKENS,
+             help=f"--measure classifier: learn-half tokens each layer's classifier is fit on, at most (default "
+             f"{FIT_TOKENS})")
     add_flag(parser, "min_exit_layer", type=int, default=1, help="first layer allowed to exit (default 1)")
     add_flag(parser, "check_every", type=int, default=1,
              help="check every k-th layer from min_exit_layer, to save LM-head evaluations (default 1)")
@@ -77,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     policy = calibrate(
         args.checkpoint, output=args.output, delta=args.delta, epsilon=args.epsilon, measure=args.measure,
         method=args.method, exit_vocab=args.exit_vocab, min_exit_layer=args.min_exit_layer,
-        check_every=args.check_every, seed=args.seed, command=_command(args), dtype=args.dtype, **shared,
+        check_every=args.check_every, seed=args.seed, classifier_vocab=args.classifier_vocab,
+        classifier_hidden=args.classifier_hidden, classifier_fit_tokens=args.classifier_fit_tokens,
+        command=_command(args), dtype=args.dtype, **shared,
     )
     print(policy.path)
     return 0
@@ -95,6 +115,10 @@ def check_args(args: argparse.Namespace) -> None:
                                                          "gen_prompts", "gen_tokens")}, prefix="--")
     if args.evaluate is None and args.split != "valid":
         raise ConfigError("calibration reads only the validation split; --split is for --evaluate")
+    changed = [f"--{name}" for name, default in CLASSIFIER_DEFAULTS.items() if getattr(args, name) != default]
+    if changed and (args.measure != "classifier" or args.evaluate is not None):
+        raise ConfigError(f"{', '.join(changed)} only apply when calibrating with --measure classifier "
+                          "(a thresholds file already holds its classifier)")
     if args.threads is not None:
         import torch
 
@@ -104,9 +128,10 @@ def check_args(args: argparse.Namespace) -> None:
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this calibration (every setting spelled out)."""
     parts = ["layerskip", "calibrate"]
-    for name in ("checkpoint", "output", "evaluate", "split", "delta", "epsilon", "measure", "method",
-                 "min_exit_layer", "check_every", "data_dir", "max_tokens", "seq_len", "batch_size", "gen_prompts",
-                 "gen_tokens", "seed", "threads", "device", "dtype"):
+    classifier = list(CLASSIFIER_DEFAULTS) if args.measure == "classifier" and args.evaluate is None else []
+    for name in ("checkpoint", "output", "evaluate", "split", "delta", "epsilon", "measure", "method", "exit_vocab",
+                 *classifier, "min_exit_layer", "check_every", "data_dir", "max_tokens", "seq_len", "batch_size",
+                 "gen_prompts", "gen_tokens", "seed", "threads", "device", "dtype"):
         value = getattr(args, name, None)
         if value is not None:
             parts += [f"--{name}", str(value)]

@@ -23,8 +23,9 @@ def add_dee_arguments(parser: argparse._ActionsContainer) -> None:
                        help="per-layer thresholds from `layerskip calibrate` (thresholds.json); refused when "
                        "made for another model or measure")
     add_flag(group, "measure", choices=MEASURES, default=None,
-             help="confidence measure: softmax maximum, top-1 minus top-2 margin, or saturation (cosine of "
-             "consecutive hidden states, needs no LM head) (default: the file's, else softmax)")
+             help="confidence measure: softmax maximum, top-1 minus top-2 margin, saturation (cosine of "
+             "consecutive hidden states, needs no LM head), or classifier (CALM's learned exit classifier; only "
+             "with --thresholds from `layerskip calibrate --measure classifier`) (default: the file's, else softmax)")
     add_flag(group, "exit_vocab", type=int, default=None,
              help="early exits read a short head of the N most frequent training tokens, much cheaper than "
              "the full head (default: the file's, else the full head)")

@@ -12,7 +12,11 @@ threshold is finite; an infinite threshold (``None`` in a thresholds file) means
 exit here" and costs nothing. Thresholds above 1 are unreachable, so the output is the
 full model's; threshold 0 exits every token at min_exit_layer. A check through the head
 (``softmax``, ``margin``) costs a head evaluation (vocabulary x d_model), which
-``stats["head_evals_per_token"]`` shows.
+``stats["head_evals_per_token"]`` shows. The ``classifier`` measure (CALM's learned exit
+classifier, ``measures.ExitClassifier``) needs the weights a calibration fits, so it comes
+only from a thresholds file; each of its checks reads a short head of ``classifier.vocab``
+tokens (counted in ``short_head_evals_per_token``), reused as the exit's logits when
+``exit_vocab`` is the same size.
 
 Short exit head (``exit_vocab=N``). A small model's shared head can read as many weights as
 several blocks, so an early exit that still pays the whole head saves little. With
@@ -52,11 +56,15 @@ from layerskip.decoding.base import (
     prefill,
     token_buffer,
 )
-from layerskip.decoding.measures import logit_confidence, saturation_confidence
+from layerskip.decoding.measures import ExitClassifier, logit_confidence, saturation_confidence
 from layerskip.decoding.propagation import FusedPropagation, propagate_kv
 from layerskip.errors import ConfigError
 from layerskip.fastpath import FastDecoder, decoding
 from layerskip.model import Transformer
+
+NEEDS_CLASSIFIER = ("the classifier measure reads exit-classifier weights that only a calibration fits: run "
+                    "`layerskip calibrate --measure classifier` and pass its file (--thresholds FILE); a global "
+                    "--conf cannot use this measure")
 
 Propagate = Callable[[Transformer, torch.Tensor, int, int, KVCache], int]  # propagate_kv's signature
 
@@ -88,17 +96,11 @@ class DynamicEarlyExit:
         min_exit_layer: int = 1,
         check_every: int = 1,
         exit_vocab: int | None = None,
+        classifier: ExitClassifier | None = None,
     ) -> None:
         self.measure = check_measure(measure)
-        if exit_vocab is not None and not (isinstance(exit_vocab, int) and not isinstance(exit_vocab, bool)
-                                           and exit_vocab >= 2):
-            raise ConfigError(f"exit_vocab must be an integer >= 2 (tokens the short exit head holds; None: the "
-                              f"full head), got {exit_vocab!r}")
+        check_policy(min_exit_layer, check_every, exit_vocab)
         self.exit_vocab = exit_vocab
-        if not (isinstance(min_exit_layer, int) and min_exit_layer >= 1):
-            raise ConfigError(f"min_exit_layer must be an integer >= 1, got {min_exit_layer!r}")
-        if not (isinstance(check_every, int) and check_every >= 1):
-            raise ConfigError(f"check_every must be an integer >= 1, got {check_every!r}")
         self.min_exit_layer = min_exit_layer
         self.check_every = check_every
         if isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
@@ -107,6 +109,11 @@ class DynamicEarlyExit:
             self.thresholds = [
                 _check_threshold(math.inf if t is None else t, f"threshold {i + 1}") for i, t in enumerate(thresholds)
             ]
+        if (measure == "classifier") != (classifier is not None):
+            raise ConfigError(NEEDS_CLASSIFIER if classifier is None else
+                              f"exit classifier weights were given with the {measure!r} measure; they belong to "
+                              "measure 'classifier'")
+        self.classifier = classifier
 
     def layer_thresholds(self, num_layers: int) -> list[float]:
         """Thresholds of layers 1..L-1 (index l-1), whatever form they were given in."""
@@ -130,6 +137,13 @@ class DynamicEarlyExit:
             if math.isfinite(lams[layer - 1])
         }
 
+    def check_model(self, model: Transformer) -> dict[int, float]:
+        """The checked layers for `model`, refusing a classifier made for another width or missing a checked layer."""
+        checks = self.checked_layers(model.num_layers)
+        if self.classifier is not None:
+            self.classifier.check_model(model, sorted(checks))
+        return checks
+
     def step(self, fast: FastDecoder, token: torch.Tensor, pos: int, cache: KVCache, checks: dict[int, float],
              propagate: Propagate = propagate_kv) -> StepResult:
         """Feed one token (1, 1) at position pos; exit, fill the skipped layers' K/V with `propagate`."""
@@ -146,6 +160,10 @@ class DynamicEarlyExit:
                 continue
             if self.measure == "saturation":
                 checked, conf = None, saturation_confidence(h, prev)
+            elif self.classifier is not None:
+                conf, short = self.classifier.confidence(fast, h, prev, layer)
+                counts["short"] += 1
+                checked = short if self.exit_vocab == self.classifier.vocab else None  # the exit head's own logits
             else:
                 checked = self.exit_head(fast, h, counts)
                 conf = logit_confidence(checked[0], self.measure)
@@ -169,11 +187,7 @@ class DynamicEarlyExit:
 
         decoder: the model's FastDecoder while decoding, or the model itself (the plain path).
         """
-        if self.exit_vocab is None:
-            counts["full"] += 1
-            return decoder.unembed(h), None
-        counts["short"] += 1
-        return decoder.unembed_short(h, self.exit_vocab)
+        return exit_head(decoder, h, self.exit_vocab, counts)
 
     @decoding()
     def generate(
@@ -190,7 +204,7 @@ class DynamicEarlyExit:
     ) -> GenerationResult:
         """Generate up to max_new_tokens; `cache` (empty) may be passed in to inspect it afterwards."""
         run = Decoding.begin(model, prompt_ids, max_new_tokens, eos_id, on_tokens)
-        checks = self.checked_layers(model.num_layers)
+        checks = self.check_model(model)
         fast = FastDecoder.of(model)
         propagate = FusedPropagation.for_model(model)
         if cache is None:
@@ -233,10 +247,34 @@ class DynamicEarlyExit:
             "blocks_per_token": sum(exits) / count,
             "head_evals_per_token": sum(s.head_evals for s in steps) / count,
             "exit_vocab": self.exit_vocab,
+            "classifier_vocab": None if self.classifier is None else self.classifier.vocab,
             "short_head_evals_per_token": sum(s.short_head_evals for s in steps) / count,
             "kv_projections_per_token": sum(s.kv_projections for s in steps) / count,
             "tokens_per_second": tokens_per_second,
         }
+
+
+def exit_head(decoder: FastDecoder | Transformer, h: torch.Tensor, exit_vocab: int | None,
+              counts: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Early-exit logits of h through the full head ((..., V), None) or the short head of exit_vocab tokens
+    ((..., N), their ids); counts["full"] or counts["short"] goes up by one."""
+    if exit_vocab is None:
+        counts["full"] += 1
+        return decoder.unembed(h), None
+    counts["short"] += 1
+    return decoder.unembed_short(h, exit_vocab)
+
+
+def check_policy(min_exit_layer: int, check_every: int, exit_vocab: int | None) -> None:
+    """The policy settings besides thresholds and measure, or a ConfigError naming the bad one."""
+    if exit_vocab is not None and not (isinstance(exit_vocab, int) and not isinstance(exit_vocab, bool)
+                                       and exit_vocab >= 2):
+        raise ConfigError(f"exit_vocab must be an integer >= 2 (tokens the short exit head holds; None: the "
+                          f"full head), got {exit_vocab!r}")
+    if not (isinstance(min_exit_layer, int) and min_exit_layer >= 1):
+        raise ConfigError(f"min_exit_layer must be an integer >= 1, got {min_exit_layer!r}")
+    if not (isinstance(check_every, int) and check_every >= 1):
+        raise ConfigError(f"check_every must be an integer >= 1, got {check_every!r}")
 
 
 def _check_threshold(value: float, what: str) -> float:
