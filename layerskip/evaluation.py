@@ -72,10 +72,17 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def default_window(max_seq_len: int) -> int:
+    """Evaluation windows of a model trained elsewhere: its context, capped so that a window's logits fit in memory."""
+    return min(max_seq_len, DEFAULT_WINDOW_CAP)
+
+
 def _ppl(nats: float) -> float:
     return math.exp(nats) if nats < 700 else math.inf
 
 
+# Llama 3's context is 131,072 tokens: one window of logits over a 128k vocabulary would not fit in memory.
+DEFAULT_WINDOW_CAP = 2048
 AGREEMENT_TOP = (2, 4)  # the coverage columns: the last layer's top-1 within the exit's top-k
 
 
@@ -197,7 +204,7 @@ def evaluate_checkpoint(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint,
                                                                                    device=resolve_device(device))
     corpus = load_corpus(data_dir, tokenizer=ckpt.tokenizer)
-    seq_len = int(ckpt.train_config.get("seq_len", ckpt.model_config.max_seq_len))
+    seq_len = int(ckpt.train_config.get("seq_len", default_window(ckpt.model_config.max_seq_len)))
     result = evaluate_model(
         ckpt.model,
         corpus.tokens[split],

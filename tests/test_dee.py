@@ -233,3 +233,13 @@ def test_wrong_number_of_thresholds_or_min_exit_refused(model):
         DynamicEarlyExit([0.5, 0.5]).generate(model, PROMPT, 3)
     with pytest.raises(ConfigError, match="min_exit_layer"):
         DynamicEarlyExit(0.5, min_exit_layer=9).generate(model, PROMPT, 3)
+
+
+def test_dee_sizes_its_cache_to_the_prompt_and_the_new_tokens(monkeypatch):
+    """Not to the model's whole context (131,072 positions for Llama 3.2: gigabytes of K/V)."""
+    model = tiny_model()
+    sizes = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda **kw: sizes.append(kw.get("max_len")) or new_cache(**kw))
+    DynamicEarlyExit(2.0).generate(model, [1, 2, 3], 5)
+    assert sizes == [3 + 5]

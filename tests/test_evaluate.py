@@ -107,3 +107,10 @@ def test_agreement_equals_a_plain_loop_over_tokens():
     assert 0 < result.layers[0].agreement < result.layers[0].last_in_top4 < 1  # the test can tell them apart
     assert "agree" in result.table() and "top-4" in result.table()
     assert result.to_dict()["layers"][0]["last_in_top2"] == result.layers[0].last_in_top2
+
+
+def test_windows_of_a_long_context_model_are_capped_so_their_logits_fit():
+    from layerskip.evaluation import DEFAULT_WINDOW_CAP, default_window
+
+    assert default_window(256) == 256  # our checkpoints: their training context
+    assert default_window(131_072) == DEFAULT_WINDOW_CAP == 2048  # Llama 3.2's context

@@ -25,6 +25,7 @@ from layerskip.decoding.measures import (
     saturation_confidence,
 )
 from layerskip.errors import ConfigError
+from layerskip.evaluation import default_window
 from layerskip.fastpath import decoding
 
 
@@ -101,7 +102,7 @@ def exit_scores(
     num_layers = model.num_layers
     if num_layers == 1:
         raise ConfigError("a 1-layer model has no early exits to calibrate")
-    seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    seq_len = min(seq_len or default_window(model.config.max_seq_len), model.config.max_seq_len)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     if len(tokens) < seq_len:

@@ -208,7 +208,7 @@ class DynamicEarlyExit:
         fast = FastDecoder.of(model)
         propagate = FusedPropagation.for_model(model)
         if cache is None:
-            cache = model.new_cache()
+            cache = model.new_cache(max_len=len(prompt_ids) + run.budget)
         elif any(cache.lengths):
             raise ValueError("DynamicEarlyExit.generate needs an empty cache")
         buf = token_buffer(model, prompt_ids, run.budget)
