@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ import torch
 
 from layerskip import __version__
 from layerskip.bench.models import BenchModel, load_model
+from layerskip.bench.timing import interleaved
 from layerskip.console import log
 from layerskip.decoding import Autoregressive, SelfSpeculative
 from layerskip.device import synchronize
@@ -175,23 +175,10 @@ def build_configs(args, model, hf) -> dict[str, tuple]:
 
 
 def measure(configs: dict, prompts: list[list[int]], n: int, repeats: int) -> dict[str, dict]:
-    """Interleaved timing: every repeat runs every configuration on every prompt."""
-    results = {label: {"settings": settings, "ms_per_token": [], "tokens": [None] * len(prompts), "stats": []}
-               for label, (_, _, settings) in configs.items()}
-    for label, (run, model, _) in configs.items():  # warm-up, untimed
-        run(model, prompts[0], min(n, 8))
-    for r in range(repeats):
-        for label, (run, model, _) in configs.items():
-            for i, prompt in enumerate(prompts):
-                tokens, seconds, stats = run(model, prompt, n)
-                results[label]["ms_per_token"].append(1000 * seconds / len(tokens))
-                results[label]["tokens"][i] = tokens
-                if r == 0 and stats:
-                    results[label]["stats"].append(stats)
-        log(f"repeat {r + 1}/{repeats} done")
-    for entry in results.values():
-        entry["median_ms_per_token"] = statistics.median(entry["ms_per_token"])
-    return results
+    """Interleaved timing (layerskip.bench.timing.interleaved) of decoders given as (run(model, ...), model, settings)."""
+    bound = {label: (lambda p, k, run=run, model=model: run(model, p, k), settings)
+             for label, (run, model, settings) in configs.items()}
+    return interleaved(bound, prompts, n, repeats)
 
 
 # ----------------------------------------------------------------------------- report

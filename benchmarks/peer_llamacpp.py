@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ import torch
 
 from layerskip.bench.machine import load_average, machine_info, versions
 from layerskip.bench.models import load_model
+from layerskip.bench.timing import interleaved
 from layerskip.console import log
 from layerskip.decoding import Autoregressive, SelfSpeculative
 from layerskip.errors import ConfigError, run_script
@@ -223,24 +223,6 @@ def high_level_configs(files, settings: dict, k: int) -> dict[str, tuple]:
     }
 
 
-def measure(configs: dict, prompts: list[list[int]], n: int, repeats: int) -> dict[str, dict]:
-    """Interleaved timing: every repeat runs every configuration on every prompt."""
-    results = {label: {"settings": settings, "ms_per_token": [], "tokens": [None] * len(prompts), "stats": []}
-               for label, (_, settings) in configs.items()}
-    for run, _ in configs.values():  # warm-up, untimed
-        run(prompts[0], min(n, 8))
-    for r in range(repeats):
-        for i, prompt in enumerate(prompts):
-            for label, (run, _) in configs.items():
-                tokens, seconds, stats = run(prompt, n)
-                results[label]["ms_per_token"].append(1000 * seconds / len(tokens))
-                results[label]["tokens"][i] = tokens
-                if r == 0 and stats:
-                    results[label]["stats"].append(stats)
-        log(f"repeat {r + 1}/{repeats} done")
-    for entry in results.values():
-        entry["median_ms_per_token"] = statistics.median(entry["ms_per_token"])
-    return results
 
 
 def summarize(results: dict[str, dict]) -> dict:
@@ -312,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                                draft_layer=args.draft_layer, draft_out=where / "draft.gguf")
         sizes = {p.name: p.stat().st_size for p in (exported.path, exported.draft_path)}
         settings = llama_settings(cfg.max_seq_len, args.threads, args.kv_cache)
-        results = measure(build_configs(args, model, exported, settings), prompts, n, args.repeats)
+        results = interleaved(build_configs(args, model, exported, settings), prompts, n, args.repeats)
     summary = summarize(results)
     doc = {
         "command": " ".join([sys.executable, *sys.argv]),

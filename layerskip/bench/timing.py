@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from layerskip.bench.settings import BenchConfig, BenchSettings, Run
+from layerskip.console import log
 from layerskip.decoding.base import SamplingConfig
 from layerskip.device import synchronize
 
@@ -59,3 +63,32 @@ def measure_configs(model, prompts: list[list[int]], configs: list[BenchConfig],
                 runs[c.id].append(run)
                 progress.update(1)
     return runs, peaks
+
+
+# One decoder of a peer benchmark: (prompt ids, new tokens) -> (tokens, seconds, statistics or None).
+PeerRun = Callable[[list[int], int], tuple[list[int], float, "dict[str, Any] | None"]]
+
+
+def interleaved(configs: dict[str, tuple[PeerRun, dict[str, Any]]], prompts: list[list[int]], n: int,
+                repeats: int) -> dict[str, dict[str, Any]]:
+    """The peer benchmarks' timing: a warm-up each, then every repeat runs every decoder on each prompt in turn.
+
+    Returns, per label: its settings, every ms/token, each prompt's tokens, the first repeat's
+    statistics and the median ms/token.
+    """
+    results = {label: {"settings": settings, "ms_per_token": [], "tokens": [None] * len(prompts), "stats": []}
+               for label, (_, settings) in configs.items()}
+    for run, _ in configs.values():  # warm-up, untimed
+        run(prompts[0], min(n, 8))
+    for r in range(repeats):
+        for i, prompt in enumerate(prompts):
+            for label, (run, _) in configs.items():
+                tokens, seconds, stats = run(prompt, n)
+                results[label]["ms_per_token"].append(1000 * seconds / len(tokens))
+                results[label]["tokens"][i] = tokens
+                if r == 0 and stats:
+                    results[label]["stats"].append(stats)
+        log(f"repeat {r + 1}/{repeats} done")
+    for entry in results.values():
+        entry["median_ms_per_token"] = statistics.median(entry["ms_per_token"])
+    return results
