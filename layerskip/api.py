@@ -189,14 +189,7 @@ def _early_exit(model: torch.nn.Module, *, thresholds: Thresholds | str | os.Pat
     if overridden:
         log(f"warning: {', '.join(overridden)}: the guarantee in {policy.path} holds only for the policy it was "
             "calibrated for")
-    return DynamicEarlyExit(
-        policy.thresholds,
-        policy.measure,
-        policy.min_exit_layer if min_exit_layer is None else min_exit_layer,
-        policy.check_every if check_every is None else check_every,
-        exit_vocab=policy.exit_vocab if exit_vocab is None else exit_vocab,
-        classifier=policy.classifier,
-    )
+    return policy.strategy(min_exit_layer=min_exit_layer, check_every=check_every, exit_vocab=exit_vocab)
 
 
 def evaluate(model: Checkpoint | str | os.PathLike[str], split: str = "test", *,

@@ -73,11 +73,16 @@ class Thresholds:
     exit_vocab: int | None = None
     classifier: ExitClassifier | None = None  # measure "classifier": its weights, from the file
 
-    def strategy(self) -> DynamicEarlyExit:
+    def strategy(self, *, min_exit_layer: int | None = None, check_every: int | None = None,
+                 exit_vocab: int | None = None) -> DynamicEarlyExit:
+        """DEE with this policy; a setting given here replaces the calibrated one (voiding the guarantee)."""
         from layerskip.decoding.dee import DynamicEarlyExit
 
-        return DynamicEarlyExit(self.thresholds, self.measure, self.min_exit_layer, self.check_every,
-                                exit_vocab=self.exit_vocab, classifier=self.classifier)
+        return DynamicEarlyExit(
+            self.thresholds, self.measure,
+            self.min_exit_layer if min_exit_layer is None else min_exit_layer,
+            self.check_every if check_every is None else check_every,
+            exit_vocab=self.exit_vocab if exit_vocab is None else exit_vocab, classifier=self.classifier)
 
     # A sequence of the per-layer thresholds, so ``list(load_thresholds(...))`` works. Layers
     # a calibration did not check are already inf, so these alone reproduce the policy.

@@ -76,6 +76,17 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def benchmark_script(name: str):
+    """benchmarks/NAME.py as a module (the scripts are not a package), to call its main() in-process."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def random_tokens(batch: int, length: int, vocab: int = 97, seed: int = 1) -> torch.Tensor:
     """(batch, length) token ids drawn from a seeded generator."""
     g = torch.Generator().manual_seed(seed)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-from conftest import tiny_config, tiny_model
+from conftest import benchmark_script, tiny_config, tiny_model
 
 from layerskip.bench import best_case, load_model, paragraph_prompts, prompt_ids, random_model, random_prompts
 from layerskip.bench.prompts import FIRST_TEXT_ID, select_prompts
@@ -14,8 +12,6 @@ from layerskip.checkpoint import save_checkpoint
 from layerskip.config import TokenizerConfig
 from layerskip.data import read_lines
 from layerskip.decoding import Autoregressive, SelfSpeculative
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_paragraph_prompts_are_the_bench_prompts(tiny_corpus_dir, tiny_tokenizer):
@@ -62,9 +58,7 @@ def test_best_case_accepts_every_draft():
 
 
 def test_decode_speed_script_on_the_best_case(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("decode_speed", SCRIPTS / "decode_speed.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("decode_speed")
     out = tmp_path / "speed.json"
     assert script.main(["--best_case", "--prompts", "2", "--warmup", "1", "--prompt_len", "8", "--new_tokens", "6",
                         "--draft_layers", "2", "--ks", "3", "--json", str(out)]) == 0

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import benchmark_script, tiny_model
 
 from layerskip.costs import (
     PIECES,
@@ -21,8 +19,6 @@ from layerskip.costs import (
     ssd_estimate,
 )
 from layerskip.errors import ConfigError
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_costs.py"
 
 
 def costs(num_layers: int = 3) -> StepCosts:
@@ -83,9 +79,7 @@ def test_measured_costs_are_positive_and_leave_the_cache_usable():
 
 
 def test_script_measures_a_random_model(capsys):
-    spec = importlib.util.spec_from_file_location("decode_costs", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("decode_costs")
     assert script.main(["--repeats", "3", "--exit_counts", "1,1,1,1,1,5"]) == 0
     out = capsys.readouterr().out
     for piece in PIECES:

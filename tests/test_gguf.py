@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_wikitext_lines, tiny_model
+from conftest import benchmark_script, make_wikitext_lines, tiny_model
 
 from layerskip.checkpoint import load_checkpoint, save_checkpoint
 from layerskip.cli import main
@@ -436,14 +436,9 @@ def test_llama_cpp_logits_and_greedy_tokens_match_ours_and_the_draft_matches_our
 
 def test_peer_benchmark_runs_all_four_decoders_and_checks_their_tokens(tmp_path, tokenizer, tiny_corpus_dir):
     pytest.importorskip("llama_cpp")
-    import importlib.util
     import json
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_llamacpp.py"
-    spec = importlib.util.spec_from_file_location("peer_llamacpp", script)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
+    peer = benchmark_script("peer_llamacpp")
     save_tiny(tmp_path / "ckpt", tokenizer)
     out = tmp_path / "peer.json"
     threads = torch.get_num_threads()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_wikitext_lines, tiny_model
+from conftest import benchmark_script, make_wikitext_lines, tiny_model
 from safetensors.torch import load_file, save_file
 
 from layerskip.checkpoint import load_checkpoint, save_checkpoint
@@ -304,13 +304,7 @@ def test_peer_benchmark_runs_and_checks_tokens(tmp_path, tiny_tokenizer):
     transformers = transformers_or_skip()
     if not hasattr(transformers.GenerationConfig(), "assistant_early_exit"):
         pytest.skip("transformers before 4.47 has no assistant_early_exit")
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_hf.py"
-    spec = importlib.util.spec_from_file_location("peer_hf", script)
-    peer_hf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer_hf)
+    peer_hf = benchmark_script("peer_hf")
     save_tiny(tmp_path / "ckpt", tiny_tokenizer)
     out = tmp_path / "peer.json"
     threads = torch.get_num_threads()

@@ -84,9 +84,7 @@ def calibrate_checkpoint(
     ckpt, device = _checkpoint_on(checkpoint, device)
     corpus = load_corpus(data_dir, tokenizer=ckpt.tokenizer)
     model = ckpt.model
-    check_policy(min_exit_layer, check_every, exit_vocab)
-    if min_exit_layer > model.num_layers:  # as DynamicEarlyExit.checked_layers
-        raise ConfigError(f"min_exit_layer {min_exit_layer} is beyond the model's {model.num_layers} layers")
+    check_policy(min_exit_layer, check_every, exit_vocab, model.num_layers)
     valid = corpus.tokens["valid"]  # calibration never reads the test split
     if progress:
         head = "the full head" if exit_vocab is None else f"a {exit_vocab}-token short head"

@@ -128,8 +128,7 @@ class DynamicEarlyExit:
 
     def checked_layers(self, num_layers: int) -> dict[int, float]:
         """Layer -> threshold for every layer where an exit is possible (never the last)."""
-        if self.min_exit_layer > num_layers:
-            raise ConfigError(f"min_exit_layer {self.min_exit_layer} is beyond the model's {num_layers} layers")
+        check_policy(self.min_exit_layer, self.check_every, self.exit_vocab, num_layers)
         lams = self.layer_thresholds(num_layers)
         return {
             layer: lams[layer - 1]
@@ -265,8 +264,9 @@ def exit_head(decoder: FastDecoder | Transformer, h: torch.Tensor, exit_vocab: i
     return decoder.unembed_short(h, exit_vocab)
 
 
-def check_policy(min_exit_layer: int, check_every: int, exit_vocab: int | None) -> None:
-    """The policy settings besides thresholds and measure, or a ConfigError naming the bad one."""
+def check_policy(min_exit_layer: int, check_every: int, exit_vocab: int | None, num_layers: int | None = None) -> None:
+    """The policy settings besides thresholds and measure (for a model of num_layers, when given), or a
+    ConfigError naming the bad one."""
     if exit_vocab is not None and not (isinstance(exit_vocab, int) and not isinstance(exit_vocab, bool)
                                        and exit_vocab >= 2):
         raise ConfigError(f"exit_vocab must be an integer >= 2 (tokens the short exit head holds; None: the "
@@ -275,6 +275,8 @@ def check_policy(min_exit_layer: int, check_every: int, exit_vocab: int | None) 
         raise ConfigError(f"min_exit_layer must be an integer >= 1, got {min_exit_layer!r}")
     if not (isinstance(check_every, int) and check_every >= 1):
         raise ConfigError(f"check_every must be an integer >= 1, got {check_every!r}")
+    if num_layers is not None and min_exit_layer > num_layers:
+        raise ConfigError(f"min_exit_layer {min_exit_layer} is beyond the model's {num_layers} layers")
 
 
 def _check_threshold(value: float, what: str) -> float:
