@@ -33,6 +33,7 @@ import torch.nn.functional as F
 LAYER_DROPOUT_SCHEDULES = ("linear", "exp")
 TIME_RAMPS = ("constant", "exp")
 CURRICULA = ("none", "rotational", "gradual")
+EXIT_WEIGHTINGS = ("depth", "uniform")
 IGNORE_INDEX = -100
 
 
@@ -113,9 +114,19 @@ def enabled_exits(
     return sorted(exits)
 
 
-def exit_weights(exits: Sequence[int], num_layers: int, e_scale: float) -> list[float]:
-    """Normalised loss weight of each exit: e_scale * k(k+1)/2 for k < L, L(L+1)/2 for L."""
-    raw = [(1.0 if k == num_layers else e_scale) * k * (k + 1) / 2 for k in exits]
+def exit_weights(exits: Sequence[int], num_layers: int, e_scale: float, weighting: str = "depth") -> list[float]:
+    """Normalised loss weight of each exit.
+
+    depth (the paper's): e_scale * k(k+1)/2 for exit k < L, L(L+1)/2 for the last exit L;
+    uniform: e_scale for every early exit, 1 for the last (the early exits count as much as
+    the deep ones, which depth weighting makes up to L(L+1)/2 times heavier).
+    """
+    if weighting not in EXIT_WEIGHTINGS:
+        raise ValueError(f"exit weighting must be one of {EXIT_WEIGHTINGS}, got {weighting!r}")
+    if weighting == "depth":
+        raw = [(1.0 if k == num_layers else e_scale) * k * (k + 1) / 2 for k in exits]
+    else:
+        raw = [1.0 if k == num_layers else e_scale for k in exits]
     total = sum(raw)
     if total <= 0:
         raise ValueError(f"exit weights sum to {total}; include the last exit or use e_scale > 0")

@@ -64,6 +64,8 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
 ]
 CHOICE_FLAGS: list[tuple[str, list[str], str]] = [
     ("early_exit_curriculum", ["none", "rotational", "gradual"], "which exits get a loss each step (default rotational)"),
+    ("early_exit_weighting", ["depth", "uniform"], "how the exits' losses are weighted: depth, e_scale x k(k+1)/2 for exit k "
+     "as in the paper (default); uniform, e_scale for every early exit and 1 for the last"),
     ("layer_dropout_schedule", ["linear", "exp"], "how skip probability grows with depth (default linear)"),
     ("layer_dropout_ramp", ["constant", "exp"], "how it grows over training time (default constant)"),
     ("precision", ["fp32", "bf16"], "bf16 autocast or full fp32 (default bf16)"),

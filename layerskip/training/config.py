@@ -14,7 +14,7 @@ from typing import Any
 
 from layerskip.config import ModelConfig, TokenizerConfig, from_dict
 from layerskip.errors import ConfigError, LayerskipError
-from layerskip.losses import CURRICULA, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS
+from layerskip.losses import CURRICULA, EXIT_WEIGHTINGS, LAYER_DROPOUT_SCHEDULES, TIME_RAMPS
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "muon")
@@ -70,6 +70,7 @@ class TrainConfig:
     layer_dropout_schedule: str = "linear"
     layer_dropout_ramp: str = "constant"
     early_exit_scale: float = 1.0
+    early_exit_weighting: str = "depth"  # the paper's k(k+1)/2, or uniform (see losses.exit_weights)
     early_exit_curriculum: str = "rotational"
     early_exit_rotation: int = 2
     early_exit_gradual_steps: int | None = None  # None: the whole run
@@ -140,7 +141,8 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         choices = (("layer_dropout_schedule", LAYER_DROPOUT_SCHEDULES), ("layer_dropout_ramp", TIME_RAMPS),
-                   ("early_exit_curriculum", CURRICULA), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
+                   ("early_exit_curriculum", CURRICULA), ("early_exit_weighting", EXIT_WEIGHTINGS),
+                   ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
                    ("tokenizer_type", ("bpe", "unigram")))
         for name, allowed in choices:
             _req(getattr(self, name) in allowed, f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")

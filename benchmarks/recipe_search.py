@@ -1,0 +1,177 @@
+"""A LayerSkip recipe search in the open: interleaved trainings at the demo's budget, several seeds each.
+
+    python benchmarks/recipe_search.py --out runs/recipes train      # the trainings (hours)
+    python benchmarks/recipe_search.py --out runs/recipes measure    # per-layer eval + exit shares
+    python benchmarks/recipe_search.py --out runs/recipes summary    # the table (markdown + JSON)
+
+train: every (seed, recipe) pair runs `layerskip train --time_budget MINUTES` (the demo's
+share of its 20-minute budget by default), --parallel at a time, each with cores / parallel
+torch threads, so runs that share the machine share it equally. The order is seed-major and
+each seed rotates the recipes, so no recipe always runs first, last or beside the same one.
+A finished run is skipped and an interrupted one resumed, so the command can be re-run.
+
+measure: for each run, `layerskip eval` on the test split (per-exit word perplexity and
+agreement with the last layer) and benchmarks/exit_shares.py (the share of tokens that can
+exit by each layer at a disagreement bound, softmax through the full and the 1,024-token
+head; Learn-then-Test calibrated on the validation split, and confidence-ranked on test
+tokens).
+
+summary: per recipe, the mean over seeds (and each seed) of the last layer's word
+perplexity, agreement at each exit, exit shares at layer 3, and steps trained; written to
+OUT/summary.md and OUT/summary.json.
+
+Decoding speed of a chosen recipe is `layerskip calibrate` + `layerskip bench` on its run
+directory with the plain run as --baseline, as the demo does (docs/results.md has them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from layerskip.demo import LAYERSKIP_FLAGS, PLAIN_FLAGS, TRAIN_SHARE
+from layerskip.errors import ConfigError, run_script
+
+# name -> `layerskip train` flags. "current" is the demo's recipe; "paper" the LayerSkip
+# paper's from-scratch one (exponential depth schedule and time ramp, p_max 0.1, e_scale 0.2).
+RECIPES: dict[str, list[str]] = {
+    "plain": PLAIN_FLAGS,
+    "current": LAYERSKIP_FLAGS,
+    "distill0.5": [*LAYERSKIP_FLAGS, "--early_exit_distill", "0.5"],
+    "distill0.9": [*LAYERSKIP_FLAGS, "--early_exit_distill", "0.9"],
+    "distill0.5-T2": [*LAYERSKIP_FLAGS, "--early_exit_distill", "0.5", "--early_exit_distill_temperature", "2"],
+    "paper": ["--max_skip_prob", "0.1", "--layer_dropout_schedule", "exp", "--layer_dropout_ramp", "exp",
+              "--early_exit_scale", "0.2", "--early_exit_curriculum", "rotational", "--early_exit_tokens", "0.25"],
+    "uniform": [*LAYERSKIP_FLAGS, "--early_exit_weighting", "uniform"],
+    "uniform-distill0.5": [*LAYERSKIP_FLAGS, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.5"],
+    "noskip-uniform-distill0.5": ["--max_skip_prob", "0", "--early_exit_scale", "1.0", "--early_exit_curriculum",
+                                  "rotational", "--early_exit_tokens", "0.25", "--early_exit_weighting", "uniform",
+                                  "--early_exit_distill", "0.5"],
+}
+DEMO_MINUTES = 20.0 * TRAIN_SHARE
+SHARE_CONFIGS = ["softmax", "softmax@1024"]
+SHARE_LAYER = 3  # the issue's target: tokens that can exit by layer 3 at <= 1% disagreement
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=["train", "measure", "summary"])
+    p.add_argument("--out", type=Path, required=True, help="directory of the runs: OUT/seedS/RECIPE")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--minutes", type=float, default=DEMO_MINUTES, help="each training's time budget")
+    p.add_argument("--parallel", type=int, default=2, help="trainings at once (each gets cores / parallel threads)")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--dry_run", action="store_true", help="print the commands only")
+    p.add_argument("--train_flags", nargs=argparse.REMAINDER, default=[],
+                   help="passed to every training after the recipe's flags (e.g. a model size); must come last")
+    args = p.parse_args(argv)
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    return args
+
+
+def run_dir(out: Path, seed: int, recipe: str) -> Path:
+    return out / f"seed{seed}" / recipe
+
+
+def training_order(recipes: list[str], seeds: list[int]) -> list[tuple[int, str]]:
+    """Seed-major; seed number i starts its recipes i places further along, so positions rotate."""
+    order = []
+    for i, seed in enumerate(seeds):
+        shift = i % len(recipes)
+        order += [(seed, r) for r in recipes[shift:] + recipes[:shift]]
+    return order
+
+
+def train_argv(args: argparse.Namespace, seed: int, recipe: str) -> list[str]:
+    directory = run_dir(args.out, seed, recipe)
+    argv = ["train", "--out", str(directory), "--time_budget", f"{args.minutes:g}", "--seed", str(seed), "--quiet",
+            *RECIPES[recipe], *args.train_flags]
+    if args.data_dir:
+        argv += ["--data_dir", args.data_dir]
+    if (directory / "last" / "config.json").is_file():
+        argv.append("--resume")
+    elif directory.exists():
+        argv.append("--overwrite")  # a run that never saved
+    return argv
+
+
+def finished(directory: Path) -> bool:
+    return (directory / "best" / "config.json").is_file() and (directory / "done.json").is_file()
+
+
+def child_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def run_trainings(args: argparse.Namespace) -> None:
+    jobs = [(s, r) for s, r in training_order(args.recipes, args.seeds) if not finished(run_dir(args.out, s, r))]
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    print(f"{len(jobs)} trainings to run, {args.parallel} at a time, {threads} thread(s) each", flush=True)
+    running: list[tuple[subprocess.Popen, int, str, float]] = []
+    while jobs or running:
+        while jobs and len(running) < args.parallel:
+            seed, recipe = jobs.pop(0)
+            argv = [sys.executable, "-m", "layerskip", *train_argv(args, seed, recipe)]
+            print("$ " + " ".join(argv[2:]), flush=True)
+            if args.dry_run:
+                continue
+            directory = run_dir(args.out, seed, recipe)
+            directory.mkdir(parents=True, exist_ok=True)
+            log = open(directory.parent / f"{recipe}.log", "a", encoding="utf-8")
+            running.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads)),
+                            seed, recipe, time.time()))
+        for job in [j for j in running if j[0].poll() is not None]:
+            proc, seed, recipe, started = job
+            running.remove(job)
+            status = proc.returncode
+            print(f"seed {seed} {recipe}: exit {status} after {time.time() - started:.0f} s", flush=True)
+            if status == 0:
+                (run_dir(args.out, seed, recipe) / "done.json").write_text(
+                    json.dumps({"seconds": time.time() - started, "threads": threads, "parallel": args.parallel}))
+        time.sleep(2)
+
+
+def measure(args: argparse.Namespace) -> None:
+    here = Path(__file__).resolve().parent
+    data = ["--data_dir", args.data_dir] if args.data_dir else []
+    for seed, recipe in training_order(args.recipes, args.seeds):
+        directory = run_dir(args.out, seed, recipe)
+        if not finished(directory):
+            print(f"seed {seed} {recipe}: not trained yet, skipped", flush=True)
+            continue
+        commands = []
+        if not (directory / "eval_test.json").is_file():
+            commands.append([sys.executable, "-m", "layerskip", "eval", "--checkpoint", str(directory), "--split",
+                             "test", "--json", str(directory / "eval_test.json"), *data])
+        if recipe != "plain" and not (directory / "exit_shares.json").is_file():
+            commands.append([sys.executable, str(here / "exit_shares.py"), "--checkpoint", str(directory),
+                             "--configs", *SHARE_CONFIGS, "--deltas", "0.01", "0.05", "--cost_repeats", "0",
+                             "--out", str(directory / "exit_shares.json"), *data])
+        for argv in commands:
+            print("$ " + " ".join(argv[1:]), flush=True)
+            if not args.dry_run:
+                subprocess.run(argv, check=True, env=child_env(os.cpu_count() or 1), stdout=subprocess.DEVNULL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.phase == "train":
+        run_trainings(args)
+    elif args.phase == "measure":
+        measure(args)
+    else:
+        write_summary(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_script(main, "recipe_search.py"))
