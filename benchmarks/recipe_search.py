@@ -161,6 +161,79 @@ def measure(args: argparse.Namespace) -> None:
             if not args.dry_run:
                 subprocess.run(argv, check=True, env=child_env(os.cpu_count() or 1), stdout=subprocess.DEVNULL)
 
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_record(directory: Path) -> dict | None:
+    """What one finished, measured run gives the table (None if not measured yet)."""
+    evaluation = read_json(directory / "eval_test.json")
+    if evaluation is None:
+        return None
+    layers = evaluation["layers"]
+    end = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if '"end"' in line]
+    record = {"last_word_ppl": layers[-1]["word_ppl"], "agreement": [x["agreement"] for x in layers[:-1]],
+              "last_in_top2": [x["last_in_top2"] for x in layers[:-1]], "steps": end[-1]["step"] if end else None}
+    shares = read_json(directory / "exit_shares.json")
+    if shares is not None:
+        for name, r in shares["results"].items():
+            for delta in r["ranked"]:
+                record[f"ranked {name} d{delta}"] = r["ranked"][delta]
+                record[f"calibrated {name} d{delta}"] = r["calibrated"][delta]["exit_by_layer"]
+    return record
+
+
+def collect(args: argparse.Namespace) -> dict[str, dict[int, dict]]:
+    runs: dict[str, dict[int, dict]] = {}
+    for recipe in args.recipes:
+        for seed in args.seeds:
+            record = run_record(run_dir(args.out, seed, recipe))
+            if record is not None:
+                runs.setdefault(recipe, {})[seed] = record
+    return runs
+
+
+def mean_of(records: dict[int, dict], key: str, index: int | None = None) -> float | None:
+    values = [r[key] if index is None else r[key][index] for r in records.values() if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def summary_table(runs: dict[str, dict[int, dict]], share_key: str) -> str:
+    """Means over seeds; "vs plain" compares last-layer word perplexities, "vs current" agreement at exits 1-3."""
+    exits = len(next(iter(next(iter(runs.values())).values()))["agreement"])
+    plain = mean_of(runs.get("plain", {}), "last_word_ppl")
+    current = runs.get("current", {})
+    head = (["recipe", "seeds", "steps", "last word ppl", "vs plain"] + [f"agree {k}" for k in range(1, exits + 1)]
+            + ["agree 1-3 vs current (per seed)", f"exit by {SHARE_LAYER} ({share_key})"])
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for recipe, records in runs.items():
+        ppl = mean_of(records, "last_word_ppl")
+        paired = [np.mean(r["agreement"][:3]) - np.mean(current[s]["agreement"][:3])
+                  for s, r in records.items() if s in current and recipe != "current"]
+        share = mean_of(records, share_key, SHARE_LAYER - 1) if all(share_key in r for r in records.values()) else None
+        row = [recipe, str(len(records)), cell(mean_of(records, "steps"), ".0f"), cell(ppl, ".1f"),
+               "-" if plain is None or ppl is None else f"{ppl / plain - 1:+.1%}"]
+        row += [cell(mean_of(records, "agreement", k), ".3f") for k in range(exits)]
+        row += [" ".join(f"{100 * d:+.1f}" for d in paired) or "-", cell(share, ".1%")]
+        rows.append("| " + " | ".join(row) + " |")
+    return "\n".join(rows)
+
+
+def write_summary(args: argparse.Namespace) -> None:
+    runs = collect(args)
+    if not runs:
+        raise ConfigError(f"no measured runs under {args.out}; run the train and measure phases first")
+    shares = ["ranked softmax d0.01", "calibrated softmax@1024 d0.01"]
+    text = "\n\n".join(f"exit share: {key}\n\n" + summary_table(runs, key) for key in shares)
+    print(text)
+    (args.out / "summary.md").write_text(text + "\n")
+    (args.out / "summary.json").write_text(json.dumps({"runs": runs, "recipes": {r: RECIPES[r] for r in runs},
+                                                        "minutes": args.minutes, "command": sys.argv}, indent=2))
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)

@@ -122,6 +122,14 @@ def test_exit_weights_normalised_and_shaped():
         exit_weights([1, 2], 4, 0.0)
 
 
+def test_uniform_exit_weights_count_every_early_exit_alike():
+    assert exit_weights([1, 3, 5, 6], 6, 0.5, "uniform") == pytest.approx([0.2, 0.2, 0.2, 0.4])
+    assert exit_weights([6], 6, 1.0, "uniform") == [1.0]
+    assert exit_weights([1, 2, 3, 4], 4, 0.0, "uniform") == pytest.approx([0, 0, 0, 1])
+    with pytest.raises(ValueError, match="weighting"):
+        exit_weights([1, 4], 4, 1.0, "linear")
+
+
 @pytest.mark.parametrize("curriculum", CURRICULA)
 def test_curricula_always_include_the_last_exit(curriculum):
     for step in range(12):

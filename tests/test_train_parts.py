@@ -44,7 +44,8 @@ def test_train_config_refuses_unknown_and_impossible_settings():
     for bad in (dict(max_skip_prob=1.5), dict(lr=0.0), dict(batch_size=0), dict(num_heads=5),
                 dict(early_exit_curriculum="random"), dict(precision="fp16"), dict(time_budget=-1.0),
                 dict(early_exit_scale=-1.0), dict(layer_dropout_schedule="cosine"), dict(max_steps=0),
-                dict(early_exit_tokens=0.0), dict(early_exit_tokens=1.5), dict(optimizer="sgd")):
+                dict(early_exit_tokens=0.0), dict(early_exit_tokens=1.5), dict(optimizer="sgd"),
+                dict(early_exit_weighting="linear")):
         with pytest.raises(ConfigError):
             tiny_cfg(**bad)
     assert tiny_cfg(max_skip_prob=0, early_exit_scale=0).plain and not tiny_cfg().plain
@@ -66,6 +67,13 @@ def test_every_schedule_and_curriculum_is_reachable(curriculum, schedule, ramp):
         assert all(exits == [1, 2, 3, 4] for exits, _, _ in plans)
     plain = step_plan(tiny_cfg(early_exit_curriculum=curriculum, early_exit_scale=0, max_skip_prob=0), 3, 10)
     assert plain == ([4], [1.0], [0.0] * 4)
+
+
+def test_step_plan_uses_the_configured_exit_weighting():
+    exits, weights, _ = step_plan(tiny_cfg(early_exit_curriculum="none", early_exit_weighting="uniform"), 0, 10)
+    assert exits == [1, 2, 3, 4] and weights == pytest.approx([0.25] * 4)
+    _, depth, _ = step_plan(tiny_cfg(early_exit_curriculum="none"), 0, 10)
+    assert depth == pytest.approx([0.05, 0.15, 0.3, 0.5])
 
 
 # ----------------------------------------------------------------------------- sub-sampled early exits

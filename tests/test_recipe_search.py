@@ -1,0 +1,83 @@
+"""benchmarks/recipe_search.py: the interleaved order, the training commands and the summary table."""
+
+import json
+
+import pytest
+from conftest import benchmark_script
+
+from layerskip.errors import ConfigError
+from layerskip.training import TrainConfig
+
+search = benchmark_script("recipe_search")
+
+
+def test_training_order_runs_every_pair_once_and_rotates_positions():
+    recipes, seeds = ["a", "b", "c"], [0, 1, 2]
+    order = search.training_order(recipes, seeds)
+    assert sorted(order) == sorted((s, r) for s in seeds for r in recipes)
+    assert [r for s, r in order if s == 0] == ["a", "b", "c"]
+    firsts = [next(r for s, r in order if s == seed) for seed in seeds]
+    assert firsts == ["a", "b", "c"]  # no recipe always starts a seed
+
+
+def test_every_recipe_is_a_valid_training_config():
+    for name, flags in search.RECIPES.items():
+        pairs = dict(zip(flags[::2], flags[1::2]))
+        settings = {k.removeprefix("--"): v for k, v in pairs.items()}
+        typed = {k: (v if k.endswith(("curriculum", "schedule", "ramp", "weighting")) else float(v))
+                 for k, v in settings.items()}
+        cfg = TrainConfig(**typed)
+        assert cfg.plain == (name == "plain"), name
+
+
+def test_train_argv_resumes_an_interrupted_run_and_overwrites_one_that_never_saved(tmp_path):
+    args = search.parse_args(["train", "--out", str(tmp_path), "--minutes", "1.5", "--train_flags", "--d_model", "64"])
+    argv = search.train_argv(args, 1, "distill0.5")
+    assert argv[:7] == ["train", "--out", str(tmp_path / "seed1" / "distill0.5"), "--time_budget", "1.5",
+                        "--seed", "1"]
+    assert argv[-2:] == ["--d_model", "64"] and "--early_exit_distill" in argv
+    (tmp_path / "seed1" / "distill0.5").mkdir(parents=True)
+    assert search.train_argv(args, 1, "distill0.5")[-1] == "--overwrite"
+    (tmp_path / "seed1" / "distill0.5" / "last").mkdir()
+    (tmp_path / "seed1" / "distill0.5" / "last" / "config.json").write_text("{}")
+    assert search.train_argv(args, 1, "distill0.5")[-1] == "--resume"
+    with pytest.raises(ConfigError, match="parallel"):
+        search.parse_args(["train", "--out", str(tmp_path), "--parallel", "0"])
+
+
+def fake_run(out, seed, recipe, word_ppl, agreement, share=None, steps=100):
+    directory = search.run_dir(out, seed, recipe)
+    directory.mkdir(parents=True)
+    layers = [{"layer": k + 1, "word_ppl": None, "agreement": a, "last_in_top2": a, "last_in_top4": 1.0}
+              for k, a in enumerate(agreement)]
+    layers.append({"layer": len(agreement) + 1, "word_ppl": word_ppl, "agreement": 1.0, "last_in_top2": 1.0,
+                   "last_in_top4": 1.0})
+    (directory / "eval_test.json").write_text(json.dumps({"layers": layers}))
+    (directory / "metrics.jsonl").write_text(json.dumps({"type": "end", "step": steps}) + "\n")
+    if share is not None:
+        by_layer = [0.0, 0.0, share, 0.5]
+        result = {"ranked": {"0.01": by_layer}, "calibrated": {"0.01": {"exit_by_layer": by_layer}}}
+        (directory / "exit_shares.json").write_text(json.dumps({"results": {"softmax": result,
+                                                                            "softmax@1024": result}}))
+
+
+def test_summary_compares_with_plain_and_pairs_seeds_with_the_current_recipe(tmp_path, capsys):
+    for seed in (0, 1):
+        fake_run(tmp_path, seed, "plain", 100.0 + seed * 20, [0.3] * 4)
+        fake_run(tmp_path, seed, "current", 130.0, [0.5, 0.6, 0.7, 0.8], share=0.10)
+        fake_run(tmp_path, seed, "distill0.5", 121.0, [0.5 + 0.1 * seed, 0.6, 0.7, 0.8], share=0.20 + 0.1 * seed)
+    search.main(["summary", "--out", str(tmp_path), "--recipes", "plain", "current", "distill0.5"])
+    text = (tmp_path / "summary.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert rows["current"][4] == "+18.2%"  # 130 against the plain seeds' mean of 110
+    assert rows["distill0.5"][3] == "121.0" and rows["distill0.5"][5] == "0.550"
+    assert rows["distill0.5"][-2] == "+0.0 +3.3"  # seed by seed against current: exits 1-3 mean
+    assert rows["distill0.5"][-1] == "25.0% |" and rows["plain"][-1] == "- |"
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["runs"]["current"]["1"]["steps"] == 100
+    assert "distill0.5" in capsys.readouterr().out
+
+
+def test_summary_without_measured_runs_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="measure"):
+        search.main(["summary", "--out", str(tmp_path)])
