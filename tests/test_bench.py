@@ -121,6 +121,21 @@ def test_calibrated_dee_follows_its_thresholds(results):
     assert c["mean_exit_layer"] < NUM_LAYERS  # the random tiny model's hidden states saturate early
 
 
+def test_several_thresholds_files_are_several_calibrated_configs(tmp_path, tiny_tokenizer):
+    from layerskip.bench import build_configs
+
+    main_ckpt, _ = save_tiny_checkpoints(tmp_path, tiny_tokenizer)
+    fingerprint = model_fingerprint(load_checkpoint(main_ckpt).model)
+    files = [write_thresholds(tmp_path / "a.json", main_ckpt, [0.9, 0.9, 0.9]),
+             write_thresholds(tmp_path / "b.json", main_ckpt, [None, 0.7, 0.7], measure="saturation")]
+    settings = BenchSettings(ks=(2,), dee_measures=("softmax",), dee_thresholds=(0.5,))
+    calibrated = [c for c in build_configs(NUM_LAYERS, settings, files, fingerprint) if c.options.get("calibrated")]
+    assert [c.id for c in calibrated] == ["dee-calibrated", "dee-calibrated-2"]
+    assert [c.options["measure"] for c in calibrated] == ["softmax", "saturation"]
+    assert [c.options["source"] for c in calibrated] == [str(f) for f in files]
+    assert calibrated[1].make().thresholds == [float("inf"), 0.7, 0.7]  # null: never exit there
+
+
 def test_thresholds_for_other_weights_are_refused(tmp_path, tiny_corpus_dir, tiny_tokenizer, capsys):
     main_ckpt, _ = save_tiny_checkpoints(tmp_path, tiny_tokenizer)
     thresholds = write_thresholds(tmp_path / "t.json", main_ckpt, [0.5, 0.5, 0.5], fingerprint="0123456789abcdef")
@@ -338,7 +353,7 @@ def test_short_heads_reach_the_strategies():
     from layerskip.bench import build_configs
 
     configs = build_configs(4, BenchSettings(ks=(2,), draft_vocab=64, exit_vocab=32, dee_measures=("softmax",),
-                                             dee_thresholds=(0.5,)), None)
+                                             dee_thresholds=(0.5,)))
     ssd = [c for c in configs if c.strategy == "ssd"]
     dee = [c for c in configs if c.strategy == "dee"]
     assert ssd and all(c.options["draft_vocab"] == 64 and c.make().draft_vocab == 64 for c in ssd)

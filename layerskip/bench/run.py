@@ -43,7 +43,7 @@ def run_bench(
     checkpoint: str | Path,
     *,
     baseline: str | Path | None = None,
-    thresholds: str | Path | None = None,
+    thresholds: str | Path | Sequence[str | Path] | None = None,
     data_dir: str | Path | None = None,
     settings: BenchSettings = BenchSettings(),
     command: Sequence[str] | None = None,
@@ -53,18 +53,25 @@ def run_bench(
 
     settings.threads sets torch's CPU threads for the run only; the previous value is restored.
     Without it each model decodes with ``decoding_threads`` for its size (evaluation keeps torch's).
+    thresholds: one or several thresholds.json files of the checkpoint, each a calibrated DEE config.
     """
     device = resolve_device(settings.device)
     threads_before = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        return _run_bench(checkpoint, baseline, thresholds, data_dir, settings, command, progress, device)
+        return _run_bench(checkpoint, baseline, threshold_files(thresholds), data_dir, settings, command, progress, device)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettings, command, progress: bool,
+def threshold_files(thresholds: str | Path | Sequence[str | Path] | None) -> tuple[str | Path, ...]:
+    if thresholds is None:
+        return ()
+    return (thresholds,) if isinstance(thresholds, (str, Path)) else tuple(thresholds)
+
+
+def _run_bench(checkpoint, baseline, thresholds: tuple[str | Path, ...], data_dir, settings: BenchSettings, command, progress: bool,
                device: torch.device) -> dict[str, Any]:
     main_tok = load_tokenizer(checkpoint)  # bad paths fail first
     if baseline is not None:
@@ -78,7 +85,7 @@ def _run_bench(checkpoint, baseline, thresholds, data_dir, settings: BenchSettin
 
     models = [("layerskip", "main", checkpoint, thresholds)]
     if baseline is not None:
-        models.append(("baseline", "baseline", baseline, None))
+        models.append(("baseline", "baseline", baseline, ()))
     total = planned_generations([(path, th) for _, _, path, th in models], settings, len(prompts))
     started = time.perf_counter()
     machine = machine_info(device)  # before the run: its load average is the background load
@@ -111,19 +118,19 @@ def planned_generations(checkpoints: list[tuple[Any, Any]], settings: BenchSetti
     total = 0
     for path, thresholds in checkpoints:
         num_layers = read_model_config(path).num_layers
-        configs = len(build_configs(num_layers, settings, None)) + (thresholds is not None)
+        configs = len(build_configs(num_layers, settings, ())) + len(thresholds)
         total += configs * (settings.warmup + settings.repeats * num_prompts)
     return total
 
 
 def bench_model(name: str, role: str, checkpoint, prompts: list[Prompt], settings: BenchSettings,
-                thresholds: str | Path | None, device: torch.device, progress) -> dict[str, Any]:
+                thresholds: tuple[str | Path, ...], device: torch.device, progress) -> dict[str, Any]:
     """Every config on one model: timings, fidelity, perplexity and samples."""
     ckpt = load_checkpoint(checkpoint, device=device, dtype=settings.dtype)
     model, tok = ckpt.model, ckpt.tokenizer
     num_layers = model.num_layers
     ids = [prompt_ids(p, tok, settings.prompt_tokens) for p in prompts]
-    fingerprint = model_fingerprint(model) if thresholds is not None else None
+    fingerprint = model_fingerprint(model) if thresholds else None
     configs = build_configs(num_layers, settings, thresholds, fingerprint)
     threads_before = torch.get_num_threads()
     threads = settings.threads or decoding_threads(model.num_parameters(), device)

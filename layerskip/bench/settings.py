@@ -7,7 +7,7 @@ configs of one model, each with a label, its options (as recorded) and a strateg
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,16 +123,17 @@ class Run:
         return 1000 * self.seconds / max(len(self.tokens), 1)
 
 
-def build_configs(num_layers: int, settings: BenchSettings, thresholds_path: str | Path | None,
+def build_configs(num_layers: int, settings: BenchSettings, thresholds_paths: Sequence[str | Path] = (),
                   fingerprint: str | None = None) -> list[BenchConfig]:
     """AR, DEE (calibrated + sweep) and SSD (greedy sweep + sampled) for a num_layers model.
 
-    fingerprint: the model's (calibrate.model_fingerprint); a thresholds file calibrated for
-    other weights is refused, since its guarantee would not carry over.
+    thresholds_paths: thresholds.json files, one calibrated DEE config each ("dee-calibrated",
+    then "dee-calibrated-2", ...). fingerprint: the model's (calibrate.model_fingerprint); a
+    thresholds file calibrated for other weights is refused, since its guarantee would not carry over.
     """
     configs = ar_configs(settings.temperature)
-    if thresholds_path is not None:
-        configs.append(calibrated_config(thresholds_path, num_layers, fingerprint))
+    for number, path in enumerate(thresholds_paths, 1):
+        configs.append(calibrated_config(path, num_layers, fingerprint, number))
     configs += dee_sweep(settings)
     configs += ssd_configs(num_layers, settings)
     return configs
@@ -186,7 +187,7 @@ def ssd_configs(num_layers: int, settings: BenchSettings) -> list[BenchConfig]:
     return configs
 
 
-def calibrated_config(path: str | Path, num_layers: int, fingerprint: str | None) -> BenchConfig:
+def calibrated_config(path: str | Path, num_layers: int, fingerprint: str | None, number: int = 1) -> BenchConfig:
     """The DEE config of a thresholds.json written by `layerskip calibrate`."""
     th = load_thresholds(path, num_layers, fingerprint=fingerprint)
     risk = th.record.get("risk") or {}
@@ -198,4 +199,5 @@ def calibrated_config(path: str | Path, num_layers: int, fingerprint: str | None
     }
     label = (f"DEE calibrated ({th.measure}" + (f", δ={th.delta:g}" if th.delta is not None else "")
              + (f", head {th.exit_vocab}" if th.exit_vocab is not None else "") + ")")
-    return BenchConfig("dee-calibrated", "dee", label, options, 0.0, th.strategy)
+    name = "dee-calibrated" if number == 1 else f"dee-calibrated-{number}"
+    return BenchConfig(name, "dee", label, options, 0.0, th.strategy)

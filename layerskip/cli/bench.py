@@ -32,7 +32,9 @@ from layerskip.config import GLOBAL_MEASURES
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arg(parser)
     parser.add_argument("--baseline", default=None, help="a plain (non-LayerSkip) checkpoint to compare with")
-    parser.add_argument("--thresholds", default=None, help="thresholds.json from `layerskip calibrate` (adds a calibrated DEE config)")
+    parser.add_argument("--thresholds", nargs="+", default=None, metavar="FILE",
+                        help="thresholds.json files from `layerskip calibrate`, each a calibrated DEE config (several "
+                        "compare deltas or measures in one run; the first is the report's featured DEE)")
     parser.add_argument("--out", default="results.json", help="where to write the results (default: results.json)")
     add_flag(parser, "num_prompts", type=int, default=16, help="prompts from the test split (default: 16)")
     add_flag(parser, "prompt_tokens", type=int, default=32, help="tokens per prompt (default: 32)")
