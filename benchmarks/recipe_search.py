@@ -2,7 +2,8 @@
 
     python benchmarks/recipe_search.py --out runs/recipes train      # the trainings (hours)
     python benchmarks/recipe_search.py --out runs/recipes measure    # per-layer eval + exit shares
-    python benchmarks/recipe_search.py --out runs/recipes summary    # the table (markdown + JSON)
+    python benchmarks/recipe_search.py --out runs/recipes decode --recipes current distill0.5 --seeds 0
+    python benchmarks/recipe_search.py --out runs/recipes summary    # the tables (markdown + JSON)
 
 train: every (seed, recipe) pair runs `layerskip train --time_budget MINUTES` (the demo's
 share of its 20-minute budget by default), --parallel at a time, each with cores / parallel
@@ -16,12 +17,15 @@ exit by each layer at a disagreement bound, softmax through the full and the 1,0
 head; Learn-then-Test calibrated on the validation split, and confidence-ranked on test
 tokens).
 
-summary: per recipe, the mean over seeds (and each seed) of the last layer's word
-perplexity, agreement at each exit, exit shares at layer 3, and steps trained; written to
-OUT/summary.md and OUT/summary.json.
+decode (machine otherwise idle: it times decoding): for each chosen run, `layerskip calibrate`
+per confidence measure (softmax, saturation, classifier; short head of 1,024 tokens) at
+delta 1% and 5%, then one `layerskip bench` with all those thresholds files and the same
+seed's plain run as --baseline, as the demo does.
 
-Decoding speed of a chosen recipe is `layerskip calibrate` + `layerskip bench` on its run
-directory with the plain run as --baseline, as the demo does (docs/results.md has them).
+summary: per recipe, the mean over seeds (and each seed) of the last layer's word
+perplexity, agreement at each exit, exit shares at layer 3, and steps trained; for decoded
+runs, each calibrated DEE's speed-up, ROUGE-L and held-out disagreement, the fastest DEE sweep
+config with ROUGE-L >= 0.8 and the best greedy SSD. Written to OUT/summary.md and OUT/summary.json.
 """
 
 from __future__ import annotations
@@ -58,11 +62,15 @@ RECIPES: dict[str, list[str]] = {
 DEMO_MINUTES = 20.0 * TRAIN_SHARE
 SHARE_CONFIGS = ["softmax", "softmax@1024"]
 SHARE_LAYER = 3  # the issue's target: tokens that can exit by layer 3 at <= 1% disagreement
+DECODE_MEASURES = ["softmax", "saturation", "classifier"]
+DECODE_DELTAS = ["0.01", "0.05"]
+SHORT_HEAD = "1024"  # the demo's draft and exit head
+MIN_ROUGE = 0.8  # the fidelity bar of the fastest DEE sweep config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["train", "measure", "summary"])
+    p.add_argument("phase", choices=["train", "measure", "decode", "summary"])
     p.add_argument("--out", type=Path, required=True, help="directory of the runs: OUT/seedS/RECIPE")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -161,6 +169,58 @@ def measure(args: argparse.Namespace) -> None:
             if not args.dry_run:
                 subprocess.run(argv, check=True, env=child_env(os.cpu_count() or 1), stdout=subprocess.DEVNULL)
 
+def thresholds_file(directory: Path, measure: str, delta: str) -> Path:
+    return directory / f"thresholds-{measure}-{delta}.json"
+
+
+def decode(args: argparse.Namespace) -> None:
+    data = ["--data_dir", args.data_dir] if args.data_dir else []
+    layerskip = [sys.executable, "-m", "layerskip"]
+    for seed, recipe in training_order(args.recipes, args.seeds):
+        directory, plain = run_dir(args.out, seed, recipe), run_dir(args.out, seed, "plain")
+        if recipe == "plain" or not finished(directory) or not finished(plain):
+            print(f"seed {seed} {recipe}: skipped (plain, or it or its plain run not trained)", flush=True)
+            continue
+        commands, files = [], []
+        for measure in DECODE_MEASURES:
+            for delta in DECODE_DELTAS:
+                files.append(thresholds_file(directory, measure, delta))
+                if not files[-1].is_file():
+                    commands.append([*layerskip, "calibrate", "--checkpoint", str(directory), "--output", str(files[-1]),
+                                     "--delta", delta, "--measure", measure, "--exit_vocab", SHORT_HEAD, *data])
+        if not (directory / "results.json").is_file():
+            commands.append([*layerskip, "bench", "--checkpoint", str(directory), "--baseline", str(plain),
+                             "--thresholds", *map(str, files), "--out", str(directory / "results.json"),
+                             "--seed", str(seed), "--draft_vocab", SHORT_HEAD, "--exit_vocab", SHORT_HEAD, "--quiet",
+                             *data])
+        for argv in commands:
+            print("$ " + " ".join(argv[2:]), flush=True)
+            if not args.dry_run:
+                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+def decode_record(results: dict) -> dict:
+    """Speed-ups and fidelity of the LayerSkip model's decoding configs in one bench results.json."""
+    configs = results["models"][0]["configs"]
+    record: dict = {}
+    for c in configs:
+        opts = c["options"]
+        if opts.get("calibrated"):
+            record[f"{opts['measure']} d{opts['delta']:g}"] = {
+                "speedup": c["speedup"], "rouge_l": c["rouge_l"], "mean_exit_layer": c["mean_exit_layer"],
+                "heldout_disagreement": opts.get("calibration_test_disagreement")}
+    sweep = [c for c in configs if c["strategy"] == "dee" and not c["options"].get("calibrated")
+             and (c["rouge_l"] or 0) >= MIN_ROUGE]
+    best_dee = max(sweep, key=lambda c: c["speedup"] or 0, default=None)
+    ssd = [c for c in configs if c["strategy"] == "ssd" and c["greedy"]]
+    best_ssd = max(ssd, key=lambda c: c["speedup"] or 0, default=None)
+    record["dee sweep"] = best_dee and {"label": best_dee["label"], "speedup": best_dee["speedup"],
+                                        "rouge_l": best_dee["rouge_l"]}
+    record["ssd"] = best_ssd and {"label": best_ssd["label"], "speedup": best_ssd["speedup"],
+                                  "acceptance_rate": best_ssd["acceptance_rate"]}
+    return record
+
+
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -180,6 +240,9 @@ def run_record(directory: Path) -> dict | None:
             for delta in r["ranked"]:
                 record[f"ranked {name} d{delta}"] = r["ranked"][delta]
                 record[f"calibrated {name} d{delta}"] = r["calibrated"][delta]["exit_by_layer"]
+    results = read_json(directory / "results.json")
+    if results is not None:
+        record["decode"] = decode_record(results)
     return record
 
 
@@ -223,12 +286,38 @@ def summary_table(runs: dict[str, dict[int, dict]], share_key: str) -> str:
     return "\n".join(rows)
 
 
+def decode_table(runs: dict[str, dict[int, dict]]) -> str:
+    """One row per decoded run: calibrated DEE (speed-up / ROUGE-L / held-out disagreement), sweep, SSD."""
+    keys = [f"{m} d{float(d):g}" for m in DECODE_MEASURES for d in DECODE_DELTAS]
+    head = ["run", *(f"DEE {k}" for k in keys), f"fastest DEE, ROUGE-L >= {MIN_ROUGE}", "best greedy SSD"]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for recipe, records in runs.items():
+        for seed, r in records.items():
+            d = r.get("decode")
+            if d is None:
+                continue
+            row = [f"{recipe} (seed {seed})"]
+            for k in keys:
+                c = d.get(k)
+                row.append("-" if c is None else f"{c['speedup']:.2f}x / {c['rouge_l']:.2f} / "
+                           + cell(c["heldout_disagreement"], ".2%"))
+            sweep, ssd = d["dee sweep"], d["ssd"]
+            row.append("-" if sweep is None else f"{sweep['speedup']:.2f}x ({sweep['label']}, {sweep['rouge_l']:.2f})")
+            row.append("-" if ssd is None else f"{ssd['speedup']:.2f}x ({ssd['label']}, accept "
+                       f"{ssd['acceptance_rate']:.2f})")
+            rows.append("| " + " | ".join(row) + " |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def write_summary(args: argparse.Namespace) -> None:
     runs = collect(args)
     if not runs:
         raise ConfigError(f"no measured runs under {args.out}; run the train and measure phases first")
     shares = ["ranked softmax d0.01", "calibrated softmax@1024 d0.01"]
     text = "\n\n".join(f"exit share: {key}\n\n" + summary_table(runs, key) for key in shares)
+    decoded = decode_table(runs)
+    if decoded:
+        text += "\n\ndecoding (speed-up over AR / ROUGE-L against AR greedy / held-out disagreement)\n\n" + decoded
     print(text)
     (args.out / "summary.md").write_text(text + "\n")
     (args.out / "summary.json").write_text(json.dumps({"runs": runs, "recipes": {r: RECIPES[r] for r in runs},
@@ -241,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         run_trainings(args)
     elif args.phase == "measure":
         measure(args)
+    elif args.phase == "decode":
+        decode(args)
     else:
         write_summary(args)
     return 0

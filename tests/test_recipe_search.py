@@ -78,6 +78,28 @@ def test_summary_compares_with_plain_and_pairs_seeds_with_the_current_recipe(tmp
     assert "distill0.5" in capsys.readouterr().out
 
 
+def bench_config(strategy, speedup, rouge, label, **options):
+    return {"strategy": strategy, "speedup": speedup, "rouge_l": rouge, "label": label, "options": options,
+            "greedy": True, "mean_exit_layer": 3.0, "acceptance_rate": 0.5 if strategy == "ssd" else None}
+
+
+def test_summary_tabulates_calibrated_dee_the_faithful_sweep_and_ssd(tmp_path):
+    fake_run(tmp_path, 0, "current", 130.0, [0.5, 0.6, 0.7, 0.8], share=0.1)
+    configs = [bench_config("ar", 1.0, 1.0, "AR greedy"),
+               bench_config("dee", 1.10, 0.95, "DEE calibrated", calibrated=True, measure="softmax", delta=0.01,
+                            calibration_test_disagreement=0.008),
+               bench_config("dee", 1.40, 0.70, "DEE softmax >= 0.3"),  # faster, but below the ROUGE-L bar
+               bench_config("dee", 1.20, 0.85, "DEE softmax >= 0.6"),
+               bench_config("ssd", 0.90, 1.0, "SSD E=2 k=2"), bench_config("ssd", 1.05, 1.0, "SSD E=3 k=4")]
+    results = {"models": [{"configs": configs}]}
+    (search.run_dir(tmp_path, 0, "current") / "results.json").write_text(json.dumps(results))
+    search.main(["summary", "--out", str(tmp_path), "--recipes", "current", "--seeds", "0"])
+    row = next(line for line in (tmp_path / "summary.md").read_text().splitlines()
+               if line.startswith("| current (seed 0)")).split(" | ")
+    assert row[1] == "1.10x / 0.95 / 0.80%" and row[2] == "-"  # softmax at delta 1%; delta 5% not benchmarked
+    assert row[-2] == "1.20x (DEE softmax >= 0.6, 0.85)" and row[-1] == "1.05x (SSD E=3 k=4, accept 0.50) |"
+
+
 def test_summary_without_measured_runs_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="measure"):
         search.main(["summary", "--out", str(tmp_path)])
