@@ -96,8 +96,9 @@ def generate(
       ``min_exit_layer``, ``check_every`` (default: the thresholds file's).
 
     ``on_tokens`` is called with each batch of newly committed token ids (streaming).
-    Generation stops at the model's end-of-sequence token when its tokenizer names one (Hugging
-    Face models; layerskip's own end every line with theirs, so they have none), or with
+    Generation stops at the model's end-of-sequence tokens when its tokenizer names them (Hugging
+    Face models, at any of them when the configs list several; layerskip's own end every line with
+    theirs, so they have none), or with
     ``stop_at_eol`` at the first end of line. An option that does not belong to `mode` is a ConfigError.
     """
     import torch
@@ -114,7 +115,7 @@ def generate(
         prompt_ids,
         max_new_tokens,
         sampling=sampling,
-        eos_id=stop_token(ckpt.tokenizer, stop_at_eol),
+        stop_ids=stop_tokens(ckpt.tokenizer, stop_at_eol),
         generator=torch.Generator(device=device).manual_seed(seed),
         on_tokens=on_tokens,
     )
@@ -127,14 +128,14 @@ def generate(
     )
 
 
-def stop_token(tokenizer: Any, stop_at_eol: bool) -> int | None:
-    """The token generation stops at: the end of line when asked for, else the model's end of sequence."""
+def stop_tokens(tokenizer: Any, stop_at_eol: bool) -> tuple[int, ...]:
+    """The tokens generation stops at: the end of line when asked for, else the model's end-of-sequence ones."""
     if not stop_at_eol:
-        return tokenizer.eos_id
+        return tuple(tokenizer.stop_ids)
     if tokenizer.eol_id is None:
         raise ConfigError("this model's tokenizer has no single end-of-line token, so it cannot stop at one; "
                           "drop stop_at_eol (--stop_at_eol)")
-    return tokenizer.eol_id
+    return (tokenizer.eol_id,)
 
 
 def continuation(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:

@@ -34,7 +34,8 @@ class TextTokenizer(Protocol):
 
     cache_key: bytes  # the bytes that define how it encodes (the cache of encoded WikiText is keyed by them)
     eol_id: int | None  # the end-of-line token (--stop_at_eol); None when a line break is not one token
-    eos_id: int | None  # the model's end of sequence, where generation stops; None: generation never stops early
+    eos_id: int | None  # the model's end of sequence (the first of stop_ids); None: it has none
+    stop_ids: tuple[int, ...]  # every token that ends generation (eos_id first); (): it never stops early
     bos_id: int | None  # the token encode() puts first; None: no BOS
 
     @property
@@ -57,6 +58,7 @@ class Tokenizer:
 
     bos_id: int | None = None
     eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()
 
     def __init__(self, model_proto: bytes) -> None:
         self.sp = spm.SentencePieceProcessor()

@@ -55,7 +55,7 @@ def test_eos_stops_after_emitting_it(model):
     ids = prompt(4)
     full = Autoregressive().generate(model, ids, 20).tokens
     eos = full[6]
-    result = Autoregressive().generate(model, ids, 20, eos_id=eos)
+    result = Autoregressive().generate(model, ids, 20, stop_ids=(eos,))
     assert result.tokens == full[: full.index(eos) + 1] and result.stop_reason == "eos"
 
 

@@ -195,7 +195,7 @@ def test_sampling_with_unreachable_threshold_equals_plain_sampling(model):
 def test_eos_context_streaming_and_stats(model):
     full = plain_loop(model, PROMPT, 10)
     streamed: list[int] = []
-    result = DynamicEarlyExit(2.0).generate(model, PROMPT, 10, eos_id=full[4], on_tokens=streamed.extend)
+    result = DynamicEarlyExit(2.0).generate(model, PROMPT, 10, stop_ids=(full[4],), on_tokens=streamed.extend)
     stop = full.index(full[4]) + 1
     assert result.tokens == full[:stop] == streamed
     assert result.stop_reason == "eos"

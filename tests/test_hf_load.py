@@ -117,6 +117,7 @@ def test_bos_and_eos_follow_the_directory_configs(tmp_path):
     tok = read_model_tokenizer(tmp_path)
     assert tok.encode("a b") == [plain.token_to_id(BOS)] + plain.encode("a b").ids
     assert tok.eos_id == plain.token_to_id(EOS)  # the first of the listed stop tokens
+    assert tok.stop_ids == (plain.token_to_id(EOS), 5)  # generation stops at any of them
     bpe_tokenizer().save(str(tmp_path / "tokenizer.json"))  # a post-processor adding <s> ...
     write_json(tmp_path / "tokenizer_config.json", {"add_bos_token": False})  # ... overruled by the config
     assert read_model_tokenizer(tmp_path).encode("a b") == plain.encode("a b").ids
@@ -128,11 +129,11 @@ def test_bos_and_eos_follow_the_directory_configs(tmp_path):
 def test_generation_stops_at_the_models_eos(bpe, tmp_path):
     make_dir(tmp_path, bpe, "plain-gqa-untied")
     ckpt = layerskip.load(tmp_path, device="cpu")
-    assert ckpt.tokenizer.eos_id == 1  # generation_config.json's
-    ckpt.tokenizer.eos_id = None
+    assert ckpt.tokenizer.eos_id == 1 and ckpt.tokenizer.stop_ids == (1,)  # generation_config.json's
+    ckpt.tokenizer.stop_ids = ()
     free = layerskip.generate(ckpt, "The game", max_new_tokens=20)
     assert len(free.tokens) == 20
-    ckpt.tokenizer.eos_id = free.tokens[5]  # make a token the greedy continuation meets the stop token
+    ckpt.tokenizer.stop_ids = (1, free.tokens[5])  # make a token the greedy continuation meets a stop token
     for mode, options in (("ar", {}), ("ssd", {"draft_layer": 1, "k": 3}), ("dee", {"conf": 2.0})):
         out = layerskip.generate(ckpt, "The game", max_new_tokens=20, mode=mode, **options)
         assert out.tokens == free.tokens[: free.tokens.index(free.tokens[5]) + 1], mode

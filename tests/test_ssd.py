@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 from layerskip.cache import KVCache
-from layerskip.decoding import Autoregressive, SelfSpeculative, make_strategy
+from layerskip.decoding import Autoregressive, DynamicEarlyExit, SelfSpeculative, make_strategy
 from layerskip.errors import ConfigError
 from layerskip.fastpath import FastDecoder, decoding
 
@@ -125,14 +125,27 @@ def test_eos_inside_a_draft_stops_where_ar_stops():
             for cut in (2, 5, 11):  # EOS = the token greedy AR emits at index `cut` (its first occurrence)
                 eos = reference[cut]
                 expected = reference[: reference.index(eos) + 1]
-                assert Autoregressive().generate(model, prompt, NEW_TOKENS, eos_id=eos).tokens == expected
+                assert Autoregressive().generate(model, prompt, NEW_TOKENS, stop_ids=(eos,)).tokens == expected
                 for draft_layer in (1, 3):
                     for k in (2, 5, 8):
-                        result = SelfSpeculative(draft_layer, k).generate(model, prompt, NEW_TOKENS, eos_id=eos)
+                        result = SelfSpeculative(draft_layer, k).generate(model, prompt, NEW_TOKENS, stop_ids=(eos,))
                         assert result.tokens == expected
                         assert result.stop_reason == "eos"
                         cases += 1
     assert cases == 3 * 2 * 3 * 2 * 3
+
+
+def test_any_of_several_stop_tokens_ends_every_strategy():
+    model = tiny_model(**next(iter(MODELS.values())))
+    prompt = prompts(1)[0]
+    reference = Autoregressive().generate(model, prompt, NEW_TOKENS).tokens
+    stops = (reference[9], reference[4], 10**6)  # listed out of order, and one the model never emits
+    first = min(reference.index(reference[9]), reference.index(reference[4]))
+    for strategy in (Autoregressive(), SelfSpeculative(2, 4), DynamicEarlyExit(2.0)):
+        result = strategy.generate(model, prompt, NEW_TOKENS, stop_ids=stops)
+        assert result.tokens == reference[: first + 1] and result.stop_reason == "eos", strategy.name
+    with pytest.raises(ConfigError, match="collection of token ids"):
+        Autoregressive().generate(model, prompt, NEW_TOKENS, stop_ids=reference[4])
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 3, 6, 13])
@@ -267,7 +280,7 @@ def run_stub(draft_next, *, k=3, max_new=12, eos=None, draft_scale=None, thresho
     strategy = SelfSpeculative(2, k, adaptive_threshold=threshold, bonus=bonus, max_backoff=backoff)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FastDecoder, "of", staticmethod(lambda stub: stub))
-        result = strategy.generate(model, prompt, max_new, eos_id=eos)
+        result = strategy.generate(model, prompt, max_new, stop_ids=() if eos is None else (eos,))
     sequence = prompt + result.tokens
     # Where a round starts (its first draft call, and its verify call) the cache holds exactly
     # the committed tokens: rejected drafts never survive a round.

@@ -26,7 +26,7 @@ def timed_generate(strategy, model, ids: list[int], cfg: BenchConfig, settings: 
     sampling = SamplingConfig(temperature=cfg.temperature)
     synchronize(device)
     start = time.perf_counter()
-    result = strategy.generate(model, ids, settings.new_tokens, sampling=sampling, eos_id=None, generator=generator)
+    result = strategy.generate(model, ids, settings.new_tokens, sampling=sampling, generator=generator)
     synchronize(device)
     seconds = time.perf_counter() - start
     return Run(

@@ -9,7 +9,7 @@ the token id stays a (1, 1) tensor slice of one preallocated buffer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -31,11 +31,11 @@ class Autoregressive:
         max_new_tokens: int,
         *,
         sampling: SamplingConfig = SamplingConfig(),
-        eos_id: int | None = None,
+        stop_ids: Collection[int] = (),
         generator: torch.Generator | None = None,
         on_tokens: OnTokens | None = None,
     ) -> GenerationResult:
-        run = Decoding.begin(model, prompt_ids, max_new_tokens, eos_id, on_tokens)
+        run = Decoding.begin(model, prompt_ids, max_new_tokens, stop_ids, on_tokens)
         fast = FastDecoder.of(model)
         num_layers, pos = model.num_layers, len(prompt_ids)
         buf = token_buffer(model, prompt_ids, run.budget)

@@ -3,7 +3,7 @@
 A strategy (autoregressive, self-speculative, dynamic early exit) is a small object with
 ``generate(model, prompt_ids, max_new_tokens, ...) -> GenerationResult``. Randomness flows
 through an explicit ``torch.Generator``; nothing reads global RNG state. ``Decoding`` is the
-bookkeeping of one generation (committing tokens, stopping at end-of-sequence / the length
+bookkeeping of one generation (committing tokens, stopping at a stop token / the length
 limit / the context, streaming, timing); ``prefill``, ``token_buffer`` and ``pick`` are the
 steps every strategy's loop shares.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,6 +90,13 @@ def pick(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Genera
     return sample_token(sampling_probs(logits, sampling), generator)
 
 
+def stop_set(stop_ids: Collection[int]) -> frozenset[int]:
+    """The tokens that end a generation, as a set; refuses a lone id, whose digits would be taken for tokens."""
+    if isinstance(stop_ids, (int, str, bytes)):
+        raise ConfigError(f"stop_ids must be a collection of token ids, e.g. ({stop_ids!r},), got {stop_ids!r}")
+    return frozenset(int(t) for t in stop_ids)
+
+
 def check_prompt(prompt_ids: Sequence[int], max_new_tokens: int, max_seq_len: int) -> int:
     """Validate a prompt; return how many new tokens fit in the context (>= 1)."""
     if max_new_tokens < 1:
@@ -155,7 +162,7 @@ class Decoding:
     prompt_len: int
     max_new_tokens: int
     budget: int  # new tokens that fit: min(max_new_tokens, context - prompt)
-    eos_id: int | None
+    stop_ids: frozenset[int]  # generation ends with the first of these tokens (it is kept)
     on_tokens: OnTokens | None
     device: torch.device  # waited for before the clock is read at the end
     start: float = field(default_factory=time.perf_counter)
@@ -169,13 +176,13 @@ class Decoding:
         model: Transformer,
         prompt_ids: Sequence[int],
         max_new_tokens: int,
-        eos_id: int | None,
+        stop_ids: Collection[int],
         on_tokens: OnTokens | None,
     ) -> Decoding:
         if model.training:
             raise ValueError("generation needs the model in eval mode (dropout off); call model.eval() first")
         budget = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len)
-        return cls(len(prompt_ids), max_new_tokens, budget, eos_id, on_tokens, model.embed_tokens.weight.device)
+        return cls(len(prompt_ids), max_new_tokens, budget, stop_set(stop_ids), on_tokens, model.embed_tokens.weight.device)
 
     @property
     def remaining(self) -> int:
@@ -188,7 +195,7 @@ class Decoding:
             if len(self.tokens) + len(kept) >= self.budget:
                 break
             kept.append(token)
-            if token == self.eos_id:
+            if token in self.stop_ids:
                 self.stop_reason = "eos"
                 break
         if kept:
@@ -243,7 +250,7 @@ class Strategy(Protocol):
         max_new_tokens: int,
         *,
         sampling: SamplingConfig = SamplingConfig(),
-        eos_id: int | None = None,
+        stop_ids: Collection[int] = (),
         generator: torch.Generator | None = None,
         on_tokens: OnTokens | None = None,
     ) -> GenerationResult: ...

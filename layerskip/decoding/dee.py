@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -196,13 +196,13 @@ class DynamicEarlyExit:
         max_new_tokens: int,
         *,
         sampling: SamplingConfig = SamplingConfig(),
-        eos_id: int | None = None,
+        stop_ids: Collection[int] = (),
         generator: torch.Generator | None = None,
         on_tokens: OnTokens | None = None,
         cache: KVCache | None = None,
     ) -> GenerationResult:
         """Generate up to max_new_tokens; `cache` (empty) may be passed in to inspect it afterwards."""
-        run = Decoding.begin(model, prompt_ids, max_new_tokens, eos_id, on_tokens)
+        run = Decoding.begin(model, prompt_ids, max_new_tokens, stop_ids, on_tokens)
         checks = self.check_model(model)
         fast = FastDecoder.of(model)
         propagate = FusedPropagation.for_model(model)

@@ -34,7 +34,7 @@ the full model's distribution exactly (the draft only changes the speed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -176,7 +176,7 @@ class SelfSpeculative:
         max_new_tokens: int,
         *,
         sampling: SamplingConfig = SamplingConfig(),
-        eos_id: int | None = None,
+        stop_ids: Collection[int] = (),
         generator: torch.Generator | None = None,
         on_tokens: OnTokens | None = None,
     ) -> GenerationResult:
@@ -185,7 +185,7 @@ class SelfSpeculative:
                 f"draft_layer must be in 1..{model.num_layers - 1} for this {model.num_layers}-layer model, "
                 f"got {self.draft_layer}"
             )
-        run = Decoding.begin(model, prompt_ids, max_new_tokens, eos_id, on_tokens)
+        run = Decoding.begin(model, prompt_ids, max_new_tokens, stop_ids, on_tokens)
         fast = FastDecoder.of(model)
         buf = token_buffer(model, prompt_ids, run.budget)
         cache = model.new_cache(max_len=len(prompt_ids) + run.budget)
@@ -195,7 +195,7 @@ class SelfSpeculative:
         while run.stop_reason is None:
             n = len(prompt_ids) - 1 + len(run.tokens)  # position of the newest token
             max_drafts = min(self.k, run.remaining - 1) if backoff.draft_now() else 0
-            draft = self.draft(fast, buf, n, cache, max_drafts, sampling, eos_id, generator)
+            draft = self.draft(fast, buf, n, cache, max_drafts, sampling, run.stop_ids, generator)
             verdict = self.verify(fast, draft, n, cache, sampling, generator)
             if max_drafts:
                 backoff.update(verdict.accepted > 0)
@@ -217,7 +217,7 @@ class SelfSpeculative:
         cache: KVCache,
         max_drafts: int,
         sampling: SamplingConfig,
-        eos_id: int | None,
+        stop_ids: frozenset[int],
         generator: torch.Generator | None,
     ) -> Draft:
         """Propose up to max_drafts tokens with blocks [0, E), keeping their exit hidden states."""
@@ -240,7 +240,7 @@ class SelfSpeculative:
             if q is not None:
                 probs.append(q)
             buf[0, n + i + 1] = token
-            if token == eos_id:  # nothing to verify after it, and no bonus token needed
+            if token in stop_ids:  # nothing to verify after it, and no bonus token needed
                 return Draft(tokens, probs, torch.cat(hidden, dim=1))
         m = len(tokens)  # the tail: the last draft (or the newest token) through [0, E), no head
         if m and not self.bonus:  # without it an all-accepted round earns no bonus token, but costs less

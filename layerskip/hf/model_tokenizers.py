@@ -7,9 +7,10 @@
 The directory's files name the special tokens (``read_special_tokens``). A BOS starts every prompt
 when tokenizer_config.json's add_bos_token says so; without that key, when tokenizer.json's
 post-processor adds one (tokenizers' own behaviour), and for SentencePiece as LlamaTokenizer does
-(yes, when the model has a BOS). Generation stops at the end-of-sequence id of
-generation_config.json, else config.json, else tokenizer_config.json's eos_token (the first when
-several are listed). An EOS a tokenizer would append to every text is not appended: prompts are
+(yes, when the model has a BOS). Generation stops at the end-of-sequence ids of
+generation_config.json, else config.json, else tokenizer_config.json's eos_token: at any of them
+when several are listed (Llama 3 instruct models end a turn with <|eot_id|>, a text with
+<|end_of_text|>); the first is the model's EOS, the one a GGUF file records. An EOS a tokenizer would append to every text is not appended: prompts are
 continued, not closed.
 """
 
@@ -35,7 +36,11 @@ class SpecialTokens:
 
     add_bos: bool | None
     bos: int | str | None
-    eos: int | str | None
+    eos: int | str | None  # the first end-of-sequence token listed
+    stops: tuple[int | str, ...] = ()  # every end-of-sequence token listed, eos first
+
+    def stop_tokens(self) -> tuple[int | str, ...]:
+        return self.stops or (() if self.eos is None else (self.eos,))
 
 
 def read_special_tokens(hf_dir: Path) -> SpecialTokens:
@@ -43,10 +48,11 @@ def read_special_tokens(hf_dir: Path) -> SpecialTokens:
     tokens, generation, config = (_json_object(hf_dir / name) for name in (TOKENIZER_CONFIG, GENERATION_CONFIG,
                                                                            "config.json"))
     add_bos = tokens.get("add_bos_token")
+    eos = (generation.get("eos_token_id"), config.get("eos_token_id"), _content(tokens.get("eos_token")))
     return SpecialTokens(
         add_bos=add_bos if isinstance(add_bos, bool) else None,
         bos=_first(generation.get("bos_token_id"), config.get("bos_token_id"), _content(tokens.get("bos_token"))),
-        eos=_first(generation.get("eos_token_id"), config.get("eos_token_id"), _content(tokens.get("eos_token"))),
+        eos=_first(*eos), stops=_all_of_first(*eos),
     )
 
 
@@ -77,6 +83,21 @@ def _first(*values: Any) -> int | str | None:
     return None
 
 
+def _all_of_first(*values: Any) -> tuple[int | str, ...]:
+    """Every id of the first value given (a list's ids, or the one id)."""
+    for value in values:
+        items = value if isinstance(value, list) else [value]
+        found = tuple(v for v in items if isinstance(v, (int, str)) and not isinstance(v, bool))
+        if found:
+            return found
+    return ()
+
+
+def _stop_ids(specials: SpecialTokens, lookup: Any, vocab_size: int, where: Path) -> tuple[int, ...]:
+    """The ids generation stops at, in the configs' order, each once."""
+    return tuple(dict.fromkeys(_token_id(t, lookup, vocab_size, where) for t in specials.stop_tokens()))
+
+
 class SpmModelTokenizer(Tokenizer):
     """A Llama SentencePiece model as its model reads text: its BOS, line breaks as its byte piece <0x0A>."""
 
@@ -90,6 +111,7 @@ class SpmModelTokenizer(Tokenizer):
         if add_bos and self.bos_id is None:
             raise CheckpointError(f"{where}: add_bos_token is true but the tokenizer has no BOS token")
         self.eos_id = _token_id(specials.eos, self._piece_id, self.vocab_size, where)
+        self.stop_ids = _stop_ids(specials, self._piece_id, self.vocab_size, where)
         newline = self.sp.piece_to_id("<0x0A>")
         self.eol_id = newline if self.sp.is_byte(newline) else None
 
@@ -136,6 +158,7 @@ class JsonTokenizer:
         if add_bos and self.bos_id is None:
             raise CheckpointError(f"{where}: add_bos_token is true but no BOS token is named")
         self.eos_id = _token_id(specials.eos, self._backend.token_to_id, self.vocab_size, where)
+        self.stop_ids = _stop_ids(specials, self._backend.token_to_id, self.vocab_size, where)
         newline = self._body("\n")
         self.eol_id = newline[0] if len(newline) == 1 else None
 
