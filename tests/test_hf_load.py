@@ -223,3 +223,24 @@ def test_a_config_whose_shapes_disagree_with_the_weights_is_refused_from_the_hea
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 1_000_000_000}))
     with pytest.raises(CheckpointError, match="do not match config.json"):
         load_checkpoint(tmp_path)
+
+
+class FakePanic(BaseException):
+    """What tokenizers raises when its Rust code panics (pyo3's PanicException is a BaseException)."""
+
+
+@pytest.mark.parametrize("failure", [Exception("data did not match any variant"), FakePanic("index out of bounds")])
+def test_an_unreadable_tokenizer_json_is_one_clear_error(tmp_path, monkeypatch, failure):
+    import tokenizers
+
+    def refuse(text):
+        raise failure
+
+    bpe_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_str", staticmethod(refuse))
+    with pytest.raises(CheckpointError, match=f"is not a tokenizer tokenizers can read .{failure}"):
+        read_model_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": ')  # and the real library on a truncated file
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="is not a tokenizer tokenizers can read"):
+        read_model_tokenizer(tmp_path)

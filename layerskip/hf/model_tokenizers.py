@@ -147,7 +147,9 @@ class JsonTokenizer:
                               'pip install -e ".[tokenizers]"') from None
         try:
             self._backend = Backend.from_str(text)
-        except Exception as exc:  # tokenizers raises bare Exceptions for malformed files
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # bare Exceptions for malformed files; a Rust panic is a BaseException
             raise CheckpointError(f"{where / TOKENIZER_JSON} is not a tokenizer tokenizers can read ({exc})") from None
         self.cache_key = b"tokenizers\0" + text.encode("utf-8")
         self.text = text  # the tokenizer.json itself (layerskip.gguf writes its vocabulary and merges)
