@@ -36,6 +36,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,12 @@ def train_argv(args: argparse.Namespace, seed: int, recipe: str) -> list[str]:
     return argv
 
 
+def shown(argv: list[str]) -> str:
+    """A child's command line as a user would type it."""
+    words = ["layerskip", *argv[3:]] if argv[1:3] == ["-m", "layerskip"] else ["python", *argv[1:]]
+    return " ".join(words)
+
+
 def finished(directory: Path) -> bool:
     return (directory / "best" / "config.json").is_file() and (directory / "done.json").is_file()
 
@@ -129,7 +136,7 @@ def run_trainings(args: argparse.Namespace) -> None:
         while jobs and len(running) < args.parallel:
             seed, recipe = jobs.pop(0)
             argv = [sys.executable, "-m", "layerskip", *train_argv(args, seed, recipe)]
-            print("$ " + " ".join(argv[2:]), flush=True)
+            print("$ " + shown(argv), flush=True)
             if args.dry_run:
                 continue
             directory = run_dir(args.out, seed, recipe)
@@ -149,8 +156,10 @@ def run_trainings(args: argparse.Namespace) -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
+    """Each run's evaluation and exit shares, --parallel runs at a time (not timed, so sharing is harmless)."""
     here = Path(__file__).resolve().parent
     data = ["--data_dir", args.data_dir] if args.data_dir else []
+    jobs = []
     for seed, recipe in training_order(args.recipes, args.seeds):
         directory = run_dir(args.out, seed, recipe)
         if not finished(directory):
@@ -164,39 +173,54 @@ def measure(args: argparse.Namespace) -> None:
             commands.append([sys.executable, str(here / "exit_shares.py"), "--checkpoint", str(directory),
                              "--configs", *SHARE_CONFIGS, "--deltas", "0.01", "0.05", "--cost_repeats", "0",
                              "--out", str(directory / "exit_shares.json"), *data])
+        if commands:
+            jobs.append(commands)
+    run_jobs(jobs, args.parallel, args.dry_run)
+
+
+def run_jobs(jobs: list[list[list[str]]], parallel: int, dry_run: bool) -> None:
+    """Each job's commands in order, `parallel` jobs at a time, each with cores / parallel threads."""
+    for commands in jobs:
         for argv in commands:
-            print("$ " + " ".join(argv[1:]), flush=True)
-            if not args.dry_run:
-                subprocess.run(argv, check=True, env=child_env(os.cpu_count() or 1), stdout=subprocess.DEVNULL)
+            print("$ " + shown(argv), flush=True)
+    if dry_run:
+        return
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+
+    def run_in_order(commands: list[list[str]]) -> None:
+        for argv in commands:
+            subprocess.run(argv, check=True, env=child_env(threads), stdout=subprocess.DEVNULL)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(run_in_order, jobs))  # list(): a failed command raises here
+
 
 def thresholds_file(directory: Path, measure: str, delta: str) -> Path:
     return directory / f"thresholds-{measure}-{delta}.json"
 
 
 def decode(args: argparse.Namespace) -> None:
+    """Calibrations --parallel at a time (not timed), then each bench alone (timed)."""
     data = ["--data_dir", args.data_dir] if args.data_dir else []
     layerskip = [sys.executable, "-m", "layerskip"]
+    calibrations, benches = [], []
     for seed, recipe in training_order(args.recipes, args.seeds):
         directory, plain = run_dir(args.out, seed, recipe), run_dir(args.out, seed, "plain")
         if recipe == "plain" or not finished(directory) or not finished(plain):
             print(f"seed {seed} {recipe}: skipped (plain, or it or its plain run not trained)", flush=True)
             continue
-        commands, files = [], []
-        for measure in DECODE_MEASURES:
-            for delta in DECODE_DELTAS:
-                files.append(thresholds_file(directory, measure, delta))
-                if not files[-1].is_file():
-                    commands.append([*layerskip, "calibrate", "--checkpoint", str(directory), "--output", str(files[-1]),
-                                     "--delta", delta, "--measure", measure, "--exit_vocab", SHORT_HEAD, *data])
+        files = [thresholds_file(directory, m, d) for m in DECODE_MEASURES for d in DECODE_DELTAS]
+        for file, (measure, delta) in zip(files, [(m, d) for m in DECODE_MEASURES for d in DECODE_DELTAS]):
+            if not file.is_file():
+                calibrations.append([[*layerskip, "calibrate", "--checkpoint", str(directory), "--output", str(file),
+                                      "--delta", delta, "--measure", measure, "--exit_vocab", SHORT_HEAD, *data]])
         if not (directory / "results.json").is_file():
-            commands.append([*layerskip, "bench", "--checkpoint", str(directory), "--baseline", str(plain),
+            benches.append([[*layerskip, "bench", "--checkpoint", str(directory), "--baseline", str(plain),
                              "--thresholds", *map(str, files), "--out", str(directory / "results.json"),
                              "--seed", str(seed), "--draft_vocab", SHORT_HEAD, "--exit_vocab", SHORT_HEAD, "--quiet",
-                             *data])
-        for argv in commands:
-            print("$ " + " ".join(argv[2:]), flush=True)
-            if not args.dry_run:
-                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+                             *data]])
+    run_jobs(calibrations, args.parallel, args.dry_run)
+    run_jobs(benches, 1, args.dry_run)
 
 
 def decode_record(results: dict) -> dict:
