@@ -56,6 +56,7 @@ RECIPES: dict[str, list[str]] = {
               "--early_exit_scale", "0.2", "--early_exit_curriculum", "rotational", "--early_exit_tokens", "0.25"],
     "uniform": [*LAYERSKIP_FLAGS, "--early_exit_weighting", "uniform"],
     "uniform-distill0.5": [*LAYERSKIP_FLAGS, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.5"],
+    "uniform-distill0.9": [*LAYERSKIP_FLAGS, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9"],
     "noskip-uniform-distill0.5": ["--max_skip_prob", "0", "--early_exit_scale", "1.0", "--early_exit_curriculum",
                                   "rotational", "--early_exit_tokens", "0.25", "--early_exit_weighting", "uniform",
                                   "--early_exit_distill", "0.5"],
