@@ -41,24 +41,27 @@ from pathlib import Path
 
 import numpy as np
 
-from layerskip.demo import LAYERSKIP_FLAGS, PLAIN_FLAGS, TRAIN_SHARE
+from layerskip.demo import PLAIN_FLAGS, TRAIN_SHARE
 from layerskip.errors import ConfigError, run_script
 
-# name -> `layerskip train` flags. "current" is the demo's recipe; "paper" the LayerSkip
+# name -> `layerskip train` flags. "current" is the demo's recipe before the search; "paper" the LayerSkip
 # paper's from-scratch one (exponential depth schedule and time ramp, p_max 0.1, e_scale 0.2).
-RECIPES: dict[str, list[str]] = {
+# The demo's recipe before the search (spelt out: the defaults it relied on have changed since).
+BEFORE = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational",
+          "--early_exit_tokens", "0.25", "--early_exit_weighting", "depth", "--early_exit_distill", "0"]
+RECIPES: dict[str, list[str]] = {  # later flags override earlier ones
     "plain": PLAIN_FLAGS,
-    "current": LAYERSKIP_FLAGS,
-    "distill0.5": [*LAYERSKIP_FLAGS, "--early_exit_distill", "0.5"],
-    "distill0.9": [*LAYERSKIP_FLAGS, "--early_exit_distill", "0.9"],
-    "distill0.5-T2": [*LAYERSKIP_FLAGS, "--early_exit_distill", "0.5", "--early_exit_distill_temperature", "2"],
+    "current": BEFORE,
+    "distill0.5": [*BEFORE, "--early_exit_distill", "0.5"],
+    "distill0.9": [*BEFORE, "--early_exit_distill", "0.9"],
+    "distill0.5-T2": [*BEFORE, "--early_exit_distill", "0.5", "--early_exit_distill_temperature", "2"],
     "paper": ["--max_skip_prob", "0.1", "--layer_dropout_schedule", "exp", "--layer_dropout_ramp", "exp",
-              "--early_exit_scale", "0.2", "--early_exit_curriculum", "rotational", "--early_exit_tokens", "0.25"],
-    "uniform": [*LAYERSKIP_FLAGS, "--early_exit_weighting", "uniform"],
-    "uniform-distill0.5": [*LAYERSKIP_FLAGS, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.5"],
-    "uniform-distill0.9": [*LAYERSKIP_FLAGS, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9"],
-    "noskip-uniform-distill0.5": ["--max_skip_prob", "0", "--early_exit_scale", "1.0", "--early_exit_curriculum",
-                                  "rotational", "--early_exit_tokens", "0.25", "--early_exit_weighting", "uniform",
+              "--early_exit_scale", "0.2", "--early_exit_curriculum", "rotational", "--early_exit_tokens", "0.25",
+              "--early_exit_weighting", "depth", "--early_exit_distill", "0"],
+    "uniform": [*BEFORE, "--early_exit_weighting", "uniform"],
+    "uniform-distill0.5": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.5"],
+    "uniform-distill0.9": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9"],
+    "noskip-uniform-distill0.5": [*BEFORE, "--max_skip_prob", "0", "--early_exit_weighting", "uniform",
                                   "--early_exit_distill", "0.5"],
 }
 DEMO_MINUTES = 20.0 * TRAIN_SHARE

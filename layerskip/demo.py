@@ -22,9 +22,11 @@ from layerskip.jsonfile import write_json
 STATE_FILE = "demo.json"
 # Shares of the budget: the two trainings get most of it, equally.
 TRAIN_SHARE = 0.36
-# LayerSkip recipe of the demo (the seed study's layer dropout, the paper's exit loss).
+# LayerSkip recipe of the demo: the seed study's layer dropout, the paper's rotational exit loss,
+# every early exit weighted alike and distilled from the last layer (the recipe search's winner,
+# benchmarks/recipe_search.py; docs/results.md).
 LAYERSKIP_FLAGS = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational",
-                   "--early_exit_tokens", "0.25"]
+                   "--early_exit_tokens", "0.25", "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9"]
 PLAIN_FLAGS = ["--max_skip_prob", "0", "--early_exit_scale", "0"]
 # Drafts and early exits read the short head of the most frequent tokens (see docs/design.md).
 SHORT_HEAD = "1024"

@@ -103,3 +103,15 @@ def test_summary_tabulates_calibrated_dee_the_faithful_sweep_and_ssd(tmp_path):
 def test_summary_without_measured_runs_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="measure"):
         search.main(["summary", "--out", str(tmp_path)])
+
+
+def test_the_demo_trains_the_recipe_the_search_chose():
+    from layerskip.demo import LAYERSKIP_FLAGS
+
+    def config(flags):
+        settings = {k.removeprefix("--"): v for k, v in zip(flags[::2], flags[1::2])}
+        return TrainConfig(**{k: (v if k.endswith(("curriculum", "weighting")) else float(v))
+                              for k, v in settings.items()})
+
+    assert config(LAYERSKIP_FLAGS) == config(search.RECIPES["uniform-distill0.9"])
+    assert config(search.RECIPES["current"]) != config(LAYERSKIP_FLAGS)

@@ -42,15 +42,23 @@ def weights(run_dir, which="last"):
     return load_checkpoint(run_dir / which).model.state_dict()
 
 
+def last_exit_losses(run_dir) -> list[float]:
+    """The last layer's cross-entropy per step (the objective adds the early exits' distillation terms)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["exit_losses"][-1] for r in records if r["type"] == "train"]
+
+
 # ----------------------------------------------------------------------------- learning, resume
 
 
 def test_tiny_model_loss_decreases_and_run_dir_is_complete(tmp_path, corpus):
     result = train(tiny_cfg(max_steps=40, val_every=20), tmp_path / "run", corpus=corpus, progress=False)
     assert result.step == 40 and result.stopped == "max_steps"
-    first, last = result.losses[0], sum(result.losses[-5:]) / 5
+    last_exit = last_exit_losses(tmp_path / "run")
+    first, last = last_exit[0], sum(last_exit[-5:]) / 5
     assert first > 5.5 and last < first - 1.0, (first, last)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.losses == [r["loss"] for r in records if r["type"] == "train"]
     vals = [r for r in records if r["type"] == "val"]
     assert [v["step"] for v in vals] == [20, 40] and len(vals[0]["layers"]) == 4
     assert vals[1]["layers"][-1]["loss"] < vals[0]["layers"][-1]["loss"]
@@ -83,7 +91,8 @@ def test_resume_after_stopping_gives_the_same_losses(tmp_path, corpus, curriculu
 def test_muon_run_learns_and_resumes_exactly(tmp_path, corpus):
     cfg = tiny_cfg(max_steps=10, optimizer="muon", val_every=5, save_every=3)
     whole = train(cfg, tmp_path / "whole", corpus=corpus, progress=False)
-    assert sum(whole.losses[-3:]) / 3 < whole.losses[0] - 0.2  # it learns
+    last_exit = last_exit_losses(tmp_path / "whole")
+    assert sum(last_exit[-3:]) / 3 < last_exit[0] - 0.2  # it learns
     first = train(cfg, tmp_path / "split", corpus=corpus, progress=False, stop_at_step=4)
     second = train(resume_config(tmp_path / "split"), tmp_path / "split", corpus=corpus, progress=False, resume=True)
     assert first.losses + second.losses == whole.losses
@@ -291,8 +300,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_corpus_dir):
     import subprocess
     import sys
 
+    # AdamW: Muon's orthogonalisation amplifies the sum-order differences below (1.5e-4 in the
+    # weights after 4 steps), while DDP's part, the all-reduced gradients, is the same for both.
     args = CLI_TINY + ["--data-dir", str(tiny_corpus_dir), "--max_steps", "4", "--dropout", "0",
-                       "--max_skip_prob", "0.5", "--early_exit_tokens", "0.5", "--val_every", "4"]
+                       "--max_skip_prob", "0.5", "--early_exit_tokens", "0.5", "--val_every", "4", "--optimizer", "adamw"]
     assert main(["train", "--out", str(tmp_path / "one")] + args) == 0
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "layerskip", "train", "--out", str(tmp_path / "two")] + args,
@@ -306,11 +317,11 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_corpus_dir):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 4  # rank 0 alone wrote the metrics
     # Stated tolerance: the same global batch and layer-dropout masks; only the order of
-    # floating-point sums differs, so losses agree to 1e-5 and weights to 1e-4.
+    # floating-point sums differs, so losses and weights agree to 1e-5.
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
     assert load_checkpoint(tmp_path / "two" / "last").meta["world_size"] == 2
     for name, w in weights(tmp_path / "one").items():
-        torch.testing.assert_close(weights(tmp_path / "two")[name], w, rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(weights(tmp_path / "two")[name], w, rtol=0, atol=1e-5, msg=name)
 
 
 def test_cli_schedule_and_optimizer_flags_reach_the_config(tmp_path, tiny_corpus_dir):
@@ -340,7 +351,7 @@ class _ZeroButOn(float):
 def test_distillation_at_weight_zero_reproduces_the_plain_run_bit_for_bit(tmp_path, corpus, monkeypatch):
     from layerskip.training import build
 
-    cfg = tiny_cfg(max_steps=6, max_skip_prob=0.3, early_exit_curriculum="none", val_every=100)
+    cfg = tiny_cfg(max_steps=6, max_skip_prob=0.3, early_exit_curriculum="none", val_every=100, early_exit_distill=0.0)
     plain = train(cfg, tmp_path / "plain", corpus=corpus, progress=False)
 
     class ForcedDistillation(build.ExitLossModel):
@@ -374,15 +385,16 @@ def test_distilled_run_logs_kl_resumes_exactly_and_refuses_another_weight(tmp_pa
 
 
 def test_a_run_saved_before_distillation_resumes_without_it(tmp_path, corpus):
-    cfg = tiny_cfg(max_steps=4, save_every=2, val_every=100)
+    cfg = tiny_cfg(max_steps=4, save_every=2, val_every=100, early_exit_distill=0.0, early_exit_weighting="depth")
     train(cfg, tmp_path / "old", corpus=corpus, progress=False, stop_at_step=2)
     config_file = tmp_path / "old" / "last" / "config.json"
     saved = json.loads(config_file.read_text())
-    for key in ("early_exit_distill", "early_exit_distill_temperature"):
+    for key in ("early_exit_distill", "early_exit_distill_temperature", "early_exit_weighting"):
         del saved["train"][key]  # as written before the settings existed
     config_file.write_text(json.dumps(saved))
     resumed = resume_config(tmp_path / "old")
     assert resumed.early_exit_distill == 0.0 and resumed.early_exit_distill_temperature == 1.0
+    assert resumed.early_exit_weighting == "depth"
     assert train(resumed, tmp_path / "old", corpus=corpus, progress=False, resume=True).step == 4
 
 

@@ -15,9 +15,10 @@ last/ checkpoints and metrics.jsonl; --resume continues a stopped run exactly wh
 
 Continual LayerSkip training of an existing model (its weights, tokenizer and shape; a fresh
 optimizer; the schedule and LayerSkip settings from the flags), with the paper's values
-(rotational, the default curriculum; its e_scale is 0.1 to 0.2):
+(rotational, the default curriculum; its e_scale is 0.1 to 0.2; its depth-weighted exit loss
+without distillation, where this project's defaults weight the exits alike and distill them):
   layerskip train --out runs/cont --init-from runs/plain --max_skip_prob 0.1 --layer_dropout_schedule exp \\
-  --early_exit_scale 0.1
+  --early_exit_scale 0.1 --early_exit_weighting depth --early_exit_distill 0
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("early_exit_gradual_steps", int, "gradual curriculum: steps to enable every exit (default: the run)"),
     ("early_exit_tokens", float, "fraction of tokens the early exits' loss is estimated on (default 0.25; 1: all)"),
     ("early_exit_distill", float, "self-distillation weight W in [0, 1]: each early exit's loss is (1 - W) x "
-     "cross-entropy + W x T^2 x KL(last layer, detached || exit) on the same tokens (default 0: cross-entropy only)"),
+     "cross-entropy + W x T^2 x KL(last layer, detached || exit) on the same tokens (default 0.9; 0: cross-entropy only)"),
     ("early_exit_distill_temperature", float, "the distillation temperature T (default 1)"),
     ("val_every", int, "also validate every N steps (default: each epoch only)"),
     ("val_tokens", int, "validate on the first N valid tokens only (default 65536; 0: all)"),
@@ -64,8 +65,8 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
 ]
 CHOICE_FLAGS: list[tuple[str, list[str], str]] = [
     ("early_exit_curriculum", ["none", "rotational", "gradual"], "which exits get a loss each step (default rotational)"),
-    ("early_exit_weighting", ["depth", "uniform"], "how the exits' losses are weighted: depth, e_scale x k(k+1)/2 for exit k "
-     "as in the paper (default); uniform, e_scale for every early exit and 1 for the last"),
+    ("early_exit_weighting", ["uniform", "depth"], "how the exits' losses are weighted: uniform, e_scale for every early exit and 1 "
+     "for the last (default); depth, e_scale x k(k+1)/2 for exit k as in the paper"),
     ("layer_dropout_schedule", ["linear", "exp"], "how skip probability grows with depth (default linear)"),
     ("layer_dropout_ramp", ["constant", "exp"], "how it grows over training time (default constant)"),
     ("precision", ["fp32", "bf16"], "bf16 autocast or full fp32 (default bf16)"),
