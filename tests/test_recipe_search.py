@@ -57,8 +57,7 @@ def fake_run(out, seed, recipe, word_ppl, agreement, share=None, steps=100):
     if share is not None:
         by_layer = [0.0, 0.0, share, 0.5]
         result = {"ranked": {"0.01": by_layer}, "calibrated": {"0.01": {"exit_by_layer": by_layer}}}
-        (directory / "exit_shares.json").write_text(json.dumps({"results": {"softmax": result,
-                                                                            "softmax@1024": result}}))
+        (directory / "exit_shares.json").write_text(json.dumps({"results": {"softmax": result}}))
 
 
 def test_summary_compares_with_plain_and_pairs_seeds_with_the_current_recipe(tmp_path, capsys):
