@@ -60,6 +60,9 @@ RECIPES: dict[str, list[str]] = {  # later flags override earlier ones
     "uniform": [*BEFORE, "--early_exit_weighting", "uniform"],
     "uniform-distill0.5": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.5"],
     "uniform-distill0.9": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9"],
+    "uniform-distill1.0": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "1.0"],
+    "p0.1-uniform-distill0.9": [*BEFORE, "--max_skip_prob", "0.1", "--early_exit_weighting", "uniform",
+                                "--early_exit_distill", "0.9"],  # `layerskip train`'s defaults since the search
     "noskip-uniform-distill0.5": [*BEFORE, "--max_skip_prob", "0", "--early_exit_weighting", "uniform",
                                   "--early_exit_distill", "0.5"],
 }
