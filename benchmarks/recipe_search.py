@@ -43,12 +43,12 @@ import numpy as np
 from layerskip.demo import PLAIN_FLAGS, TRAIN_SHARE
 from layerskip.errors import ConfigError, run_script
 
-# name -> `layerskip train` flags. "current" is the demo's recipe before the search; "paper" the LayerSkip
-# paper's from-scratch one (exponential depth schedule and time ramp, p_max 0.1, e_scale 0.2).
 # The demo's recipe before the search (spelt out: the defaults it relied on have changed since).
 BEFORE = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational",
           "--early_exit_tokens", "0.25", "--early_exit_weighting", "depth", "--early_exit_distill", "0"]
-RECIPES: dict[str, list[str]] = {  # later flags override earlier ones
+# name -> `layerskip train` flags (later flags override earlier ones). "current" is BEFORE; "paper"
+# the LayerSkip paper's from-scratch recipe (exponential depth schedule and time ramp, p_max 0.1, e_scale 0.2).
+RECIPES: dict[str, list[str]] = {
     "plain": PLAIN_FLAGS,
     "current": BEFORE,
     "distill0.5": [*BEFORE, "--early_exit_distill", "0.5"],

@@ -182,7 +182,8 @@ class Decoding:
         if model.training:
             raise ValueError("generation needs the model in eval mode (dropout off); call model.eval() first")
         budget = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len)
-        return cls(len(prompt_ids), max_new_tokens, budget, stop_set(stop_ids), on_tokens, model.embed_tokens.weight.device)
+        device = model.embed_tokens.weight.device
+        return cls(len(prompt_ids), max_new_tokens, budget, stop_set(stop_ids), on_tokens, device)
 
     @property
     def remaining(self) -> int:

@@ -10,8 +10,8 @@ post-processor adds one (tokenizers' own behaviour), and for SentencePiece as Ll
 (yes, when the model has a BOS). Generation stops at the end-of-sequence ids of
 generation_config.json, else config.json, else tokenizer_config.json's eos_token: at any of them
 when several are listed (Llama 3 instruct models end a turn with <|eot_id|>, a text with
-<|end_of_text|>); the first is the model's EOS, the one a GGUF file records. An EOS a tokenizer would append to every text is not appended: prompts are
-continued, not closed.
+<|end_of_text|>); the first is the model's EOS, the one a GGUF file records. An EOS a tokenizer
+would append to every text is not appended: prompts are continued, not closed.
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ def read_special_tokens(hf_dir: Path) -> SpecialTokens:
     tokens, generation, config = (_json_object(hf_dir / name) for name in (TOKENIZER_CONFIG, GENERATION_CONFIG,
                                                                            "config.json"))
     add_bos = tokens.get("add_bos_token")
-    eos = (generation.get("eos_token_id"), config.get("eos_token_id"), _content(tokens.get("eos_token")))
+    stops = _all_of_first(generation.get("eos_token_id"), config.get("eos_token_id"), _content(tokens.get("eos_token")))
     return SpecialTokens(
         add_bos=add_bos if isinstance(add_bos, bool) else None,
         bos=_first(generation.get("bos_token_id"), config.get("bos_token_id"), _content(tokens.get("bos_token"))),
-        eos=_first(*eos), stops=_all_of_first(*eos),
+        eos=stops[0] if stops else None, stops=stops,
     )
 
 
