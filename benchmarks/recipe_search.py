@@ -355,10 +355,10 @@ def write_summary(args: argparse.Namespace) -> None:
     decoded = decode_table(runs)
     if decoded:
         text += "\n\ndecoding (speed-up over AR / ROUGE-L against AR greedy / held-out disagreement)\n\n" + decoded
-    print(text)
     (args.out / "summary.md").write_text(text + "\n")
     (args.out / "summary.json").write_text(json.dumps({"runs": runs, "recipes": {r: RECIPES[r] for r in runs},
                                                         "minutes": args.minutes, "command": sys.argv}, indent=2))
+    print(text)
 
 
 def main(argv: list[str] | None = None) -> int:
