@@ -114,3 +114,20 @@ def test_the_demo_trains_the_recipe_the_search_chose():
 
     assert config(LAYERSKIP_FLAGS) == config(search.RECIPES["uniform-distill0.9"])
     assert config(search.RECIPES["current"]) != config(LAYERSKIP_FLAGS)
+
+
+def test_decode_calibrates_every_measure_and_delta_then_benches_with_all_the_files(tmp_path, capsys):
+    for recipe in ("plain", "current"):
+        directory = search.run_dir(tmp_path, 0, recipe)
+        (directory / "best").mkdir(parents=True)
+        (directory / "best" / "config.json").write_text("{}")
+        (directory / "done.json").write_text("{}")
+    search.main(["decode", "--out", str(tmp_path), "--recipes", "plain", "current", "--seeds", "0", "--dry_run"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    calibrations = [line for line in lines if " calibrate " in line]
+    assert len(calibrations) == len(search.DECODE_MEASURES) * len(search.DECODE_DELTAS)
+    assert all("--exit_vocab 1024" in line and "seed0/current" in line for line in calibrations)
+    bench = lines[-1]
+    assert bench.startswith("$ layerskip bench") and f"--baseline {tmp_path / 'seed0' / 'plain'}" in bench
+    assert all(str(search.thresholds_file(search.run_dir(tmp_path, 0, "current"), m, d)) in bench
+               for m in search.DECODE_MEASURES for d in search.DECODE_DELTAS)
