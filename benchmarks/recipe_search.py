@@ -148,9 +148,9 @@ def run_trainings(args: argparse.Namespace) -> None:
                 continue
             directory = run_dir(args.out, seed, recipe)
             directory.mkdir(parents=True, exist_ok=True)
-            log = open(directory.parent / f"{recipe}.log", "a", encoding="utf-8")
-            running.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads)),
-                            seed, recipe, time.time()))
+            with open(directory.parent / f"{recipe}.log", "a", encoding="utf-8") as log:  # the child keeps its copy
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads))
+            running.append((proc, seed, recipe, time.time()))
         for job in [j for j in running if j[0].poll() is not None]:
             proc, seed, recipe, started = job
             running.remove(job)

@@ -25,7 +25,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,23 +184,36 @@ def chunk_nll_and_grads(
     return nll, grad_x, grad_w
 
 
+def _over_chunks(
+    normed: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, num_sums: int,
+    chunk: Callable[[slice, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(d loss/d normed, d loss/d weight in fp32, per-exit sums) of chunk(tokens, safe targets, valid)
+    run over chunks of tokens; chunk returns its num_sums per-exit (E,) sums, then its two gradients."""
+    E, N, _ = normed.shape
+    valid = (targets != IGNORE_INDEX).float()  # (N,)
+    safe = targets.clamp(min=0)
+    grad_x = torch.empty_like(normed)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    sums = [torch.zeros(E, dtype=torch.float32, device=normed.device) for _ in range(num_sums)]
+    for s in range(0, N, chunk_size):
+        part = slice(s, s + chunk_size)
+        *chunk_sums, gx, gw = chunk(part, safe[part], valid[part])
+        for total, value in zip(sums, chunk_sums):
+            total += value
+        grad_x[:, part] = gx
+        grad_w += gw
+    return grad_x, grad_w, sums
+
+
 class _ChunkedExitLoss(torch.autograd.Function):
     """sum_e scales[e] * NLL_e for exits sharing one head; gradients computed chunk by chunk."""
 
     @staticmethod
     def forward(ctx, normed, weight, targets, scales, chunk_size, chunk_fn):  # type: ignore[override]
-        E, N, _ = normed.shape
-        valid = (targets != IGNORE_INDEX).float()  # (N,)
-        safe = targets.clamp(min=0)
-        grad_x = torch.empty_like(normed)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        nll_sums = torch.zeros(E, dtype=torch.float32, device=normed.device)
-        for s in range(0, N, chunk_size):
-            nll, gx, gw = chunk_fn(normed[:, s : s + chunk_size], weight, safe[s : s + chunk_size],
-                                   valid[s : s + chunk_size], scales)
-            nll_sums += nll
-            grad_x[:, s : s + chunk_size] = gx
-            grad_w += gw
+        grad_x, grad_w, (nll_sums,) = _over_chunks(
+            normed, weight, targets, chunk_size, 1,
+            lambda part, safe, valid: chunk_fn(normed[:, part], weight, safe, valid, scales))
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(nll_sums)
         return (nll_sums * scales).sum(), nll_sums
@@ -280,21 +293,10 @@ class _ChunkedDistillLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, normed, weight, targets, teacher, ce_scales, kd_scales, temperature, chunk_size,  # type: ignore[override]
                 chunk_fn):
-        E, N, _ = normed.shape
-        valid = (targets != IGNORE_INDEX).float()  # (N,)
-        safe = targets.clamp(min=0)
-        grad_x = torch.empty_like(normed)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        nll_sums = torch.zeros(E, dtype=torch.float32, device=normed.device)
-        kl_sums = torch.zeros(E, dtype=torch.float32, device=normed.device)
-        for s in range(0, N, chunk_size):
-            part = slice(s, s + chunk_size)
-            nll, kl, gx, gw = chunk_fn(normed[:, part], weight, safe[part], valid[part], teacher[part], ce_scales,
-                                       kd_scales, temperature)
-            nll_sums += nll
-            kl_sums += kl
-            grad_x[:, part] = gx
-            grad_w += gw
+        grad_x, grad_w, (nll_sums, kl_sums) = _over_chunks(
+            normed, weight, targets, chunk_size, 2,
+            lambda part, safe, valid: chunk_fn(normed[:, part], weight, safe, valid, teacher[part], ce_scales,
+                                               kd_scales, temperature))
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(nll_sums, kl_sums)
         return (nll_sums * ce_scales + kl_sums * kd_scales).sum(), nll_sums, kl_sums
