@@ -7,7 +7,8 @@ dominates on CPU. ``FastDecoder.of(model)`` offers ``run_blocks``, ``unembed`` a
 - ``folded``: from copies of the weights laid out for a few rows at a time (norm gains folded
   in, queries/keys/values in one product, transposed). Fastest for small fp32 models, at the
   cost of a second copy of the weights.
-- ``in_place``: from the model's own weights through ``F.linear``, no copy. For models whose
+- ``in_place``: from the model's own weights through ``kernels.linear`` (``F.linear``, or for
+  bf16 on CPU a kernel that reads weights at the memory bandwidth), no copy. For models whose
   weights exceed ``COPY_LIMIT_BYTES`` (there each product reads megabytes and the calls' fixed
   cost no longer matters, while a copy would double the memory), and for half precision on CPU
   (products of transposed bf16/fp16 copies are 2.5x / 100x slower than ``F.linear``'s).
@@ -28,6 +29,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from layerskip import kernels
 from layerskip.cache import KVCache
 from layerskip.model import Block, RMSNorm, Transformer, apply_rotary, causal_attention, causal_mask, normalize
 
@@ -184,12 +186,16 @@ def attend_scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCa
 
     q (B, H, T, D) attends over the cached keys/values plus k, v (B, H_kv, T, D). Few fp32
     queries (decoding, drafts, verification) use three plain calls, which cost less than SDPA's
-    fixed overhead on CPU; long prefills and half precision use SDPA, which accumulates in fp32
-    (plain bf16 products round the scores and probabilities to bf16: 3 ulps off the plain path).
+    fixed overhead on CPU; few bf16 queries on CPU the bf16 kernel (``kernels.attention``), which
+    rounds each row alike whatever the other rows; long prefills and other half precision use
+    SDPA, which accumulates in fp32 (plain bf16 products round the scores and probabilities to
+    bf16: 3 ulps off the plain path).
     """
     b, heads, t, d = q.shape
     if cache is not None:
         k, v = cache.write(layer, pos, k, v)
+    if kernels.attends(q, k, v):  # bf16 on CPU: each row's bits whatever the other rows
+        return kernels.attention(q, k, v, scale)
     if t > PLAIN_ATTENTION_MAX_QUERIES or q.dtype != torch.float32:
         y = causal_attention(q, k, v, scale=scale)
     else:  # query head h reads key/value head h // groups, as SDPA's enable_gqa does
@@ -210,9 +216,10 @@ class InPlaceBlock:
     """One block's forward (without dropout) on the block's own weights: no copy, the plain path's products.
 
     For models whose copies would cost too much memory, where a step reads megabytes per product
-    and the few extra calls of the unfolded layout cost nothing that shows. Only attention
-    differs from ``Block.forward``: plain products for a few fp32 queries, as in FastBlock (in
-    half precision it is the same SDPA, and the block gives the plain block's bits).
+    and the few extra calls of the unfolded layout cost nothing that shows. Differs from
+    ``Block.forward`` in attention (plain products for a few fp32 queries, as in FastBlock) and,
+    for bf16 on CPU, in the products' float32 summation order (``kernels.linear``); otherwise it
+    gives the plain block's bits.
     """
 
     block: Block
@@ -222,13 +229,15 @@ class InPlaceBlock:
         block, b, t, c = self.block, *x.shape
         attn, mlp = block.attn, block.mlp
         h = rms_norm(block.attn_norm, x)
-        q = F.linear(h, attn.q_proj.weight).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k, v = attn.project_kv(h, cos, sin)
-        y = attend_scaled(apply_rotary(q, cos, sin), k, v, cache, layer, pos, attn.head_dim**-0.5)
-        x = x + F.linear(y, attn.o_proj.weight).view(b, t, c)
+        q, k, v = (kernels.linear(h, w).view(b, t, heads, attn.head_dim).transpose(1, 2) for w, heads in
+                   ((attn.q_proj.weight, attn.num_heads), (attn.k_proj.weight, attn.kv_heads),
+                    (attn.v_proj.weight, attn.kv_heads)))
+        y = attend_scaled(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, cache, layer, pos,
+                          attn.head_dim**-0.5)
+        x = x + kernels.linear(y, attn.o_proj.weight).view(b, t, c)
         h = rms_norm(block.mlp_norm, x)
-        return x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
-                            mlp.down_proj.weight)
+        gated = F.silu(kernels.linear(h, mlp.gate_proj.weight)) * kernels.linear(h, mlp.up_proj.weight)
+        return x + kernels.linear(gated, mlp.down_proj.weight)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -357,7 +366,7 @@ class FastDecoder:
             head = self.copies.get("head", self._head_weights, self._build_head)
             if isinstance(head, torch.Tensor):  # not IN_PLACE, and not untracked (None)
                 return normalize(hidden, model.norm.eps) @ head
-        return model.lm_head(rms_norm(model.norm, hidden))
+        return kernels.linear(rms_norm(model.norm, hidden), model.lm_head.weight)
 
     def unembed_short(self, hidden: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``Transformer.unembed_short`` through a cached copy of the short head (size / V of the head)."""
@@ -378,7 +387,7 @@ class FastDecoder:
 
         ids, head, transposed = self._short_heads.get(size, self._head_weights, build) or build()
         x = normalize(hidden, model.norm.eps)
-        return (x @ head if transposed else F.linear(x, head)), ids
+        return (x @ head if transposed else kernels.linear(x, head)), ids
 
     def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model

@@ -1,0 +1,192 @@
+"""Hand-written CPU kernels, for the bf16 decoding work where torch's own leave speed or exactness unused.
+
+On a CPU with AVX512-BF16, for bfloat16 inputs of at most MAX_ROWS rows (a decoding step, a
+verification) and no gradient, ``bf16_decoding.c`` runs:
+
+- ``linear(x, weight)``, ``F.linear(x, weight)`` without bias: it reads the weights at about the
+  machine's memory bandwidth, where torch's oneDNN products of a row read them at about two
+  thirds of it (docs/results.md);
+- ``attention(q, k, v, scale)``, causal attention of the newest queries over a KV cache, in
+  float32 from bf16 inputs, without SDPA's fixed cost per call.
+
+Both give a row the same bits whatever the other rows are, so verifying k drafts in one pass
+gives exactly the logits of k one-token steps: greedy self-speculation equals greedy
+autoregressive decoding in bf16 too (SDPA's masked path rounds rows differently from its
+one-query path, and near-ties of bf16 logits then pick other tokens).
+
+The C source is compiled on first use with the system's C compiler (``$CC``, else ``cc`` or
+``gcc``) into a cache keyed by the source and flags (``$LAYERSKIP_KERNEL_CACHE``, default
+``~/.cache/layerskip/kernels``), and loaded with ctypes: no build step at install, no Python
+headers. It shares torch's OpenMP runtime (the already loaded ``libgomp.so.1``) and threads
+(``torch.get_num_threads()``). Without such a CPU or a compiler, or with
+``LAYERSKIP_KERNELS=0``, both are torch's (``F.linear``; SDPA or plain products): the same
+results up to float32 rounding. ``status()`` says which.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from layerskip.console import log
+
+# Read at every call, so tests and benchmarks may switch the kernels off and on.
+ENABLED = os.environ.get("LAYERSKIP_KERNELS", "1") != "0"
+MAX_ROWS = 16  # decoding's and verification's products; longer prefills are arithmetic-bound: oneDNN's
+SOURCE = Path(__file__).with_name("bf16_decoding.c")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+COMPILE_TIMEOUT_SECONDS = 120
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere: the kernels stay off)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "layerskip" / "kernels"
+    return Path(os.environ.get("LAYERSKIP_KERNEL_CACHE") or default)
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def library_path() -> Path:
+    """Where the compiled kernel lives: named by a hash of its source and flags, so an edit rebuilds it."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return cache_dir() / f"{SOURCE.stem}-{digest}.so"
+
+
+def compile_library(path: Path) -> None:
+    """Compile SOURCE into path, atomically (a concurrent process's build is as good as ours)."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=COMPILE_TIMEOUT_SECONDS)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"{cc} failed: {last}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.bf16_linear.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.bf16_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                                   ptr, ctypes.c_int]
+    lib.bf16_linear.restype = lib.bf16_attention.restype = None
+    return lib
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded kernel (compiled first if needed), or None and why not; decided once per process."""
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
+    if missing:
+        return None, f"off: the CPU lacks {', '.join(missing)}"
+    path = library_path()
+    try:
+        if path.exists():
+            try:
+                return open_library(path), f"on: {path}"
+            except OSError:  # a damaged file in the cache: build it again
+                path.unlink(missing_ok=True)
+        compile_library(path)
+        return open_library(path), f"on: {path} (compiled now)"
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        reason = f"off: could not compile {SOURCE.name} ({e})"
+        log(f"layerskip: {reason}; bf16 decoding on CPU uses torch's slower products and SDPA "
+            "(LAYERSKIP_KERNELS=0 skips the attempt)")
+        return None, reason
+
+
+def status() -> str:
+    """Whether the bf16 kernels run on this machine, and why not (compiles them if needed)."""
+    if not ENABLED:
+        return "off: LAYERSKIP_KERNELS=0"
+    return _library()[1]
+
+
+def available() -> bool:
+    return ENABLED and _library()[0] is not None
+
+
+def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+    """All bfloat16 on the CPU, none in need of a gradient."""
+    grad = torch.is_grad_enabled()
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and not (grad and t.requires_grad) for t in tensors)
+
+
+def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_bf16_cpu(x, weight) and weight.dim() == 2 and weight.is_contiguous() and x.shape[-1] == weight.shape[1]
+            and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and weight.numel() > 0)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)``: x (..., K), weight (N, K) -> (..., N); through the bf16 kernel where it applies."""
+    if not (ENABLED and _applies(x, weight)):
+        return F.linear(x, weight)
+    lib = _library()[0]
+    if lib is None:
+        return F.linear(x, weight)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    (m, k), n = rows.shape, weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    lib.bf16_linear(rows.data_ptr(), rows.stride(0), weight.data_ptr(), y.data_ptr(), n, m, n, k,
+                    torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``attention`` runs the kernel for these shapes (else the caller uses torch's attention)."""
+    b, heads, t, d = q.shape
+    return (ENABLED and _bf16_cpu(q, k, v) and k.shape == v.shape and k.shape[0] == b and k.shape[3] == d
+            and 0 < t <= min(MAX_ROWS, k.shape[2]) and heads % k.shape[1] == 0
+            and q.stride(3) == k.stride(3) == v.stride(3) == 1 and available())
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) at the last T of the S positions of k, v (B, H_kv, S, D) -> (B * T, H * D).
+
+    Query t sees keys 0 .. S - T + t; query head h reads key/value head h // (H / H_kv); the
+    scores are scaled by ``scale``. Only where ``attends(q, k, v)``.
+    """
+    lib = _library()[0]
+    (b, heads, t, d), s = q.shape, k.shape[2]
+    threads = torch.get_num_threads()
+    out = torch.empty(b * t, heads * d, dtype=q.dtype)
+    scratch = torch.empty(threads * (s + d), dtype=torch.float32)
+    strides = [torch.tensor(x.stride(), dtype=torch.int64) for x in (q, k, v)]
+    lib.bf16_attention(q.data_ptr(), strides[0].data_ptr(), k.data_ptr(), strides[1].data_ptr(), v.data_ptr(),
+                       strides[2].data_ptr(), out.data_ptr(), b, heads, k.shape[1], t, s, d, scale,
+                       scratch.data_ptr(), threads)
+    return out

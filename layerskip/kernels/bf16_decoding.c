@@ -1,0 +1,163 @@
+/* Decoding's bfloat16 work on CPUs with AVX512-BF16: products of a few rows with a weight, and
+ * causal attention of a few queries over a KV cache.
+ *
+ * bf16_linear: y = x . w^T for x (M rows, M small) and w (N, K), accumulated in float32 and
+ * rounded to bfloat16 as torch's F.linear rounds.
+ * A decoding step multiplies one row (or a verification's few) by every weight of the model,
+ * so its time is the time to read the weights. Each weight row is read once per call, four rows
+ * at a time against up to four x rows (16 accumulators in registers), with VDPBF16PS fusing
+ * the bf16 products into float32 sums. Every output is the same sequence of instructions
+ * whatever M is and whichever tile holds it: a row's result does not depend on the other rows,
+ * so verifying k drafts in one call gives exactly the logits of k one-row steps.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+
+/* float32 -> bfloat16, round to nearest even (torch's rounding); NaN stays a quiet NaN */
+static inline uint16_t to_bf16(float value) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return (uint16_t)(bits >> 16);
+}
+
+/* R weight rows (w, w + K, ...) against MR x rows (x, x + ldx, ...), into y[m * ldy + r]. */
+static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t K,
+                                                       uint16_t *y, int64_t ldy, const int R, const int MR) {
+  __m512 acc[4][4];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[4];
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+    for (int m = 0; m < MR; ++m) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+    }
+  }
+  if (k < K) { /* the last K % 32 columns, zero-padded by masked loads */
+    __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+    __m512bh wv[4];
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
+    for (int m = 0; m < MR; ++m) {
+      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < R; ++r) y[m * ldy + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]));
+}
+
+/* Every x row against R = 4 weight rows (or R = 1 for the last N % 4), four x rows at a time. */
+#define ROWS(R)                                                                              \
+  static void rows##R(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t K, uint16_t *y, \
+                      int64_t ldy, int64_t M) {                                              \
+    int64_t m = 0;                                                                           \
+    for (; m + 4 <= M; m += 4) tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, R, 4);         \
+    switch (M - m) {                                                                         \
+      case 3: tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, R, 3); break;                   \
+      case 2: tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, R, 2); break;                   \
+      case 1: tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, R, 1); break;                   \
+    }                                                                                        \
+  }
+ROWS(4)
+ROWS(1)
+
+/* y (M, N), rows ldy apart = x (M, K), rows ldx apart . w (N, K, contiguous)^T; threads share N. */
+void bf16_linear(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *y, int64_t ldy, int64_t M, int64_t N,
+                 int64_t K, int threads) {
+  const int64_t blocks = N / 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) rows4(x, ldx, w + b * 4 * K, K, y + b * 4, ldy, M);
+  for (int64_t n = blocks * 4; n < N; ++n) rows1(x, ldx, w + n * K, K, y + n, ldy, M);
+}
+
+/* ---------------------------------------------------------------------------- attention */
+
+/* 16 bfloat16 -> float32 (n < 16: the first n, zeros after) */
+static inline __m512 load16(const uint16_t *p, int n) {
+  __m256i bits = n >= 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+/* e^x for x <= 0 (scores minus their maximum), within 2 ulp of float32's; 0 below -87 */
+static inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* x - n ln2, in two parts */
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f); /* Cephes expf's polynomial on [-ln2/2, ln2/2] */
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps((__mmask16)~tiny, p, _mm512_castsi512_ps(scale));
+}
+
+/* One query row (D values) over keys/values 0..n-1 (rows ks / vs apart): softmax(scale q.k) . v,
+   all in float32, rounded to bfloat16 into out; scores: room for n floats. */
+static void attend_row(const uint16_t *q, const uint16_t *k, int64_t ks, const uint16_t *v, int64_t vs, int64_t n,
+                       int64_t D, float scale, float *scores, float *acc, uint16_t *out) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __mmask32 m = D - d >= 32 ? (__mmask32)~0u : (__mmask32)((1u << (D - d)) - 1);
+      dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_maskz_loadu_epi16(m, q + d),
+                             (__m512bh)_mm512_maskz_loadu_epi16(m, k + j * ks + d));
+    }
+    scores[j] = scale * _mm512_reduce_add_ps(dot);
+    top = scores[j] > top ? scores[j] : top;
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const int left = n - j >= 16 ? 16 : (int)(n - j);
+    const __mmask16 m = (__mmask16)((1u << left) - 1);
+    __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), _mm512_set1_ps(top)));
+    e = _mm512_maskz_mov_ps(m, e);
+    _mm512_mask_storeu_ps(scores + j, m, e);
+    total = _mm512_add_ps(total, e);
+  }
+  const float norm = 1.0f / _mm512_reduce_add_ps(total);
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 p = _mm512_set1_ps(scores[j]);
+    for (int64_t d = 0; d < D; d += 16) {
+      const int left = D - d >= 16 ? 16 : (int)(D - d);
+      const __mmask16 m = (__mmask16)((1u << left) - 1);
+      _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(p, load16(v + j * vs + d, left), _mm512_maskz_loadu_ps(m, acc + d)));
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = to_bf16(acc[d] * norm);
+}
+
+/* Causal attention of T queries at the last T of S positions: q (B, H, T, D), k and v (B, Hkv, S, D),
+   each with its own strides (elements; D's is 1); query head h reads key/value head h / (H / Hkv);
+   query t sees keys 0 .. S - T + t. out: (B, T, H, D) contiguous; scratch: threads * (S + D) floats.
+   Each (b, h, t) row is computed alone, by one thread, the same way whatever T: a row's bits do
+   not depend on the other rows. */
+void bf16_attention(const uint16_t *q, const int64_t *qs, const uint16_t *k, const int64_t *ks, const uint16_t *v,
+                    const int64_t *vs, uint16_t *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t S,
+                    int64_t D, float scale, float *scratch, int threads) {
+  const int64_t rows = B * H * T, groups = H / Hkv;
+#pragma omp parallel num_threads(threads)
+  {
+    float *scores = scratch + (int64_t)omp_get_thread_num() * (S + D);
+    float *acc = scores + S;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T, kh = h / groups;
+      attend_row(q + b * qs[0] + h * qs[1] + t * qs[2], k + b * ks[0] + kh * ks[1], ks[2], v + b * vs[0] + kh * vs[1],
+                 vs[2], S - T + t + 1, D, scale, scores, acc, out + ((b * T + t) * H + h) * D);
+    }
+  }
+}

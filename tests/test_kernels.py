@@ -1,0 +1,255 @@
+"""The bf16 decoding kernel (layerskip.kernels): its products against a float64 reference, a row's
+bits independent of the other rows, every fallback to F.linear, its build cache, and models decoding
+through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from layerskip import fastpath, kernels
+from layerskip.decoding import Autoregressive, DynamicEarlyExit, SelfSpeculative
+from layerskip.fastpath import FastDecoder, decoding
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"bf16 kernel {kernels.status()}")
+
+
+def bf16(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """The kernel decided again, built into an empty cache; the process's own decision restored after."""
+    monkeypatch.setenv("LAYERSKIP_KERNEL_CACHE", str(tmp_path))
+    kernels._library.cache_clear()
+    yield tmp_path
+    kernels._library.cache_clear()
+
+
+# ----------------------------------------------------------------------------- the products
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 13, kernels.MAX_ROWS])
+@pytest.mark.parametrize("out_features, in_features", [(64, 256), (37, 70), (130, 1000)])
+def test_products_are_within_bf16_rounding_of_a_float64_reference(rows, out_features, in_features):
+    """Odd sizes too: the last K % 32 columns (masked loads) and the last N % 4 weight rows."""
+    wide = bf16(rows, in_features + 8, seed=1)
+    x = wide[:, 3 : 3 + in_features]  # rows apart by more than their length
+    w = bf16(out_features, in_features, seed=2)
+    with torch.inference_mode():
+        got = kernels.linear(x, w)
+    exact = x.double() @ w.double().t()
+    # rounding the float32 sum to bf16 (2^-8 relative) + float32 summation (K * 2^-24 of sum |x_k w_k|)
+    bound = exact.abs() * 2**-8 + in_features * 2**-22 * (x.double().abs() @ w.double().abs().t())
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+@needs_kernel
+def test_bf16_decoding_runs_the_kernels_not_torchs(monkeypatch):
+    def refuse(*_, **__):
+        raise AssertionError("torch's product or attention ran")
+
+    model = wide_bf16_model()
+    prompt = torch.randint(0, 300, (7,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = Autoregressive().generate(model, prompt, 6).tokens
+    monkeypatch.setattr(kernels.F, "linear", refuse)
+    monkeypatch.setattr(fastpath, "causal_attention", refuse)
+    assert Autoregressive().generate(model, prompt, 6).tokens == expected  # the prefill's 7 rows too
+    assert SelfSpeculative(2, 3).generate(model, prompt, 6).tokens == expected
+
+
+@needs_kernel
+def test_a_row_gets_the_same_bits_alone_and_among_other_rows():
+    """What makes verifying k drafts in one product give the logits of k one-row steps."""
+    x, w = bf16(kernels.MAX_ROWS, 300, seed=5), bf16(77, 300, seed=6)
+    with torch.inference_mode():
+        together = kernels.linear(x, w)
+        for i in range(len(x)):
+            assert torch.equal(kernels.linear(x[i : i + 1], w), together[i : i + 1])
+        assert torch.equal(kernels.linear(x[5:10], w), together[5:10])
+
+
+@needs_kernel
+def test_leading_dimensions_are_kept():
+    x, w = bf16(1, 3, 96, seed=7), bf16(40, 96, seed=8)
+    with torch.inference_mode():
+        assert torch.equal(kernels.linear(x, w), kernels.linear(x[0], w).unsqueeze(0))
+
+
+@pytest.mark.parametrize("case", ["float32", "too_many_rows", "gradient", "transposed_weight", "switched_off"])
+def test_everything_else_is_f_linear(case, monkeypatch):
+    x, w = bf16(4, 64, seed=9), bf16(32, 64, seed=10)
+    if case == "float32":
+        x, w = x.float(), w.float()
+    elif case == "too_many_rows":
+        x = bf16(kernels.MAX_ROWS + 1, 64, seed=11)
+    elif case == "gradient":
+        w.requires_grad_(True)
+    elif case == "transposed_weight":
+        w = bf16(64, 32, seed=12).t()
+    else:
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        assert kernels.status() == "off: LAYERSKIP_KERNELS=0" and not kernels.available()
+    got = kernels.linear(x, w)
+    assert torch.equal(got, F.linear(x, w))
+    if case == "gradient":
+        got.sum().backward()
+        assert w.grad is not None
+
+
+def causal_reference(q, k, v, scale):
+    """float64 causal attention of q's T rows at the last T of S positions, GQA as SDPA's -> (B * T, H * D)."""
+    b, heads, t, d = q.shape
+    s, groups = k.shape[2], heads // k.shape[1]
+    k, v = (x.double().repeat_interleave(groups, dim=1) for x in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    visible = torch.arange(s)[None, :] <= torch.arange(t)[:, None] + (s - t)
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (weights @ v).transpose(1, 2).reshape(b * t, heads * d)
+
+
+def cached_kv(b, kv_heads, s, d, seed, room=8):
+    """Keys and values as a KV cache returns them: the first s of a longer buffer's positions."""
+    k, v = (bf16(b, kv_heads, s + room, d, seed=seed + i).narrow(2, 0, s) for i in (0, 1))
+    return k, v
+
+
+@needs_kernel
+@pytest.mark.parametrize("queries", [1, 2, 5, kernels.MAX_ROWS])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (8, 2, 40), (6, 3, 72)])
+def test_attention_is_within_rounding_of_a_float64_reference(queries, heads, kv_heads, head_dim):
+    b, s = 2, 29
+    q = bf16(b, queries, heads, head_dim, seed=20).transpose(1, 2)  # as the block makes them: (B, T, H, D) memory
+    k, v = cached_kv(b, kv_heads, s, head_dim, seed=21)
+    assert kernels.attends(q, k, v)
+    with torch.inference_mode():
+        got = kernels.attention(q, k, v, head_dim**-0.5)
+    exact = causal_reference(q, k, v, head_dim**-0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == (b * queries, heads * head_dim)
+    # the float32 result rounded to bf16 (2^-8 relative), float32 sums well below that
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4 * v.double().abs().max()).all()
+
+
+@needs_kernel
+def test_an_attention_row_gets_the_same_bits_alone_and_among_other_rows():
+    """Verification's row i against the one-query step at its position (keys up to it, no mask)."""
+    heads, kv_heads, d, s, t = 8, 2, 64, 40, 13
+    q = bf16(1, heads, t, d, seed=22)
+    k, v = cached_kv(1, kv_heads, s, d, seed=23)
+    with torch.inference_mode():
+        together = kernels.attention(q, k, v, 0.125)
+        for i in range(t):
+            keys = s - t + i + 1
+            alone = kernels.attention(q[:, :, i : i + 1], k[:, :, :keys], v[:, :, :keys], 0.125)
+            assert torch.equal(alone, together[i : i + 1])
+
+
+@pytest.mark.parametrize("case", ["float32", "too_many_queries", "more_queries_than_keys", "gradient",
+                                  "head_groups", "switched_off"])
+def test_attention_leaves_everything_else_to_torch(case, monkeypatch):
+    q, (k, v) = bf16(1, 4, 3, 16, seed=24), cached_kv(1, 2, 10, 16, seed=25)
+    if case == "float32":
+        q, k, v = q.float(), k.float(), v.float()
+    elif case == "too_many_queries":
+        q, (k, v) = bf16(1, 4, kernels.MAX_ROWS + 1, 16, seed=26), cached_kv(1, 2, 40, 16, seed=27)
+    elif case == "more_queries_than_keys":
+        k, v = k[:, :, :2], v[:, :, :2]
+    elif case == "gradient":
+        q.requires_grad_(True)
+    elif case == "head_groups":
+        k, v = cached_kv(1, 3, 10, 16, seed=28)
+    else:
+        monkeypatch.setattr(kernels, "ENABLED", False)
+    assert not kernels.attends(q, k, v)
+
+
+# ----------------------------------------------------------------------------- building it
+
+
+@needs_kernel
+def test_the_kernel_is_compiled_once_into_the_cache(fresh_build):
+    assert kernels.status().endswith("(compiled now)")
+    built = kernels.library_path()
+    assert built.parent == fresh_build and built.exists()
+    stamp = built.stat().st_mtime_ns
+    kernels._library.cache_clear()  # as a new process would
+    assert kernels.status() == f"on: {built}" and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in fresh_build.iterdir()] == [built.name]  # no temporary file left
+
+
+@needs_kernel
+def test_a_damaged_cached_kernel_is_built_again(fresh_build):
+    kernels.library_path().parent.mkdir(parents=True, exist_ok=True)
+    kernels.library_path().write_bytes(b"not a shared library")
+    assert kernels.status().endswith("(compiled now)") and kernels.available()
+
+
+def test_without_a_compiler_decoding_uses_f_linear_and_says_why(fresh_build, monkeypatch, capsys):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: set(kernels.REQUIRED_CPU_FLAGS))
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
+    assert kernels.status().startswith(f"off: could not compile {kernels.SOURCE.name}")
+    assert "bf16 decoding on CPU uses torch's slower products and SDPA" in capsys.readouterr().err
+    x, w = bf16(2, 64, seed=13), bf16(8, 64, seed=14)
+    with torch.inference_mode():
+        assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+
+
+def test_a_cpu_without_avx512_bf16_never_compiles(fresh_build, monkeypatch):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert kernels.status() == "off: the CPU lacks avx512bw, avx512vl, avx512_bf16"
+    assert not any(fresh_build.iterdir())
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def wide_bf16_model(seed: int = 0):
+    """Products long enough (K = 256, 512) for the kernel's roundings to differ from oneDNN's."""
+    return tiny_model(seed=seed, d_model=256, num_heads=4, num_kv_heads=2, d_ff=512, vocab_size=300).to(torch.bfloat16)
+
+
+def stepwise_logits(model, idx: torch.Tensor) -> torch.Tensor:
+    with decoding():
+        fast, cache = FastDecoder.of(model), model.new_cache()
+        rows = [fast.unembed(fast.run_blocks(model.embed(idx[:, t : t + 1]), 0, model.num_layers, cache=cache, pos=t))
+                for t in range(idx.shape[1])]
+    return torch.cat(rows, dim=1).float()
+
+
+@needs_kernel
+def test_decoding_through_the_kernel_stays_within_bf16_rounding_of_torchs_products(monkeypatch):
+    model = wide_bf16_model()
+    idx = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    ours = stepwise_logits(model, idx)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    torchs = stepwise_logits(model, idx)
+    assert not torch.equal(ours, torchs)
+    assert (ours - torchs).abs().max() <= 0.03 * torchs.abs().max()  # test_fastpath_scale's bf16 tolerance
+
+
+@needs_kernel
+def test_a_prefill_gives_the_bits_of_one_token_at_a_time():
+    """Whole rows are invariant through the kernel and through SDPA's causal path from position 0."""
+    model = wide_bf16_model(seed=1)
+    idx = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    with decoding():
+        fast = FastDecoder.of(model)
+        prefill = fast.unembed(fast.run_blocks(model.embed(idx), 0, model.num_layers, cache=model.new_cache()))
+    assert torch.equal(prefill.float(), stepwise_logits(model, idx))
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", [0, 2])
+def test_strategies_agree_in_bf16_through_the_kernel(seed):
+    model = wide_bf16_model(seed)
+    prompt = torch.randint(0, 300, (7,), generator=torch.Generator().manual_seed(seed)).tolist()
+    ar = Autoregressive().generate(model, prompt, 20).tokens
+    for k in (1, 3, 6):
+        assert SelfSpeculative(2, k).generate(model, prompt, 20).tokens == ar
+    assert SelfSpeculative(2, 4, draft_vocab=64).generate(model, prompt, 20).tokens == ar
+    assert DynamicEarlyExit(2.0).generate(model, prompt, 20).tokens == ar
