@@ -2,13 +2,15 @@
  * causal attention of a few queries over a KV cache.
  *
  * bf16_linear: y = x . w^T for x (M rows, M small) and w (N, K), accumulated in float32 and
- * rounded to bfloat16 as torch's F.linear rounds.
- * A decoding step multiplies one row (or a verification's few) by every weight of the model,
- * so its time is the time to read the weights. Each weight row is read once per call, four rows
- * at a time against up to four x rows (16 accumulators in registers), with VDPBF16PS fusing
- * the bf16 products into float32 sums. Every output is the same sequence of instructions
- * whatever M is and whichever tile holds it: a row's result does not depend on the other rows,
- * so verifying k drafts in one call gives exactly the logits of k one-row steps.
+ * rounded to bfloat16 as torch's F.linear rounds. A decoding step multiplies one row (or a
+ * verification's few) by every weight of the model, so its time is the time to read the
+ * weights. Each weight row is read once per call, six rows at a time against up to four x rows
+ * (24 accumulators in registers), with VDPBF16PS fusing the bf16 products into float32 sums;
+ * from about 8 rows the products are bound by that instruction's throughput, not by memory.
+ *
+ * Every output is the same sequence of instructions whatever M is and whichever tile holds it,
+ * and so is every attention row whatever T is: a row's result does not depend on the other
+ * rows, so verifying k drafts in one call gives exactly the logits of k one-row steps.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -27,12 +29,12 @@ static inline uint16_t to_bf16(float value) {
 /* R weight rows (w, w + K, ...) against MR x rows (x, x + ldx, ...), into y[m * ldy + r]. */
 static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t K,
                                                        uint16_t *y, int64_t ldy, const int R, const int MR) {
-  __m512 acc[4][4];
+  __m512 acc[4][6];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    __m512bh wv[4];
+    __m512bh wv[6];
     for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
     for (int m = 0; m < MR; ++m) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
@@ -41,7 +43,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
   }
   if (k < K) { /* the last K % 32 columns, zero-padded by masked loads */
     __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
-    __m512bh wv[4];
+    __m512bh wv[6];
     for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
     for (int m = 0; m < MR; ++m) {
       __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
@@ -52,7 +54,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
     for (int r = 0; r < R; ++r) y[m * ldy + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]));
 }
 
-/* Every x row against R = 4 weight rows (or R = 1 for the last N % 4), four x rows at a time. */
+/* Every x row against R = 6 weight rows (or R = 1 for the last N % 6), four x rows at a time. */
 #define ROWS(R)                                                                              \
   static void rows##R(const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t K, uint16_t *y, \
                       int64_t ldy, int64_t M) {                                              \
@@ -64,16 +66,16 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
       case 1: tile(x + m * ldx, ldx, w, K, y + m * ldy, ldy, R, 1); break;                   \
     }                                                                                        \
   }
-ROWS(4)
+ROWS(6)
 ROWS(1)
 
 /* y (M, N), rows ldy apart = x (M, K), rows ldx apart . w (N, K, contiguous)^T; threads share N. */
 void bf16_linear(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *y, int64_t ldy, int64_t M, int64_t N,
                  int64_t K, int threads) {
-  const int64_t blocks = N / 4;
+  const int64_t blocks = N / 6;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) rows4(x, ldx, w + b * 4 * K, K, y + b * 4, ldy, M);
-  for (int64_t n = blocks * 4; n < N; ++n) rows1(x, ldx, w + n * K, K, y + n, ldy, M);
+  for (int64_t b = 0; b < blocks; ++b) rows6(x, ldx, w + b * 6 * K, K, y + b * 6, ldy, M);
+  for (int64_t n = blocks * 6; n < N; ++n) rows1(x, ldx, w + n * K, K, y + n, ldy, M);
 }
 
 /* ---------------------------------------------------------------------------- attention */
