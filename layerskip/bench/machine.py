@@ -11,7 +11,7 @@ from typing import Any
 import numpy
 import torch
 
-from layerskip import __version__
+from layerskip import __version__, kernels
 
 
 def cpu_model() -> str:
@@ -43,6 +43,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "platform": platform.platform(),
         "load_average": load_average(),  # other work on the machine skews timings; see also load_average_end
+        "bf16_kernels": kernels.status(),  # whether bf16 decoding on CPU ran layerskip's kernels or torch's
     }
 
 
