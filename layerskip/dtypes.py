@@ -2,11 +2,13 @@
 
 The default ("auto") depends on where the model runs and how large it is:
 
-- CPU: float32 below CPU_BF16_MIN_PARAMETERS parameters, bfloat16 from there on. Decoding
-  one token reads every weight once; a small model's step is bound by per-call overhead, where
-  bfloat16's conversions make it slower, while a large model's step is bound by memory
+- CPU: float32 below a threshold in parameters, bfloat16 from there on. Decoding one token
+  reads every weight once; a small model's step is bound by per-call overhead, where
+  bfloat16's conversions make it slower, while a larger model's step is bound by memory
   bandwidth, where half the bytes is nearly half the time, and where float32 would also need
-  twice the memory. The threshold lies between the sizes measured faster in each (README, "Dtypes").
+  twice the memory. The threshold lies between the sizes measured faster in each
+  (docs/results.md): CPU_BF16_KERNELS_MIN_PARAMETERS where layerskip's bf16 kernels run
+  (``kernels.available()``), CPU_BF16_MIN_PARAMETERS with torch's slower bf16 products.
 - CUDA: bfloat16 (float16 on a GPU without bfloat16).
 - MPS: float32 (not measured).
 """
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import torch
 
+from layerskip import kernels
 from layerskip.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
-CPU_BF16_MIN_PARAMETERS = 500_000_000
+CPU_BF16_MIN_PARAMETERS = 500_000_000  # torch's bf16 products: float32 was faster up to 334M
+CPU_BF16_KERNELS_MIN_PARAMETERS = 8_000_000  # layerskip's: even at 5.1M, 1.29x faster at 8.4M
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -38,9 +42,14 @@ def default_dtype(device: torch.device, num_parameters: int) -> torch.dtype:
     """The dtype "auto" means for a model of `num_parameters` on `device` (see the module docstring)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and num_parameters >= CPU_BF16_MIN_PARAMETERS:
+    if device.type == "cpu" and num_parameters >= cpu_bf16_min_parameters():
         return torch.bfloat16
     return torch.float32
+
+
+def cpu_bf16_min_parameters() -> int:
+    """The size from which "auto" is bfloat16 on this CPU."""
+    return CPU_BF16_KERNELS_MIN_PARAMETERS if kernels.available() else CPU_BF16_MIN_PARAMETERS
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, num_parameters: int) -> torch.dtype:

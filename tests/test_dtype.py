@@ -49,17 +49,22 @@ def test_a_half_precision_load_has_half_weights_and_generates(ckpt_dir, dtype):
 def test_auto_is_float32_for_small_models_on_the_cpu_and_bfloat16_from_the_threshold(ckpt_dir, monkeypatch):
     path, model = ckpt_dir
     assert layerskip.load(path, device="cpu").model.lm_head.weight.dtype == torch.float32
-    monkeypatch.setattr(dtypes, "CPU_BF16_MIN_PARAMETERS", model.num_parameters())
+    monkeypatch.setattr(dtypes, "cpu_bf16_min_parameters", lambda: model.num_parameters())
     assert layerskip.load(path, device="cpu").model.lm_head.weight.dtype == torch.bfloat16
     assert layerskip.load(path, device="cpu", dtype="float32").model.lm_head.weight.dtype == torch.float32
-    monkeypatch.setattr(dtypes, "CPU_BF16_MIN_PARAMETERS", model.num_parameters() + 1)
+    monkeypatch.setattr(dtypes, "cpu_bf16_min_parameters", lambda: model.num_parameters() + 1)
     assert layerskip.load(path, device="cpu", dtype="auto").model.lm_head.weight.dtype == torch.float32
 
 
-def test_the_rule_and_the_names():
+@pytest.mark.parametrize("kernels_run", [True, False])
+def test_the_rule_and_the_names(kernels_run, monkeypatch):
+    """bfloat16 pays from a far smaller size where layerskip's bf16 kernels run."""
+    monkeypatch.setattr(dtypes.kernels, "available", lambda: kernels_run)
+    threshold = dtypes.CPU_BF16_KERNELS_MIN_PARAMETERS if kernels_run else dtypes.CPU_BF16_MIN_PARAMETERS
+    assert dtypes.CPU_BF16_KERNELS_MIN_PARAMETERS < dtypes.CPU_BF16_MIN_PARAMETERS
     cpu = torch.device("cpu")
-    assert dtypes.default_dtype(cpu, dtypes.CPU_BF16_MIN_PARAMETERS - 1) == torch.float32
-    assert dtypes.default_dtype(cpu, dtypes.CPU_BF16_MIN_PARAMETERS) == torch.bfloat16
+    assert dtypes.default_dtype(cpu, threshold - 1) == torch.float32
+    assert dtypes.default_dtype(cpu, threshold) == torch.bfloat16
     assert dtypes.default_dtype(torch.device("mps"), 10**10) == torch.float32
     assert dtypes.parse_dtype("auto") is None and dtypes.parse_dtype(torch.float16) == torch.float16
     for bad in ("fp32", "int8", torch.int8):
@@ -133,4 +138,6 @@ def test_the_help_states_the_rule_the_code_applies():
 
     parser = argparse.ArgumentParser()
     add_dtype_arg(parser)
-    assert f"below {dtypes.CPU_BF16_MIN_PARAMETERS // 10**6}M parameters" in " ".join(parser.format_help().split())
+    text = " ".join(parser.format_help().split())
+    assert f"float32 below {dtypes.CPU_BF16_KERNELS_MIN_PARAMETERS // 10**6}M parameters where" in text
+    assert f"else below {dtypes.CPU_BF16_MIN_PARAMETERS // 10**6}M" in text

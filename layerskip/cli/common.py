@@ -26,12 +26,15 @@ def add_checkpoint_arg(parser: argparse.ArgumentParser, *, required: bool = True
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    from layerskip.dtypes import CPU_BF16_KERNELS_MIN_PARAMETERS, CPU_BF16_MIN_PARAMETERS
+
     parser.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="the weights' dtype (auto: float32 on the CPU below 500M parameters and bfloat16 from there, "
-        "bfloat16 on CUDA)",
+        help=f"the weights' dtype (auto: on the CPU float32 below {CPU_BF16_KERNELS_MIN_PARAMETERS // 10**6}M "
+        f"parameters where layerskip's bf16 kernels run (AVX512-BF16), else below "
+        f"{CPU_BF16_MIN_PARAMETERS // 10**6}M, and bfloat16 from there; bfloat16 on CUDA)",
     )
 
 
