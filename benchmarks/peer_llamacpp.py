@@ -22,6 +22,14 @@ sampler and generator overhead the low-level loops above do not have. llama.cpp'
 
     python benchmarks/peer_llamacpp.py --checkpoint runs/layerskip --draft-layer 4 --k 2 --out peer_llamacpp.json
 
+With --synthetic SHAPE (one of benchmarks/scale.py's), the weights are random ones of that
+shape, with the checkpoint's tokenizer and vocabulary, in bfloat16 and built as SSD's best
+case (the blocks after --draft-layer switched off, so every draft is accepted, ours and
+llama.cpp's alike): where self-speculation pays at all, on a model far larger than the study's:
+
+    python benchmarks/peer_llamacpp.py --checkpoint runs/layerskip --synthetic llama3.2-1B --draft-layer 4 \
+        --k 8 --dtype bf16 --threads 2 --prompts 4 --max-new-tokens 48 --repeats 2
+
 The checkpoint is exported with layerskip.gguf.export_gguf (f32 unless --dtype) into a
 temporary directory (or --keep-gguf DIR). Prompts are those `layerskip bench` decodes
 (layerskip.bench.models: seeded test-split paragraphs from --data-dir, else
@@ -38,17 +46,21 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from layerskip.bench.machine import load_average, machine_info, versions
-from layerskip.bench.models import load_model
+from layerskip.bench.models import BenchModel, best_case, load_model, random_model
 from layerskip.bench.timing import interleaved
 from layerskip.console import log
 from layerskip.decoding import Autoregressive, SelfSpeculative
 from layerskip.errors import ConfigError, run_script
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import SIZES  # noqa: E402 (benchmarks/ is the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=4, help="tokens drafted per round (ours and llama.cpp's)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="also run our SSD drafting through the short head of this many frequent tokens")
+    p.add_argument("--synthetic", default=None, choices=list(SIZES),
+                   help="random best-case weights of this shape (benchmarks/scale.py) with the checkpoint's "
+                        "tokenizer, in bfloat16")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF weight type")
     p.add_argument("--kv-cache", default="f32", choices=["f32", "f16"],
                    help="llama.cpp's KV cache type (its own default is f16, which rounds keys and values; ours is f32)")
@@ -181,6 +196,17 @@ def propose(draft: LlamaContext, seq: list[int], m: int) -> list[int]:
 # ----------------------------------------------------------------------------- ours, and the measurement
 
 
+def synthetic_twin(bench: BenchModel, shape: str, draft_layer: int) -> BenchModel:
+    """Random bf16 weights of `shape` with bench's tokenizer and vocabulary, every block after draft_layer off."""
+    config = replace(SIZES[shape][0], vocab_size=bench.model.config.vocab_size)
+    if not 1 <= draft_layer < config.num_layers:
+        raise ConfigError(f"--draft-layer must be in 1..{config.num_layers - 1} for --synthetic {shape}")
+    model = best_case(random_model(0, config, dtype=torch.bfloat16), draft_layer)
+    if bench.model.token_counts is not None:
+        model.set_token_counts(bench.model.token_counts)
+    return BenchModel(model, replace(bench.checkpoint, model=model, model_config=config, path=None))
+
+
 def ours(strategy, model, prompt: list[int], n: int) -> tuple[list[int], float, dict]:
     result = strategy.generate(model, prompt, n)
     return result.tokens, result.seconds, result.stats
@@ -283,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = load_average()
     bench = load_model(args.checkpoint)
+    if args.synthetic is not None:
+        bench = synthetic_twin(bench, args.synthetic, args.draft_layer)
     model, cfg = bench.model, bench.model.config
     if not 1 <= args.draft_layer < cfg.num_layers:
         raise ConfigError(f"--draft-layer must be in 1..{cfg.num_layers - 1}")
@@ -301,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": all_versions(),
         "machine": {**machine_info(torch.device("cpu")), "load_average_end": load_average(),
                     "load_average_start": load_before, "llamacpp_threads": args.threads},
-        "model": {"source": args.checkpoint, **cfg.to_dict()},
+        "model": {"source": args.checkpoint, "synthetic": args.synthetic,
+                  "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."), **cfg.to_dict()},
         "gguf": {"dtype": args.dtype, "draft_layer": args.draft_layer, "bytes": sizes, "kv_cache": args.kv_cache},
         "llamacpp_speculative_implementation": "this script's greedy loop over two llama.cpp contexts (full and "
                                                "draft GGUF) through llama-cpp-python",

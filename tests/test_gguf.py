@@ -462,6 +462,22 @@ def test_peer_benchmark_runs_all_four_decoders_and_checks_their_tokens(tmp_path,
     assert read(tmp_path / "gguf" / "draft.gguf")[0]["llama.block_count"] == 2
 
 
+def test_peer_benchmark_synthetic_twin_keeps_the_tokenizer_and_accepts_every_draft(tmp_path, tokenizer):
+    """--synthetic: random bf16 weights of a scale.py shape behind the checkpoint's tokenizer, best case after E."""
+    peer = benchmark_script("peer_llamacpp")
+    save_tiny(tmp_path / "ckpt", tokenizer)
+    bench = peer.load_model(tmp_path / "ckpt")
+    twin = peer.synthetic_twin(bench, "seed-2.6M", draft_layer=2)
+    cfg = twin.model.config
+    assert (cfg.d_model, cfg.num_layers, cfg.vocab_size) == (128, 6, bench.model.config.vocab_size)
+    assert twin.model.lm_head.weight.dtype == torch.bfloat16 and twin.checkpoint.tokenizer is bench.checkpoint.tokenizer
+    assert twin.checkpoint.model is twin.model and twin.checkpoint.model_config == cfg
+    off = [float(b.mlp.down_proj.weight.abs().max()) for b in twin.model.layers]
+    assert off[2:] == [0.0] * 4 and min(off[:2]) > 0
+    with pytest.raises(ConfigError, match="--draft-layer must be in 1..5"):
+        peer.synthetic_twin(bench, "seed-2.6M", draft_layer=6)
+
+
 def test_llama_cpp_python_speculative_decoding_with_the_draft_file_is_plain_greedy(tmp_path, tokenizer):
     from itertools import islice
 
