@@ -4,8 +4,9 @@ For each shape (random weights, nothing downloaded, built directly in --dtype on
 device, one subprocess per shape so its peak RSS is its own):
 
 - AR ms/token against the machine's limit: the bytes one step reads (weights, head, the KV
-  cache) divided by the memory bandwidth measured in this run (a large copy, timed before and
-  after the shapes; bandwidth = bytes read + written per second);
+  cache) divided by the memory bandwidth measured in this run (a large copy, bytes read +
+  written per second, and a large sum, bytes read per second, each before and after the
+  shapes; the largest of the four);
 - the SSD ceiling: the best-case construction (the blocks after the paper's exit layer E
   switched off, so every draft is accepted), k = --ks, through the full head and the short head
   (whose tokens are those the model emits, so its drafts are accepted too);
@@ -240,6 +241,18 @@ def run_child(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- the run (parent process)
 
 
+def read_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> float:
+    """Bytes per second a large float32 sum reads, the median of `repeats`."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    src.sum()  # first touch
+    return src.numel() * 4 / statistics.median(timed(src.sum, device) for _ in range(repeats))
+
+
+def bandwidths(nbytes: int, device: torch.device) -> dict[str, float]:
+    """A copy's (read + written) and a sum's (read) bytes per second: the limit takes the larger."""
+    return {"copy": copy_bandwidth(nbytes, device), "read": read_bandwidth(nbytes, device)}
+
+
 def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> float:
     """Bytes per second a large copy moves (read + written), the median of `repeats`."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
@@ -290,14 +303,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    bandwidth_start = copy_bandwidth(args.bandwidth_mb * 2**20, device)
+    bandwidth_start = bandwidths(args.bandwidth_mb * 2**20, device)
     doc = {"command": [sys.executable, *sys.argv], "versions": {**versions(), **hf_version()},
            "machine": machine_info(device), "settings": vars(args), "sizes": []}
     with tempfile.TemporaryDirectory() as workdir:
         for size in args.sizes:
             doc["sizes"].append(run_size(size, child_argv(argv), Path(workdir)))
-    doc["bandwidth_bytes_per_second"] = {"start": bandwidth_start,
-                                         "end": copy_bandwidth(args.bandwidth_mb * 2**20, device)}
+    doc["bandwidth_bytes_per_second"] = {"start": bandwidth_start, "end": bandwidths(args.bandwidth_mb * 2**20, device)}
     doc["machine"]["load_average_end"] = load_average()
     doc["summary"] = summarize(doc)
     for path in write_outputs(doc, Path(args.out)):

@@ -57,7 +57,7 @@ def hf_summary(record: dict, n: int) -> dict:
 
 
 def summarize(doc: dict) -> list[dict]:
-    bandwidth = max(doc["bandwidth_bytes_per_second"].values())  # the better of the two copies
+    bandwidth = max(_bandwidths(doc))  # the best of the copies and sums
     return [size_summary(r, doc["settings"], bandwidth) if "error" not in r else {"size": r["size"], "error": r["error"]}
             for r in doc["sizes"]]
 
@@ -111,9 +111,9 @@ def markdown(doc: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     bw = doc["bandwidth_bytes_per_second"]
     lines += ["", f"{s['dtype']}, {s['threads']} thread(s), device {s['device']}, {s['new_tokens']} new tokens after "
-              f"{s['prompt_tokens']} random prompt tokens, {s['repeats']} interleaved repeats (medians). Copy bandwidth "
-              f"{bw['start'] / 1e9:.1f} GB/s at the start, {bw['end'] / 1e9:.1f} GB/s at the end (the larger is the "
-              f"limit's). Load average {doc['machine'].get('load_average')} -> {doc['machine'].get('load_average_end')}.",
+              f"{s['prompt_tokens']} random prompt tokens, {s['repeats']} interleaved repeats (medians). Bandwidth "
+              f"at the start / end: {_rates(bw['start'])} / {_rates(bw['end'])} (the largest is the limit's). Load "
+              f"average {doc['machine'].get('load_average')} -> {doc['machine'].get('load_average_end')}.",
               f"Command: `{' '.join(doc['command'])}`"]
     return "\n".join(lines) + "\n"
 
@@ -156,3 +156,17 @@ def write_outputs(doc: dict, out_dir: Path) -> list[Path]:
     if any("error" not in r for r in doc["summary"]):
         paths.append(plot(doc, out_dir / "scale.png"))
     return paths
+
+
+def _bandwidths(doc: dict) -> list[float]:
+    """Every bandwidth measured, in bytes per second (older runs recorded one copy's at the start and end)."""
+    values = []
+    for measured in doc["bandwidth_bytes_per_second"].values():
+        values += measured.values() if isinstance(measured, dict) else [measured]
+    return values
+
+
+def _rates(measured: dict | float) -> str:
+    if not isinstance(measured, dict):
+        return f"copy {measured / 1e9:.1f} GB/s"
+    return ", ".join(f"{kind} {value / 1e9:.1f} GB/s" for kind, value in measured.items())
