@@ -168,8 +168,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether ``attention`` runs the kernel for these shapes (else the caller uses torch's attention)."""
+    if not ENABLED or q.dtype != torch.bfloat16:  # the common float32 case, checked first: decoding asks per block
+        return False
     b, heads, t, d = q.shape
-    return (ENABLED and _bf16_cpu(q, k, v) and k.shape == v.shape and k.shape[0] == b and k.shape[3] == d
+    return (_bf16_cpu(q, k, v) and k.shape == v.shape and k.shape[0] == b and k.shape[3] == d
             and 0 < t <= min(MAX_ROWS, k.shape[2]) and heads % k.shape[1] == 0
             and q.stride(3) == k.stride(3) == v.stride(3) == 1 and available())
 
