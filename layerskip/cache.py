@@ -50,6 +50,12 @@ class KVCache:
         self.lengths[layer] = end
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
+    def reserve(self, layer: int, pos: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole key/value buffers (B, H_kv, max_len, D), positions [pos, pos+t) counted as
+        written: for a kernel that writes them itself (layerskip.kernels.f32_block)."""
+        self.lengths[layer] = self._check_write(range(layer, layer + 1), pos, t)
+        return self._layers[layer]
+
     def write_layers(self, start: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (L - start, B, H_kv, T, D) for layers [start, L) at positions [pos, pos+T) in one copy each."""
         end = self._check_write(range(start, self.num_layers), pos, k.shape[3])

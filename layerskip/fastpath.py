@@ -149,6 +149,7 @@ class FastBlock:
     heads: int
     kv_heads: int
     eps: float  # both norms'
+    native: kernels.F32Block | None = None  # the same weights for kernels.f32_block (None: it cannot run them)
 
     @classmethod
     def of(cls, block: Block) -> FastBlock:
@@ -160,14 +161,18 @@ class FastBlock:
             qkv_rot = torch.cat((q, k, a.v_proj.weight, rotate_half_rows(q, a.head_dim),
                                  rotate_half_rows(k, a.head_dim))) * attn_gain
             gate_up = torch.cat((m.gate_proj.weight, m.up_proj.weight)) * block.mlp_norm.weight.to(q.dtype)
-            return cls(qkv_rot=qkv_rot.t().contiguous(), out=a.o_proj.weight.t().contiguous(),
-                       gate_up=gate_up.t().contiguous(), down=m.down_proj.weight.t().contiguous(),
-                       heads=a.num_heads, kv_heads=a.kv_heads, eps=block.attn_norm.eps)
+            weights = dict(qkv_rot=qkv_rot.t().contiguous(), out=a.o_proj.weight.t().contiguous(),
+                           gate_up=gate_up.t().contiguous(), down=m.down_proj.weight.t().contiguous())
+            shape = dict(heads=a.num_heads, kv_heads=a.kv_heads, eps=block.attn_norm.eps)
+            return cls(**weights, **shape, native=kernels.f32_block_layout(**weights, **shape))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
                  layer: int, pos: int) -> torch.Tensor:
         """``Block.forward`` in as few calls as it can: norm gains folded into the projections, one
-        product for queries, keys, values and their rotate-half copies, rotary as one multiply-add."""
+        product for queries, keys, values and their rotate-half copies, rotary as one multiply-add;
+        for a few float32 rows on CPU, one call (kernels.f32_block)."""
+        if kernels.runs_f32_block(self.native, x, cache):
+            return kernels.f32_block(self.native, x, cos, sin, cache, layer, pos)
         b, t, c = x.shape
         x = x.view(b * t, c)  # 2-D rows: products skip matmul's reshaping
         heads, kv_heads = self.heads, self.kv_heads

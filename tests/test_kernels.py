@@ -11,7 +11,7 @@ from conftest import tiny_model
 
 from layerskip import fastpath, kernels
 from layerskip.decoding import Autoregressive, DynamicEarlyExit, SelfSpeculative
-from layerskip.fastpath import FastDecoder, decoding
+from layerskip.fastpath import FastBlock, FastDecoder, decoding
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"bf16 kernel {kernels.status()}")
 
@@ -253,3 +253,91 @@ def test_strategies_agree_in_bf16_through_the_kernel(seed):
         assert SelfSpeculative(2, k).generate(model, prompt, 20).tokens == ar
     assert SelfSpeculative(2, 4, draft_vocab=64).generate(model, prompt, 20).tokens == ar
     assert DynamicEarlyExit(2.0).generate(model, prompt, 20).tokens == ar
+
+
+# ----------------------------------------------------------------------------- float32 blocks
+
+F32_SHAPES = {"mha": dict(), "gqa": dict(num_kv_heads=2), "odd": dict(d_model=40, num_heads=4, d_ff=72),
+              "wide": dict(d_model=96, num_heads=4, d_ff=200, vocab_size=300)}
+
+
+def chunked(model, idx: torch.Tensor, chunks: list[int], *, logits: bool = True) -> torch.Tensor:
+    """Logits (or last hidden states) of idx through the fast path, fed in chunks of these sizes, with a cache."""
+    assert sum(chunks) == idx.shape[1]
+    with decoding():
+        fast, cache, pos, parts = FastDecoder.of(model), model.new_cache(), 0, []
+        for size in chunks:
+            h = fast.run_blocks(model.embed(idx[:, pos : pos + size]), 0, model.num_layers, cache=cache, pos=pos)
+            parts.append(fast.unembed(h) if logits else h)
+            pos += size
+    return torch.cat(parts, dim=1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", list(F32_SHAPES))
+def test_f32_blocks_equal_torchs_within_float32_rounding(shape, monkeypatch):
+    model = tiny_model(**F32_SHAPES[shape])
+    idx = torch.randint(0, model.config.vocab_size, (1, 31), generator=torch.Generator().manual_seed(3))
+    chunks = [5, 1, 1, 7, 16, 1]  # a prefill, single steps, a verification's rows, the most rows it takes
+    ours = chunked(model, idx, chunks)
+    assert FastDecoder.of(model).block(0).native is not None
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    torchs = chunked(model, idx, chunks)
+    with torch.no_grad():
+        plain = model(idx).logits
+    # float32 sums in another order: round-off relative to the largest logit (up to 2e-6 measured)
+    atol = 4e-6 * plain.abs().max()
+    torch.testing.assert_close(ours, torchs, rtol=0, atol=atol)
+    torch.testing.assert_close(ours, plain, rtol=0, atol=atol)
+    assert not torch.equal(ours, torchs)  # the kernel ran
+
+
+@needs_kernel
+def test_f32_block_rows_get_the_same_bits_alone_and_together():
+    """The blocks' rows, on one thread or two (the head is MKL's product: float32 verification unembeds
+    row by row)."""
+    model = tiny_model(num_kv_heads=2)
+    idx = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        together = chunked(model, idx, [8, 16], logits=False)
+        assert torch.equal(together, chunked(model, idx, [8] + [1] * 16, logits=False))
+        torch.set_num_threads(2)  # threads share the products' columns, each output computed alike
+        assert torch.equal(together, chunked(model, idx, [8, 3, 13], logits=False))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_f32_block_runs_rather_than_torchs_products(monkeypatch):
+    model = tiny_model()
+    prompt = torch.randint(0, model.config.vocab_size, (6,), generator=torch.Generator().manual_seed(5)).tolist()
+    expected = Autoregressive().generate(model, prompt, 8).tokens
+    monkeypatch.setattr(fastpath, "attend_scaled", lambda *_, **__: pytest.fail("torch's block ran"))
+    assert Autoregressive().generate(model, prompt, 8).tokens == expected
+    assert SelfSpeculative(2, 3).generate(model, prompt, 8).tokens == expected
+
+
+@pytest.mark.parametrize("case", ["batch_of_two", "too_many_rows", "no_cache", "bf16", "gradient", "switched_off"])
+def test_f32_block_leaves_everything_else_to_torch(case, monkeypatch):
+    model = tiny_model()
+    with torch.no_grad():
+        block = FastBlock.of(model.layers[0])
+    x, cache = torch.randn(1, 3, model.config.d_model), model.new_cache()
+    if case == "batch_of_two":
+        x = torch.randn(2, 3, model.config.d_model)
+    elif case == "too_many_rows":
+        x = torch.randn(1, kernels.MAX_ROWS + 1, model.config.d_model)
+    elif case == "no_cache":
+        cache = None
+    elif case == "bf16":
+        with torch.no_grad():
+            block = FastBlock.of(tiny_model().to(torch.bfloat16).layers[0])
+        assert block.native is None
+    elif case == "gradient":
+        x.requires_grad_(True)
+    else:
+        monkeypatch.setattr(kernels, "ENABLED", False)
+    with torch.enable_grad():
+        assert not kernels.runs_f32_block(block.native, x, cache)

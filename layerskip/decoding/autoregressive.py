@@ -1,10 +1,14 @@
 """Autoregressive decoding with the position-indexed KV cache: the yardstick of every speed-up.
 
-Prefill the whole prompt through all L blocks in one pass, then one token per step: embed
-the newest token, run blocks [0, L) at its position (writing its keys/values into the
-cache), unembed, pick. Nothing else happens in the loop: no re-encoding of the sequence,
-no per-step tensor allocation beyond what the blocks themselves do, inference mode, and
-the token id stays a (1, 1) tensor slice of one preallocated buffer.
+Prefill the prompt but its newest token through all L blocks in one pass, then one token per
+step from the newest prompt token on: embed it, run blocks [0, L) at its position (writing
+its keys/values into the cache), unembed, pick. Nothing else happens in the loop: no
+re-encoding of the sequence, no per-step tensor allocation beyond what the blocks themselves
+do, inference mode, and the token id stays a (1, 1) tensor slice of one preallocated buffer.
+
+The newest prompt token goes through the step, not the prefill, as in SSD and DEE: a long
+prefill may run other kernels than a step (oneDNN and SDPA instead of layerskip's bf16
+kernels), and the first token's logits must be the same in every strategy.
 """
 
 from __future__ import annotations
@@ -37,18 +41,18 @@ class Autoregressive:
     ) -> GenerationResult:
         run = Decoding.begin(model, prompt_ids, max_new_tokens, stop_ids, on_tokens)
         fast = FastDecoder.of(model)
-        num_layers, pos = model.num_layers, len(prompt_ids)
+        num_layers, pos = model.num_layers, len(prompt_ids) - 1  # the newest token's position
         buf = token_buffer(model, prompt_ids, run.budget)
-        cache = model.new_cache(max_len=pos + run.budget)
-        logits = fast.unembed(prefill(fast, buf[:, :pos], cache))[0, -1]  # (V,)
+        cache = model.new_cache(max_len=len(prompt_ids) + run.budget)
+        if pos:
+            prefill(fast, buf[:, :pos], cache)
         embed, run_blocks, unembed = model.embed_tokens, fast.run_blocks, fast.unembed
         while True:
-            token = pick(logits, sampling, generator)
+            h = run_blocks(embed(buf[:, pos : pos + 1]), 0, num_layers, cache=cache, pos=pos)  # (1, 1, C)
+            token = pick(unembed(h)[0, -1], sampling, generator)
             run.commit((token,))
             if run.stop_reason is not None:
                 break
-            buf[0, pos] = token
-            h = run_blocks(embed(buf[:, pos : pos + 1]), 0, num_layers, cache=cache, pos=pos)  # (1, 1, C)
-            logits = unembed(h)[0, -1]
             pos += 1
+            buf[0, pos] = token
         return run.result(self.name)

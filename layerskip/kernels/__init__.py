@@ -42,7 +42,7 @@ from layerskip.console import log
 # Read at every call, so tests and benchmarks may switch the kernels off and on.
 ENABLED = os.environ.get("LAYERSKIP_KERNELS", "1") != "0"
 MAX_ROWS = 16  # decoding's and verification's products; longer prefills are arithmetic-bound: oneDNN's
-SOURCE = Path(__file__).with_name("bf16_decoding.c")
+SOURCE = Path(__file__).with_name("decoding.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_TIMEOUT_SECONDS = 120
@@ -101,8 +101,19 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.bf16_linear.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.bf16_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                    ptr, ctypes.c_int]
-    lib.bf16_linear.restype = lib.bf16_attention.restype = None
+    lib.f32_block.argtypes = [ctypes.POINTER(F32Block), ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.f32_block_scratch.argtypes = [ctypes.POINTER(F32Block), i64, i64]
+    lib.f32_block_scratch.restype = i64
+    lib.bf16_linear.restype = lib.bf16_attention.restype = lib.f32_block.restype = None
     return lib
+
+
+class F32Block(ctypes.Structure):
+    """decoding.c's F32Block: a float32 block's folded weights (fastpath.FastBlock) and shape."""
+
+    _fields_ = [("qkv_rot", ctypes.c_void_p), ("out", ctypes.c_void_p), ("gate_up", ctypes.c_void_p),
+                ("down", ctypes.c_void_p), ("C", ctypes.c_int64), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64),
+                ("D", ctypes.c_int64), ("F", ctypes.c_int64), ("eps", ctypes.c_float)]
 
 
 @functools.cache
@@ -192,3 +203,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
                        strides[2].data_ptr(), out.data_ptr(), b, heads, k.shape[1], t, s, d, scale,
                        scratch.data_ptr(), threads)
     return out
+
+
+# ----------------------------------------------------------------------------- float32 blocks
+
+
+def f32_block_layout(qkv_rot: torch.Tensor, out: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                     heads: int, kv_heads: int, eps: float) -> F32Block | None:
+    """The kernel's view of a FastBlock's weights (which must outlive it), or None where the kernel cannot run them."""
+    weights = (qkv_rot, out, gate_up, down)
+    if not all(w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() for w in weights):
+        return None
+    channels, d_ff = out.shape[1], down.shape[0]
+    head_dim = out.shape[0] // heads
+    return F32Block(*(w.data_ptr() for w in weights), channels, heads, kv_heads, head_dim, d_ff, eps)
+
+
+def runs_f32_block(layout: F32Block | None, x: torch.Tensor, cache) -> bool:
+    """Whether ``f32_block`` runs this block for rows x (B, T, C) with this KV cache."""
+    return (ENABLED and layout is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.shape[0] == 1 and 0 < x.shape[1] <= MAX_ROWS and cache is not None
+            and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad) and available())
+
+
+def f32_block(layout: F32Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int,
+              pos: int) -> torch.Tensor:
+    """The block on rows x (1, T, C) at positions pos..pos+T-1 -> new rows; writes their keys and values to cache.
+
+    cos, sin: (T, D). Only where ``runs_f32_block``.
+    """
+    lib = _library()[0]
+    t = x.shape[1]
+    keys, values = cache.reserve(layer, pos, t)  # (1, H_kv, max_len, D), contiguous
+    rows = x.reshape(t, x.shape[2]).clone()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    scratch = torch.empty(lib.f32_block_scratch(layout, t, pos + t), dtype=torch.float32)
+    lib.f32_block(layout, rows.data_ptr(), t, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                  keys.shape[2], pos, scratch.data_ptr(), torch.get_num_threads())
+    return rows.view(x.shape)

@@ -1,5 +1,6 @@
-/* Decoding's bfloat16 work on CPUs with AVX512-BF16: products of a few rows with a weight, and
- * causal attention of a few queries over a KV cache.
+/* Decoding's work on CPUs with AVX512-BF16, where torch's own leaves speed or exactness unused:
+ * bfloat16 products of a few rows with a weight and attention of a few queries over a KV cache
+ * (models of any size), and whole float32 blocks of small models.
  *
  * bf16_linear: y = x . w^T for x (M rows, M small) and w (N, K), accumulated in float32 and
  * rounded to bfloat16 as torch's F.linear rounds. A decoding step multiplies one row (or a
@@ -8,9 +9,14 @@
  * (24 accumulators in registers), with VDPBF16PS fusing the bf16 products into float32 sums;
  * from about 8 rows the products are bound by that instruction's throughput, not by memory.
  *
+ * f32_block: a float32 block in fastpath.FastBlock's folded layout, for a model whose step is
+ * bound by the fixed cost of torch's calls (about 25 per block at a few microseconds each): one
+ * call per block instead.
+ *
  * Every output is the same sequence of instructions whatever M is and whichever tile holds it,
- * and so is every attention row whatever T is: a row's result does not depend on the other
- * rows, so verifying k drafts in one call gives exactly the logits of k one-row steps.
+ * and so is every attention row and every block row whatever T is: a row's result does not
+ * depend on the other rows, so verifying k drafts in one call gives exactly the logits of k
+ * one-row steps.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -86,10 +92,10 @@ static inline __m512 load16(const uint16_t *p, int n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-/* e^x for x <= 0 (scores minus their maximum), within 2 ulp of float32's; 0 below -87 */
-static inline __m512 exp_nonpositive(__m512 x) {
+/* e^x within 2 ulp of float32's: 0 below -87, e^88 above 88 (softmax's x <= 0; SiLU's any x) */
+static inline __m512 exp_ps(__m512 x) {
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* x - n ln2, in two parts */
@@ -124,7 +130,7 @@ static void attend_row(const uint16_t *q, const uint16_t *k, int64_t ks, const u
   for (int64_t j = 0; j < n; j += 16) {
     const int left = n - j >= 16 ? 16 : (int)(n - j);
     const __mmask16 m = (__mmask16)((1u << left) - 1);
-    __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), _mm512_set1_ps(top)));
+    __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), _mm512_set1_ps(top)));
     e = _mm512_maskz_mov_ps(m, e);
     _mm512_mask_storeu_ps(scores + j, m, e);
     total = _mm512_add_ps(total, e);
@@ -161,5 +167,144 @@ void bf16_attention(const uint16_t *q, const int64_t *qs, const uint16_t *k, con
       attend_row(q + b * qs[0] + h * qs[1] + t * qs[2], k + b * ks[0] + kh * ks[1], ks[2], v + b * vs[0] + kh * vs[1],
                  vs[2], S - T + t + 1, D, scale, scores, acc, out + ((b * T + t) * H + h) * D);
     }
+  }
+}
+
+/* ---------------------------------------------------------------------------- float32 blocks */
+
+/* A float32 block in fastpath.FastBlock's folded layout, for one sequence: products are x @ W
+   with W (in, out) row-major; norm gains and 1/sqrt(D) are folded into the weights. */
+typedef struct {
+  const float *qkv_rot; /* (C, (2H + 3Hkv) D): q | k | v | rotate_half(q) | rotate_half(k) */
+  const float *out;     /* (H D, C) */
+  const float *gate_up; /* (C, 2F) */
+  const float *down;    /* (F, C) */
+  int64_t C, H, Hkv, D, F;
+  float eps;
+} F32Block;
+
+/* y (N) = x (K) . W (K, N), or y += it; each output summed over k in order, whatever N, the tile or
+   the thread; threads share the 64-wide column tiles (more than one only for weights of megabytes) */
+static void f32_product(const float *x, const float *W, int64_t K, int64_t N, float *y, int add, int threads) {
+  const int64_t tiles = N / 64;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t n = tile * 64;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 xv = _mm512_set1_ps(x[k]);
+      const float *w = W + k * N + n;
+      a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w), a0);
+      a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 16), a1);
+      a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 32), a2);
+      a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 48), a3);
+    }
+    if (add) {
+      a0 = _mm512_add_ps(_mm512_loadu_ps(y + n), a0);
+      a1 = _mm512_add_ps(_mm512_loadu_ps(y + n + 16), a1);
+      a2 = _mm512_add_ps(_mm512_loadu_ps(y + n + 32), a2);
+      a3 = _mm512_add_ps(_mm512_loadu_ps(y + n + 48), a3);
+    }
+    _mm512_storeu_ps(y + n, a0);
+    _mm512_storeu_ps(y + n + 16, a1);
+    _mm512_storeu_ps(y + n + 32, a2);
+    _mm512_storeu_ps(y + n + 48, a3);
+  }
+  for (int64_t n = tiles * 64; n < N; n += 16) {
+    const __mmask16 m = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) a = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), _mm512_maskz_loadu_ps(m, W + k * N + n), a);
+    if (add) a = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + n), a);
+    _mm512_mask_storeu_ps(y + n, m, a);
+  }
+}
+
+/* out (C) = x (C) / sqrt(mean(x^2) + eps) */
+static void f32_normalize(const float *x, int64_t C, float eps, float *out) {
+  __m512 sq = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = C - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (C - c)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + c);
+    sq = _mm512_fmadd_ps(v, v, sq);
+  }
+  const float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)C + eps);
+  for (int64_t c = 0; c < C; ++c) out[c] = x[c] * scale;
+}
+
+/* One query row (D floats, already scaled) over keys/values 0..n-1 (rows D apart): softmax(q.k) . v */
+static void f32_attend_row(const float *q, const float *k, const float *v, int64_t n, int64_t D, float *scores,
+                           float *y) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 dot = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+      dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, k + j * D + d), dot);
+    }
+    scores[j] = _mm512_reduce_add_ps(dot);
+    top = scores[j] > top ? scores[j] : top;
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), _mm512_set1_ps(top))));
+    _mm512_mask_storeu_ps(scores + j, m, e);
+    total = _mm512_add_ps(total, e);
+  }
+  const float norm = 1.0f / _mm512_reduce_add_ps(total);
+  for (int64_t d = 0; d < D; ++d) y[d] = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 p = _mm512_set1_ps(scores[j]);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+      _mm512_mask_storeu_ps(y + d, m, _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, v + j * D + d), _mm512_maskz_loadu_ps(m, y + d)));
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) y[d] *= norm;
+}
+
+/* The block's forward for T rows of one sequence at positions pos..pos+T-1, x (T, C) updated in
+   place; cos, sin (T, D); k_cache, v_cache (Hkv, max_len, D), this block's, written at those
+   positions; scratch: f32_block_scratch floats. Every row is computed the same way whatever T
+   or the number of threads. */
+int64_t f32_block_scratch(const F32Block *b, int64_t T, int64_t keys) {
+  const int64_t P = (2 * b->H + 3 * b->Hkv) * b->D;
+  return b->C + P + T * b->H * b->D + b->H * b->D + 2 * b->F + keys;
+}
+
+void f32_block(const F32Block *b, float *x, int64_t T, const float *cos, const float *sin, float *k_cache,
+               float *v_cache, int64_t max_len, int64_t pos, float *scratch, int threads) {
+  const int64_t C = b->C, H = b->H, Hkv = b->Hkv, D = b->D, F = b->F, rotating = H + Hkv;
+  const int64_t P = (2 * H + 3 * Hkv) * D, groups = H / Hkv;
+  float *h = scratch, *proj = h + C, *queries = proj + P, *y = queries + T * H * D, *gu = y + H * D,
+        *scores = gu + 2 * F;
+  for (int64_t t = 0; t < T; ++t) { /* projections, rotary, this row's keys and values into the cache */
+    f32_normalize(x + t * C, C, b->eps, h);
+    f32_product(h, b->qkv_rot, C, P, proj, 0, threads);
+    const float *c = cos + t * D, *s = sin + t * D, *rot = proj + (rotating + Hkv) * D;
+    for (int64_t head = 0; head < rotating; ++head) {
+      float *dst = head < H ? queries + (t * H + head) * D : k_cache + ((head - H) * max_len + pos + t) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = proj[head * D + d] * c[d] + rot[head * D + d] * s[d];
+    }
+    for (int64_t kh = 0; kh < Hkv; ++kh)
+      for (int64_t d = 0; d < D; ++d) v_cache[(kh * max_len + pos + t) * D + d] = proj[(rotating + kh) * D + d];
+  }
+  for (int64_t t = 0; t < T; ++t) { /* attention, then the MLP, each added to the row */
+    for (int64_t head = 0; head < H; ++head) {
+      const int64_t kh = head / groups;
+      f32_attend_row(queries + (t * H + head) * D, k_cache + kh * max_len * D, v_cache + kh * max_len * D,
+                     pos + t + 1, D, scores, y + head * D);
+    }
+    float *row = x + t * C;
+    f32_product(y, b->out, H * D, C, row, 1, threads);
+    f32_normalize(row, C, b->eps, h);
+    f32_product(h, b->gate_up, C, 2 * F, gu, 0, threads);
+    for (int64_t f = 0; f < F; f += 16) { /* SiLU(gate) * up, into gate's place */
+      const __mmask16 m = F - f >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (F - f)) - 1);
+      const __m512 g = _mm512_maskz_loadu_ps(m, gu + f);
+      const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      _mm512_mask_storeu_ps(gu + f, m, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_maskz_loadu_ps(m, gu + F + f)));
+    }
+    f32_product(gu, b->down, F, C, row, 1, threads);
   }
 }
