@@ -86,7 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time llama-cpp-python's Llama.generate, plain and with the draft file as its draft_model")
     p.add_argument("--keep-gguf", default=None, metavar="DIR", help="write the GGUF files here and keep them")
     p.add_argument("--out", default="peer_llamacpp.json", help="where the JSON document goes")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.synthetic is not None and args.draft_vocab is not None:
+        raise ConfigError("--draft-vocab with --synthetic: random weights rarely emit the checkpoint's frequent "
+                          "tokens, so a short head would only measure rejected drafts; drop one of them")
+    return args
 
 
 # ----------------------------------------------------------------------------- llama.cpp

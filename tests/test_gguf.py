@@ -472,10 +472,12 @@ def test_peer_benchmark_synthetic_twin_keeps_the_tokenizer_and_accepts_every_dra
     assert (cfg.d_model, cfg.num_layers, cfg.vocab_size) == (128, 6, bench.model.config.vocab_size)
     assert twin.model.lm_head.weight.dtype == torch.bfloat16 and twin.checkpoint.tokenizer is bench.checkpoint.tokenizer
     assert twin.checkpoint.model is twin.model and twin.checkpoint.model_config == cfg
-    off = [float(b.mlp.down_proj.weight.abs().max()) for b in twin.model.layers]
+    off = [float(b.mlp.down_proj.weight.detach().abs().max()) for b in twin.model.layers]
     assert off[2:] == [0.0] * 4 and min(off[:2]) > 0
     with pytest.raises(ConfigError, match="--draft-layer must be in 1..5"):
         peer.synthetic_twin(bench, "seed-2.6M", draft_layer=6)
+    with pytest.raises(ConfigError, match="--draft-vocab with --synthetic"):
+        peer.parse_args(["--checkpoint", "x", "--synthetic", "seed-2.6M", "--draft-vocab", "64"])
 
 
 def test_llama_cpp_python_speculative_decoding_with_the_draft_file_is_plain_greedy(tmp_path, tokenizer):
