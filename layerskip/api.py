@@ -41,7 +41,7 @@ def load(path: str | os.PathLike[str], *, device: str = "auto", dtype: str | tor
     `path`: a layerskip run directory (meaning its best checkpoint, else its last), a checkpoint
     directory, a Hugging Face Llama directory (read in place, nothing written) or ``hf:OWNER/NAME``
     (downloaded from the hub; the ``hub`` extra). ``device``: auto (CUDA when present), cpu, cuda
-    or mps. ``dtype``: float32, bfloat16, float16, or auto (float32 on the CPU below 8M
+    or mps. ``dtype``: float32, bfloat16, float16, or auto (float32 on the CPU below 30M
     parameters where layerskip's bf16 kernels run, else below 500M; bfloat16 from there and on
     CUDA; see layerskip.dtypes). The model is in eval mode, ready to generate.
     """

@@ -57,18 +57,27 @@ def idle_cores(cores: int | None = None, load: float | None = None) -> int:
 
 
 def decoding_threads(num_parameters: int, device: torch.device | str, cores: int | None = None,
-                     load: float | None = None) -> int:
+                     load: float | None = None, *, kernels_run: bool | None = None) -> int:
     """torch CPU threads for decoding one sequence of a model with num_parameters on device.
 
-    On CPU a small model's step is a chain of tiny products whose cost is dispatch and thread
-    wake-ups: one thread is fastest. From THREADS_MIN_PARAMETERS up, each product reads
-    megabytes of weights and is bound by memory bandwidth, which one core cannot saturate:
-    every idle core reads its share. Cores another process keeps busy are left out: a thread
-    that waits for a descheduled sibling stalls every product (on 2 cores at load 5, 2 threads
-    decoded 6-100x slower than 1 at every size). cores, load: defaults the machine's now.
-    On a GPU the host only launches kernels: one thread.
+    On CPU with torch's own kernels a small model's step is a chain of tiny products whose cost
+    is dispatch and thread wake-ups: one thread is fastest. From THREADS_MIN_PARAMETERS up, each
+    product reads megabytes of weights and is bound by memory bandwidth, which one core cannot
+    saturate: every idle core reads its share. Where layerskip's kernels run (kernels_run,
+    default ``kernels.available()``), a block is one call whose products share their columns
+    among the threads: every idle core was faster at every size measured, from 2.6M up
+    (docs/results.md). Cores another process keeps busy are left out: a thread that waits for a
+    descheduled sibling stalls every product (on 2 cores at load 5, 2 threads decoded 6-100x
+    slower than 1 at every size). cores, load: defaults the machine's now. On a GPU the host
+    only launches kernels: one thread.
     """
-    if torch.device(device).type != "cpu" or num_parameters < THREADS_MIN_PARAMETERS:
+    if torch.device(device).type != "cpu":
+        return 1
+    if kernels_run is None:
+        from layerskip import kernels
+
+        kernels_run = kernels.available()
+    if num_parameters < THREADS_MIN_PARAMETERS and not kernels_run:
         return 1
     return idle_cores(cores, load)
 

@@ -196,9 +196,12 @@ def test_short_head_without_token_counts_ranks_by_the_tokenizers_order():
 
 
 def test_decoding_threads_rule():
-    assert decoding_threads(2_600_000, "cpu", cores=8, load=0.0) == 1  # a small model: one thread
-    assert decoding_threads(THREADS_MIN_PARAMETERS - 1, "cpu", cores=8, load=0.0) == 1
-    assert decoding_threads(THREADS_MIN_PARAMETERS, "cpu", cores=8, load=0.3) == 8  # bandwidth-bound: every core
+    torchs = dict(kernels_run=False)  # torch's kernels: a small model's step is dispatch-bound
+    assert decoding_threads(2_600_000, "cpu", cores=8, load=0.0, **torchs) == 1  # a small model: one thread
+    assert decoding_threads(THREADS_MIN_PARAMETERS - 1, "cpu", cores=8, load=0.0, **torchs) == 1
+    assert decoding_threads(THREADS_MIN_PARAMETERS, "cpu", cores=8, load=0.3, **torchs) == 8  # every core
+    assert decoding_threads(2_600_000, "cpu", cores=8, load=0.0, kernels_run=True) == 8  # layerskip's: every core
+    assert decoding_threads(2_600_000, "cpu", cores=2, load=1.2, kernels_run=True) == 1  # ... that is idle
     assert decoding_threads(7_000_000_000, torch.device("cpu"), cores=8, load=3.7) == 5  # only the idle ones
     assert decoding_threads(7_000_000_000, "cpu", cores=2, load=5.0) == 1  # a busy machine: one
     assert decoding_threads(7_000_000_000, "cuda", cores=8, load=0.0) == 1  # the host only launches kernels

@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dee_arguments(parser)
     parser.add_argument("--json", default=None, metavar="OUT", help="also write text and statistics as JSON to OUT")
     add_flag(parser, "threads", type=int, default=None,
-             help="torch CPU threads (default: by the model's size, layerskip.device.decoding_threads: 1 "
-             "below 100M parameters, where decoding one sequence is fastest on one thread, every idle core above)")
+             help="torch CPU threads (default: layerskip.device.decoding_threads: every idle core, except below "
+             "100M parameters where layerskip's CPU kernels do not run: one thread, fastest there)")
     add_device_arg(parser)
     add_dtype_arg(parser)
 
