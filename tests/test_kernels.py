@@ -193,7 +193,7 @@ def test_without_a_compiler_decoding_uses_f_linear_and_says_why(fresh_build, mon
     monkeypatch.setattr(kernels, "cpu_flags", lambda: set(kernels.REQUIRED_CPU_FLAGS))
     monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
     assert kernels.status().startswith(f"off: could not compile {kernels.SOURCE.name}")
-    assert "bf16 decoding on CPU uses torch's slower products and SDPA" in capsys.readouterr().err
+    assert "decoding on CPU uses torch's slower calls instead" in capsys.readouterr().err
     x, w = bf16(2, 64, seed=13), bf16(8, 64, seed=14)
     with torch.inference_mode():
         assert torch.equal(kernels.linear(x, w), F.linear(x, w))
@@ -319,7 +319,8 @@ def test_f32_block_runs_rather_than_torchs_products(monkeypatch):
     assert SelfSpeculative(2, 3).generate(model, prompt, 8).tokens == expected
 
 
-@pytest.mark.parametrize("case", ["batch_of_two", "too_many_rows", "no_cache", "bf16", "gradient", "switched_off"])
+@pytest.mark.parametrize("case", ["batch_of_two", "cache_of_two", "too_many_rows", "no_cache", "bf16", "gradient",
+                                  "switched_off"])
 def test_f32_block_leaves_everything_else_to_torch(case, monkeypatch):
     model = tiny_model()
     with torch.no_grad():
@@ -327,6 +328,8 @@ def test_f32_block_leaves_everything_else_to_torch(case, monkeypatch):
     x, cache = torch.randn(1, 3, model.config.d_model), model.new_cache()
     if case == "batch_of_two":
         x = torch.randn(2, 3, model.config.d_model)
+    elif case == "cache_of_two":
+        cache = model.new_cache(batch_size=2)
     elif case == "too_many_rows":
         x = torch.randn(1, kernels.MAX_ROWS + 1, model.config.d_model)
     elif case == "no_cache":

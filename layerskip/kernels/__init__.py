@@ -127,19 +127,19 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         if path.exists():
             try:
                 return open_library(path), f"on: {path}"
-            except OSError:  # a damaged file in the cache: build it again
+            except (OSError, AttributeError):  # a damaged file in the cache: build it again
                 path.unlink(missing_ok=True)
         compile_library(path)
         return open_library(path), f"on: {path} (compiled now)"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         reason = f"off: could not compile {SOURCE.name} ({e})"
-        log(f"layerskip: {reason}; bf16 decoding on CPU uses torch's slower products and SDPA "
+        log(f"layerskip: {reason}; decoding on CPU uses torch's slower calls instead "
             "(LAYERSKIP_KERNELS=0 skips the attempt)")
         return None, reason
 
 
 def status() -> str:
-    """Whether the bf16 kernels run on this machine, and why not (compiles them if needed)."""
+    """Whether the kernels run on this machine, and why not (compiles them if needed)."""
     if not ENABLED:
         return "off: LAYERSKIP_KERNELS=0"
     return _library()[1]
@@ -222,7 +222,7 @@ def f32_block_layout(qkv_rot: torch.Tensor, out: torch.Tensor, gate_up: torch.Te
 def runs_f32_block(layout: F32Block | None, x: torch.Tensor, cache) -> bool:
     """Whether ``f32_block`` runs this block for rows x (B, T, C) with this KV cache."""
     return (ENABLED and layout is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.shape[0] == 1 and 0 < x.shape[1] <= MAX_ROWS and cache is not None
+            and x.shape[0] == 1 and 0 < x.shape[1] <= MAX_ROWS and cache is not None and cache.k.shape[1] == 1
             and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad) and available())
 
