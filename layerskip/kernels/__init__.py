@@ -236,7 +236,7 @@ def f32_block(layout: F32Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     lib = _library()[0]
     t = x.shape[1]
     keys, values = cache.reserve(layer, pos, t)  # (1, H_kv, max_len, D), contiguous
-    rows = x.reshape(t, x.shape[2]).clone()
+    rows = x.reshape(t, x.shape[2]).clone(memory_format=torch.contiguous_format)  # the kernel writes it in place
     cos, sin = cos.contiguous(), sin.contiguous()
     scratch = torch.empty(lib.f32_block_scratch(layout, t, pos + t), dtype=torch.float32)
     lib.f32_block(layout, rows.data_ptr(), t, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
