@@ -79,7 +79,7 @@ ROWS(1)
 void bf16_linear(const uint16_t *x, int64_t ldx, const uint16_t *w, uint16_t *y, int64_t ldy, int64_t M, int64_t N,
                  int64_t K, int threads) {
   const int64_t blocks = N / 6;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t b = 0; b < blocks; ++b) rows6(x, ldx, w + b * 6 * K, K, y + b * 6, ldy, M);
   for (int64_t n = blocks * 6; n < N; ++n) rows1(x, ldx, w + n * K, K, y + n, ldy, M);
 }
@@ -157,7 +157,7 @@ void bf16_attention(const uint16_t *q, const int64_t *qs, const uint16_t *k, con
                     const int64_t *vs, uint16_t *out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t S,
                     int64_t D, float scale, float *scratch, int threads) {
   const int64_t rows = B * H * T, groups = H / Hkv;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     float *scores = scratch + (int64_t)omp_get_thread_num() * (S + D);
     float *acc = scores + S;
