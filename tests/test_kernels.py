@@ -24,6 +24,7 @@ def bf16(*shape: int, seed: int = 0) -> torch.Tensor:
 def fresh_build(tmp_path, monkeypatch):
     """The kernel decided again, built into an empty cache; the process's own decision restored after."""
     monkeypatch.setenv("LAYERSKIP_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "ENABLED", True)  # even where LAYERSKIP_KERNELS=0 runs the rest on torch
     kernels._library.cache_clear()
     yield tmp_path
     kernels._library.cache_clear()
