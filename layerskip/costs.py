@@ -126,7 +126,10 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
         h = fast.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
         return int(fast.unembed(h)[0, -1].argmax())
 
-    def check() -> float:
+    def check() -> float:  # what DynamicEarlyExit.checked_exit runs: one kernel call where it can
+        fused = fast.exit_check(hidden, check_vocab, "softmax")
+        if fused is not None:
+            return fused[2]
         logits = fast.unembed(hidden) if check_vocab is None else fast.unembed_short(hidden, check_vocab)[0]
         return logit_confidence(logits, "softmax").item()
 

@@ -378,6 +378,33 @@ class FastDecoder:
         model = self.model
         if size >= model.config.vocab_size:
             return self.unembed(hidden), torch.arange(model.config.vocab_size, device=hidden.device)
+        ids, head, transposed = self._short_head(size)
+        x = normalize(hidden, model.norm.eps)
+        return (x @ head if transposed else kernels.linear(x, head)), ids
+
+    def exit_check(self, hidden: torch.Tensor, size: int | None,
+                   measure: str) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+        """An early exit's logits through the full head (size None) or the short head, their ids (None: all),
+        and their softmax confidence (``measure`` softmax or margin), in one kernel call; None where
+        ``kernels.exit_confidence`` cannot run (the caller then unembeds and measures with torch)."""
+        model = self.model
+        if not kernels.checks_exit(hidden, measure):
+            return None
+        if size is None or size >= model.config.vocab_size:
+            head, ids = self.copies.get("head", self._head_weights, self._build_head), None
+            if size is not None:
+                ids = torch.arange(model.config.vocab_size, device=hidden.device)
+        else:
+            ids, head, transposed = self._short_head(size)
+            head = head if transposed else None
+        if not isinstance(head, torch.Tensor):  # in place, or untracked: no (C, N) copy to read
+            return None
+        logits, confidence = kernels.exit_confidence(hidden, head, model.norm.eps, measure)
+        return logits.view(*hidden.shape[:-1], -1), ids, confidence
+
+    def _short_head(self, size: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(ids, the folded short head, whether it is stored (C, N) rather than (N, C)), cached."""
+        model = self.model
         if model.token_counts is not self._ranked_by:  # new counts choose other tokens
             self._short_heads.clear()
             self._ranked_by = model.token_counts
@@ -390,9 +417,7 @@ class FastDecoder:
                 head = model.folded_head(ids)  # (C, N), a view of the (N, C) rows
                 return ids, (head.contiguous() if transposed else head.t().contiguous()), transposed
 
-        ids, head, transposed = self._short_heads.get(size, self._head_weights, build) or build()
-        x = normalize(hidden, model.norm.eps)
-        return (x @ head if transposed else kernels.linear(x, head)), ids
+        return self._short_heads.get(size, self._head_weights, build) or build()
 
     def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model

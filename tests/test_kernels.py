@@ -345,3 +345,59 @@ def test_f32_block_leaves_everything_else_to_torch(case, monkeypatch):
         monkeypatch.setattr(kernels, "ENABLED", False)
     with torch.enable_grad():
         assert not kernels.runs_f32_block(block.native, x, cache)
+
+
+# ----------------------------------------------------------------------------- float32 exit checks
+
+
+@needs_kernel
+@pytest.mark.parametrize("measure", ["softmax", "margin"])
+@pytest.mark.parametrize("size", [None, 40])
+def test_exit_check_equals_the_exit_head_and_its_confidence(measure, size):
+    from layerskip.decoding.measures import logit_confidence
+
+    model = tiny_model()
+    model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))
+    h = torch.randn(1, 1, model.config.d_model, generator=torch.Generator().manual_seed(6)) * 3
+    with decoding():
+        fast = FastDecoder.of(model)
+        fused = fast.exit_check(h, size, measure)
+        logits, ids = (fast.unembed(h), None) if size is None else fast.unembed_short(h, size)
+    assert fused is not None
+    torch.testing.assert_close(fused[0], logits, rtol=0, atol=1e-5 * logits.abs().max())
+    assert (fused[1] is None) == (ids is None) and (ids is None or torch.equal(fused[1], ids))
+    assert fused[2] == pytest.approx(logit_confidence(logits, measure).item(), abs=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("exit_vocab", [None, 64])
+def test_dee_exits_alike_with_the_kernel_check_and_torchs(exit_vocab, monkeypatch):
+    model = tiny_model(num_kv_heads=2)
+    prompt = torch.randint(0, model.config.vocab_size, (6,), generator=torch.Generator().manual_seed(7)).tolist()
+    exited = set()
+    for threshold in (0.05, 0.1, 0.2, 0.3):
+        dee = DynamicEarlyExit(threshold, exit_vocab=exit_vocab)
+        monkeypatch.setattr(kernels, "ENABLED", True)
+        ours = dee.generate(model, prompt, 24)
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        torchs = dee.generate(model, prompt, 24)
+        assert ours.tokens == torchs.tokens and ours.stats["exit_layers"] == torchs.stats["exit_layers"]
+        exited |= set(ours.stats["exit_layers"])
+    assert len(exited) > 2  # tokens left at several layers, not all at the last
+
+
+@pytest.mark.parametrize("case", ["two_rows", "bf16", "saturation", "gradient", "switched_off"])
+def test_exit_check_leaves_everything_else_to_torch(case, monkeypatch):
+    h, measure = torch.randn(1, 1, 32), "softmax"
+    if case == "two_rows":
+        h = torch.randn(1, 2, 32)
+    elif case == "bf16":
+        h = h.to(torch.bfloat16)
+    elif case == "saturation":
+        measure = "saturation"
+    elif case == "gradient":
+        h.requires_grad_(True)
+    else:
+        monkeypatch.setattr(kernels, "ENABLED", False)
+    with torch.enable_grad():
+        assert not kernels.checks_exit(h, measure)

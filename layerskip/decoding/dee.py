@@ -164,9 +164,8 @@ class DynamicEarlyExit:
                 counts["short"] += 1
                 checked = short if self.exit_vocab == self.classifier.vocab else None  # the exit head's own logits
             else:
-                checked = self.exit_head(fast, h, counts)
-                conf = logit_confidence(checked[0], self.measure)
-            if conf.item() >= threshold:
+                checked, conf = self.checked_exit(fast, h, counts)
+            if float(conf) >= threshold:
                 exit_layer = layer
                 break
         if exit_layer == num_layers:
@@ -179,6 +178,18 @@ class DynamicEarlyExit:
         kv = propagate(model, h, exit_layer, pos, cache) if exit_layer < num_layers else 0
         return StepResult(logits=logits, exit_layer=exit_layer, head_evals=counts["full"], kv_projections=kv,
                           short_head_evals=counts["short"])
+
+    def checked_exit(self, fast: FastDecoder, h: torch.Tensor,
+                     counts: dict[str, int]) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float]:
+        """((logits, ids), confidence) of an exit at hidden state h: in one kernel call where it runs
+        (fast.exit_check), else the exit head then ``logit_confidence``."""
+        fused = fast.exit_check(h, self.exit_vocab, self.measure)
+        if fused is None:
+            checked = self.exit_head(fast, h, counts)
+            return checked, logit_confidence(checked[0], self.measure).item()
+        logits, ids, confidence = fused
+        counts["full" if self.exit_vocab is None else "short"] += 1
+        return (logits, ids), confidence
 
     def exit_head(self, decoder: FastDecoder | Transformer, h: torch.Tensor,
                   counts: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -104,6 +104,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.f32_block.argtypes = [ctypes.POINTER(F32Block), ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.f32_block_scratch.argtypes = [ctypes.POINTER(F32Block), i64, i64]
     lib.f32_block_scratch.restype = i64
+    lib.f32_exit_confidence.argtypes = [ptr, i64, ctypes.c_float, ptr, i64, ptr, ctypes.c_int, ptr]
+    lib.f32_exit_confidence.restype = ctypes.c_float
     lib.bf16_linear.restype = lib.bf16_attention.restype = lib.f32_block.restype = None
     return lib
 
@@ -242,3 +244,30 @@ def f32_block(layout: F32Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     lib.f32_block(layout, rows.data_ptr(), t, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
                   keys.shape[2], pos, scratch.data_ptr(), torch.get_num_threads())
     return rows.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- float32 exit checks
+
+EXIT_MEASURES = ("softmax", "margin")
+
+
+def checks_exit(hidden: torch.Tensor, measure: str) -> bool:
+    """Whether ``exit_confidence`` runs for one float32 row (..., C) on CPU with this measure."""
+    return (ENABLED and measure in EXIT_MEASURES and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
+            and hidden.numel() == hidden.shape[-1] and not (torch.is_grad_enabled() and hidden.requires_grad)
+            and available())
+
+
+def exit_confidence(hidden: torch.Tensor, head: torch.Tensor, eps: float, measure: str) -> tuple[torch.Tensor, float]:
+    """(logits (N,), confidence) of one row: normalize(hidden) @ head (C, N, the final norm folded in), then the
+    softmax's largest probability (softmax) or largest minus second largest (margin). Only where ``checks_exit``
+    and head is float32, (C, N), contiguous, on CPU."""
+    lib = _library()[0]
+    channels, n = head.shape
+    row = hidden.reshape(channels)
+    if not row.is_contiguous():
+        row = row.contiguous()
+    logits, normalized = torch.empty(n, dtype=torch.float32), torch.empty(channels, dtype=torch.float32)
+    confidence = lib.f32_exit_confidence(row.data_ptr(), channels, eps, head.data_ptr(), n, logits.data_ptr(),
+                                         int(measure == "margin"), normalized.data_ptr())
+    return logits, confidence
