@@ -112,6 +112,21 @@ static inline __m512 exp_ps(__m512 x) {
   return _mm512_maskz_mul_ps((__mmask16)~tiny, p, _mm512_castsi512_ps(scale));
 }
 
+/* The first min(left, 16) lanes */
+static inline __mmask16 lanes16(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+
+/* sum of e^(x[j] - top) over j < n, in 16-lane float32 vectors; written back over x unless keep */
+static float exp_sum(float *x, int64_t n, float top, int keep) {
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes16(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), _mm512_set1_ps(top))));
+    if (!keep) _mm512_mask_storeu_ps(x + j, m, e);
+    total = _mm512_add_ps(total, e);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
 /* One query row (D values) over keys/values 0..n-1 (rows ks / vs apart): softmax(scale q.k) . v,
    all in float32, rounded to bfloat16 into out; scores: room for n floats. */
 static void attend_row(const uint16_t *q, const uint16_t *k, int64_t ks, const uint16_t *v, int64_t vs, int64_t n,
@@ -127,23 +142,14 @@ static void attend_row(const uint16_t *q, const uint16_t *k, int64_t ks, const u
     scores[j] = scale * _mm512_reduce_add_ps(dot);
     top = scores[j] > top ? scores[j] : top;
   }
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const int left = n - j >= 16 ? 16 : (int)(n - j);
-    const __mmask16 m = (__mmask16)((1u << left) - 1);
-    __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), _mm512_set1_ps(top)));
-    e = _mm512_maskz_mov_ps(m, e);
-    _mm512_mask_storeu_ps(scores + j, m, e);
-    total = _mm512_add_ps(total, e);
-  }
-  const float norm = 1.0f / _mm512_reduce_add_ps(total);
+  const float norm = 1.0f / exp_sum(scores, n, top, 0);
   for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
   for (int64_t j = 0; j < n; ++j) {
     const __m512 p = _mm512_set1_ps(scores[j]);
     for (int64_t d = 0; d < D; d += 16) {
       const int left = D - d >= 16 ? 16 : (int)(D - d);
-      const __mmask16 m = (__mmask16)((1u << left) - 1);
-      _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(p, load16(v + j * vs + d, left), _mm512_maskz_loadu_ps(m, acc + d)));
+      _mm512_mask_storeu_ps(acc + d, lanes16(left),
+                            _mm512_fmadd_ps(p, load16(v + j * vs + d, left), _mm512_maskz_loadu_ps(lanes16(left), acc + d)));
     }
   }
   for (int64_t d = 0; d < D; ++d) out[d] = to_bf16(acc[d] * norm);
@@ -212,7 +218,7 @@ static void f32_product(const float *x, const float *W, int64_t K, int64_t N, fl
     _mm512_storeu_ps(y + n + 48, a3);
   }
   for (int64_t n = tiles * 64; n < N; n += 16) {
-    const __mmask16 m = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+    const __mmask16 m = lanes16(N - n);
     __m512 a = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) a = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), _mm512_maskz_loadu_ps(m, W + k * N + n), a);
     if (add) a = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + n), a);
@@ -224,7 +230,7 @@ static void f32_product(const float *x, const float *W, int64_t K, int64_t N, fl
 static void f32_normalize(const float *x, int64_t C, float eps, float *out) {
   __m512 sq = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 m = C - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (C - c)) - 1);
+    const __mmask16 m = lanes16(C - c);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + c);
     sq = _mm512_fmadd_ps(v, v, sq);
   }
@@ -239,25 +245,18 @@ static void f32_attend_row(const float *q, const float *k, const float *v, int64
   for (int64_t j = 0; j < n; ++j) {
     __m512 dot = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
-      const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+      const __mmask16 m = lanes16(D - d);
       dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, k + j * D + d), dot);
     }
     scores[j] = _mm512_reduce_add_ps(dot);
     top = scores[j] > top ? scores[j] : top;
   }
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), _mm512_set1_ps(top))));
-    _mm512_mask_storeu_ps(scores + j, m, e);
-    total = _mm512_add_ps(total, e);
-  }
-  const float norm = 1.0f / _mm512_reduce_add_ps(total);
+  const float norm = 1.0f / exp_sum(scores, n, top, 0);
   for (int64_t d = 0; d < D; ++d) y[d] = 0.0f;
   for (int64_t j = 0; j < n; ++j) {
     const __m512 p = _mm512_set1_ps(scores[j]);
     for (int64_t d = 0; d < D; d += 16) {
-      const __mmask16 m = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1);
+      const __mmask16 m = lanes16(D - d);
       _mm512_mask_storeu_ps(y + d, m, _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, v + j * D + d), _mm512_maskz_loadu_ps(m, y + d)));
     }
   }
@@ -301,7 +300,7 @@ void f32_block(const F32Block *b, float *x, int64_t T, const float *cos, const f
     f32_normalize(row, C, b->eps, h);
     f32_product(h, b->gate_up, C, 2 * F, gu, 0, threads);
     for (int64_t f = 0; f < F; f += 16) { /* SiLU(gate) * up, into gate's place */
-      const __mmask16 m = F - f >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (F - f)) - 1);
+      const __mmask16 m = lanes16(F - f);
       const __m512 g = _mm512_maskz_loadu_ps(m, gu + f);
       const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
       _mm512_mask_storeu_ps(gu + f, m, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_maskz_loadu_ps(m, gu + F + f)));
@@ -328,12 +327,6 @@ float f32_exit_confidence(const float *x, int64_t C, float eps, const float *hea
       second = logits[n];
     }
   }
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t n = 0; n < N; n += 16) {
-    const __mmask16 m = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
-    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, logits + n),
-                                                                             _mm512_set1_ps(top)))));
-  }
-  const float sum = _mm512_reduce_add_ps(total); /* the largest term is e^0 = 1 */
+  const float sum = exp_sum(logits, N, top, 1); /* the logits stay: an exit returns them */
   return margin ? (1.0f - expf(second - top)) / sum : 1.0f / sum;
 }
