@@ -24,13 +24,13 @@ from layerskip import kernels
 from layerskip.bench.models import random_model
 from layerskip.config import ModelConfig
 from layerskip.console import log
-from layerskip.decoding import Autoregressive
 from layerskip.device import decoding_threads
 from layerskip.dtypes import cpu_bf16_min_parameters
 from layerskip.errors import run_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import CONTEXT, SIZES  # noqa: E402 (benchmarks/ is the script's directory)
+from decode_threads import decode_ms  # noqa: E402 (benchmarks/ is the script's directory)
+from scale import CONTEXT, SIZES  # noqa: E402
 
 SMALL = dict(dropout=0.0, max_seq_len=CONTEXT)
 # between the seed's 2.6M and scale.py's next shape (14.7M), where the crossover lies with the kernels
@@ -50,12 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def decode_ms(model, n: int) -> float:
-    prompt = list(range(5, 21))
-    first = Autoregressive().generate(model, prompt, 1).seconds
-    return 1e3 * (Autoregressive().generate(model, prompt, n).seconds - first) / (n - 1)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     kernels.ENABLED = not args.no_kernels
@@ -65,13 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         models = {dtype: random_model(0, SHAPES[name], dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
         params = models[torch.float32].num_parameters()
         threads = decoding_threads(params, "cpu", load=0.0)
-        torch.set_num_threads(threads)
         for model in models.values():  # warm-up: copies, the allocator, the thread pool
-            decode_ms(model, 3)
+            decode_ms(model, threads, 3)
         samples = {dtype: [] for dtype in models}
         for _ in range(args.repeats):
             for dtype, model in models.items():
-                samples[dtype].append(decode_ms(model, args.new_tokens))
+                samples[dtype].append(decode_ms(model, threads, args.new_tokens))
         fp32, bf16 = (statistics.median(samples[dtype]) for dtype in models)
         if bf16 < fp32 and first_win is None:
             first_win = params

@@ -17,8 +17,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 from layerskip import kernels
 from layerskip.bench.models import random_model
 from layerskip.console import log
@@ -27,7 +25,8 @@ from layerskip.device import decoding_threads
 from layerskip.errors import ConfigError, run_script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import DTYPES, SIZES  # noqa: E402 (benchmarks/ is the script's directory)
+from decode_threads import decode_ms  # noqa: E402 (benchmarks/ is the script's directory)
+from scale import DTYPES, SIZES  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,11 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def decode_ms(model, n: int, enabled: bool) -> float:
+def decode_ms_with(model, threads: int, n: int, enabled: bool) -> float:
     kernels.ENABLED = enabled
-    prompt = list(range(5, 21))
-    first = Autoregressive().generate(model, prompt, 1).seconds
-    return 1e3 * (Autoregressive().generate(model, prompt, n).seconds - first) / (n - 1)
+    return decode_ms(model, threads, n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         for dtype_name in args.dtypes:
             model = random_model(0, config, dtype=DTYPES[dtype_name])
             threads = args.threads or decoding_threads(model.num_parameters(), "cpu", load=0.0)
-            torch.set_num_threads(threads)
             samples = {True: [], False: []}
             for enabled in samples:  # warm-up: copies, the allocator, the thread pool
-                decode_ms(model, 3, enabled)
+                decode_ms_with(model, threads, 3, enabled)
             for _ in range(args.repeats):
                 for enabled in samples:
-                    samples[enabled].append(decode_ms(model, args.new_tokens, enabled))
+                    samples[enabled].append(decode_ms_with(model, threads, args.new_tokens, enabled))
             on, off = (statistics.median(samples[enabled]) for enabled in (True, False))
             kernels.ENABLED = True
             prompt, e = list(range(5, 21)), max(1, config.num_layers // 4)

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from layerskip.decoding.measures import logit_confidence
+from layerskip.decoding.dee import checked_exit
 from layerskip.decoding.propagation import FusedPropagation
 from layerskip.device import synchronize
 from layerskip.errors import ConfigError
@@ -126,12 +126,8 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
         h = fast.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
         return int(fast.unembed(h)[0, -1].argmax())
 
-    def check() -> float:  # what DynamicEarlyExit.checked_exit runs: one kernel call where it can
-        fused = fast.exit_check(hidden, check_vocab, "softmax")
-        if fused is not None:
-            return fused[2]
-        logits = fast.unembed(hidden) if check_vocab is None else fast.unembed_short(hidden, check_vocab)[0]
-        return logit_confidence(logits, "softmax").item()
+    def check() -> float:  # DEE's own check
+        return checked_exit(fast, hidden, check_vocab, "softmax", {"full": 0, "short": 0})[1]
 
     pieces = {
         "ar_step": ar_step,

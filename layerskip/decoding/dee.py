@@ -181,15 +181,8 @@ class DynamicEarlyExit:
 
     def checked_exit(self, fast: FastDecoder, h: torch.Tensor,
                      counts: dict[str, int]) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float]:
-        """((logits, ids), confidence) of an exit at hidden state h: in one kernel call where it runs
-        (fast.exit_check), else the exit head then ``logit_confidence``."""
-        fused = fast.exit_check(h, self.exit_vocab, self.measure)
-        if fused is None:
-            checked = self.exit_head(fast, h, counts)
-            return checked, logit_confidence(checked[0], self.measure).item()
-        logits, ids, confidence = fused
-        counts["full" if self.exit_vocab is None else "short"] += 1
-        return (logits, ids), confidence
+        """((logits, ids), confidence) of an exit at hidden state h (module function ``checked_exit``)."""
+        return checked_exit(fast, h, self.exit_vocab, self.measure, counts)
 
     def exit_head(self, decoder: FastDecoder | Transformer, h: torch.Tensor,
                   counts: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -273,6 +266,19 @@ def exit_head(decoder: FastDecoder | Transformer, h: torch.Tensor, exit_vocab: i
         return decoder.unembed(h), None
     counts["short"] += 1
     return decoder.unembed_short(h, exit_vocab)
+
+
+def checked_exit(fast: FastDecoder, h: torch.Tensor, exit_vocab: int | None, measure: str,
+                 counts: dict[str, int]) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float]:
+    """((logits, ids), confidence) of an exit at hidden state h, as ``exit_head`` then ``logit_confidence``;
+    in one kernel call where it runs (fast.exit_check). DEE's check, and what costs.py times as one."""
+    fused = fast.exit_check(h, exit_vocab, measure)
+    if fused is None:
+        checked = exit_head(fast, h, exit_vocab, counts)
+        return checked, logit_confidence(checked[0], measure).item()
+    logits, ids, confidence = fused
+    counts["full" if exit_vocab is None else "short"] += 1
+    return (logits, ids), confidence
 
 
 def check_policy(min_exit_layer: int, check_every: int, exit_vocab: int | None, num_layers: int | None = None) -> None:
