@@ -56,6 +56,13 @@ class KVCache:
         self.lengths[layer] = self._check_write(range(layer, layer + 1), pos, t)
         return self._layers[layer]
 
+    def reserve_layers(self, layers: range, pos: int, t: int) -> None:
+        """Count positions [pos, pos+t) of these layers as written, by a kernel that writes them itself
+        (layerskip.kernels.f32_decode); refuses, before anything is written, what ``write`` refuses."""
+        end = self._check_write(layers, pos, t)
+        for layer in layers:
+            self.lengths[layer] = end
+
     def write_layers(self, start: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (L - start, B, H_kv, T, D) for layers [start, L) at positions [pos, pos+T) in one copy each."""
         end = self._check_write(range(start, self.num_layers), pos, k.shape[3])

@@ -290,6 +290,15 @@ def layout_of(model: Transformer) -> str:
     return FOLDED
 
 
+@dataclass(frozen=True)
+class NativeExits:
+    """A DEE policy as ``kernels.f32_decode`` reads it (``FastDecoder.exit_policy``)."""
+
+    struct: kernels.F32Exits
+    logits: torch.Tensor  # (N,): where each early exit's logits are written
+    ids: torch.Tensor | None  # the check head's token ids (None: the full vocabulary)
+
+
 class FastDecoder:
     """A model's blocks and heads for decoding: its results up to rounding, no dropout, no gradients.
 
@@ -354,11 +363,99 @@ class FastDecoder:
         pos: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``Transformer.run_blocks`` through FastBlocks (or InPlaceBlocks)."""
+        """``Transformer.run_blocks`` through FastBlocks (or InPlaceBlocks); in one ``kernels.f32_decode`` call
+        where it runs."""
         cos, sin = rope if rope is not None else self.model.rotary(pos, h.shape[1])
+        native = self.native() if cache is not None else None
+        if kernels.runs_decode(native, cache, h.shape[1], h):
+            cache.reserve_layers(range(start, end), pos, h.shape[1])
+            x = h.reshape(h.shape[1], h.shape[2]).clone(memory_format=torch.contiguous_format)  # written in place
+            kernels.f32_decode(native, start, end, None, x, cache, pos)
+            return x.view(h.shape)
         for layer in range(start, end):
             h = self.block(layer)(h, cos, sin, cache, layer, pos)
         return h
+
+    def native(self) -> kernels.NativeModel | None:
+        """The whole model for ``kernels.f32_decode`` (float32 folded blocks on a CPU with the kernels), or None."""
+        def sources() -> tuple[torch.Tensor, ...]:
+            model = self.model
+            return (*(w for layer in model.layers for w in block_weights(layer)), model.embed_tokens.weight,
+                    model.rope_cos, model.rope_sin)
+
+        def build() -> kernels.NativeModel | None:
+            model = self.model
+            if self.layout != FOLDED or not kernels.available():
+                return None
+            blocks = [self.block(layer) for layer in range(model.num_layers)]
+            return kernels.native_model([b.native for b in blocks], model.embed_tokens.weight.detach(),
+                                        model.rope_cos, model.rope_sin, model.norm.eps, keep=tuple(blocks))
+
+        return self.copies.get("native", sources, build) if kernels.ENABLED else None
+
+    def step(self, tokens: torch.Tensor, pos: int, cache: KVCache, end: int | None = None,
+             vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One token (1, 1) at position pos through blocks [0, end) (default: all) and the head (the short head of
+        `vocab` tokens, if given) -> (hidden (1, 1, C), logits (N,), the short head's ids or None).
+
+        One ``kernels.f32_decode`` call where it runs: the embedding, every block and the head.
+        """
+        model = self.model
+        end = model.num_layers if end is None else end
+        native = self.native()
+        head, ids = self.head_for(vocab)
+        if head is None or not kernels.runs_decode(native, cache, 1):
+            h = self.run_blocks(model.embed_tokens(tokens), 0, end, cache=cache, pos=pos)
+            if vocab is None:
+                return h, self.unembed(h).view(-1), None
+            logits, ids = self.unembed_short(h, vocab)
+            return h, logits.view(-1), ids
+        model.rotary(pos, 1)  # refuses a position beyond the context, as the torch path does
+        cache.reserve_layers(range(end), pos, 1)
+        x, logits = torch.empty(1, native.channels), torch.empty(head.shape[1])
+        kernels.f32_decode(native, 0, end, tokens, x, cache, pos, head=head, logits=logits)
+        return x.view(1, 1, -1), logits, ids
+
+    def exit_policy(self, thresholds: list[float], vocab: int | None, measure: str) -> NativeExits | None:
+        """DEE's policy for ``exit_step`` (thresholds of layers 1..L-1, math.inf where unchecked; checks
+        through the short head of `vocab` tokens, or the full head), or None where the kernel cannot run it."""
+        native = self.native()
+        head, ids = self.head_for(vocab)
+        if native is None or head is None or measure not in kernels.EXIT_MEASURES:
+            return None
+        struct, logits = kernels.exit_policy(thresholds, head, measure)
+        return NativeExits(struct, logits, ids)
+
+    def exit_step(self, tokens: torch.Tensor, pos: int, cache: KVCache,
+                  policy: NativeExits) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """DEE's step for one token (1, 1) in one kernel call -> (exit layer, hidden (1, 1, C), exit logits (N,),
+        their ids (None: the full vocabulary)); the skipped layers' keys and values propagated (CALM). None
+        where the kernel cannot run (the caller runs the blocks one at a time)."""
+        native = self.native()
+        head, _ = self.head_for(None)
+        if not kernels.runs_decode(native, cache, 1):
+            return None
+        layers = native.num_layers
+        self.model.rotary(pos, 1)  # refuses a position beyond the context, as the torch path does
+        cache.reserve_layers(range(layers), pos, 1)  # every layer: by its block or by propagation
+        x, logits = torch.empty(1, native.channels), torch.empty(head.shape[1])
+        ran = kernels.f32_decode(native, 0, layers, tokens, x, cache, pos, exits=policy.struct, head=head,
+                                 logits=logits)
+        if ran == layers:
+            return ran, x.view(1, 1, -1), logits, None
+        return ran, x.view(1, 1, -1), policy.logits.clone(), policy.ids
+
+    def head_for(self, vocab: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the folded (C, N) head of the full vocabulary (vocab None) or of the `vocab` most frequent tokens,
+        their ids (None: all)); the head is None where there is no such copy (in place, or untracked)."""
+        model = self.model
+        if vocab is None or vocab >= model.config.vocab_size:
+            head = self.copies.get("head", self._head_weights, self._build_head)
+            ids = None if vocab is None else torch.arange(model.config.vocab_size)
+        else:
+            ids, head, transposed = self._short_head(vocab)
+            head = head if transposed else None
+        return (head if isinstance(head, torch.Tensor) else None), ids
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """``Transformer.unembed``; with the folded layout a few rows on CPU go through the head's transposed copy.
@@ -387,19 +484,12 @@ class FastDecoder:
         """An early exit's logits through the full head (size None) or the short head, their ids (None: all),
         and their softmax confidence (``measure`` softmax or margin), in one kernel call; None where
         ``kernels.exit_confidence`` cannot run (the caller then unembeds and measures with torch)."""
-        model = self.model
         if not kernels.checks_exit(hidden, measure):
             return None
-        if size is None or size >= model.config.vocab_size:
-            head, ids = self.copies.get("head", self._head_weights, self._build_head), None
-            if size is not None:
-                ids = torch.arange(model.config.vocab_size, device=hidden.device)
-        else:
-            ids, head, transposed = self._short_head(size)
-            head = head if transposed else None
-        if not isinstance(head, torch.Tensor):  # in place, or untracked: no (C, N) copy to read
+        head, ids = self.head_for(size)
+        if head is None:  # in place, or untracked: no (C, N) copy to read
             return None
-        logits, confidence = kernels.exit_confidence(hidden, head, model.norm.eps, measure)
+        logits, confidence = kernels.exit_confidence(hidden, head, self.model.norm.eps, measure)
         return logits.view(*hidden.shape[:-1], -1), ids, confidence
 
     def _short_head(self, size: int) -> tuple[torch.Tensor, torch.Tensor, bool]:

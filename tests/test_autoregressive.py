@@ -73,6 +73,9 @@ def test_prompt_policy():
         Autoregressive().generate(model, prompt(64), 5)
     with pytest.raises(ConfigError):
         Autoregressive().generate(model, prompt(4), 0)
+    for bad in (97, -1):  # the vocabulary holds ids 0..96: one outside it names itself
+        with pytest.raises(PromptError, match=f"token id {bad} is outside the model's vocabulary of 97"):
+            Autoregressive().generate(model, [3, bad, 4], 5)
     result = Autoregressive().generate(model, prompt(60), 10)  # room for 4 only
     assert len(result.tokens) == 4 and result.stop_reason == "context"
     assert result.tokens == uncached_decode(model, prompt(60), 4)

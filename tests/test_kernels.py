@@ -401,3 +401,135 @@ def test_exit_check_leaves_everything_else_to_torch(case, monkeypatch):
         monkeypatch.setattr(kernels, "ENABLED", False)
     with torch.enable_grad():
         assert not kernels.checks_exit(h, measure)
+
+
+# ----------------------------------------------------------------------------- whole float32 steps
+
+
+def block_by_block(model, prompt: torch.Tensor, token: torch.Tensor, end: int):
+    """(hidden, cache) of `token` after blocks [0, end), one f32_block call per block, after the prompt."""
+    with decoding():
+        fast, cache = FastDecoder.of(model), model.new_cache()
+        rope = model.rotary(0, prompt.shape[1])
+        h = model.embed(prompt)
+        for layer in range(model.num_layers):
+            h = fast.block(layer)(h, *rope, cache, layer, 0)
+        pos = prompt.shape[1]
+        h, rope = model.embed(token), model.rotary(pos, 1)
+        for layer in range(end):
+            h = fast.block(layer)(h, *rope, cache, layer, pos)
+    return h, cache
+
+
+def prefilled(model, prompt: torch.Tensor):
+    with decoding():
+        cache = model.new_cache()
+        FastDecoder.of(model).run_blocks(model.embed(prompt), 0, model.num_layers, cache=cache, pos=0)
+    return cache
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", ["mha", "gqa", "odd"])
+@pytest.mark.parametrize("vocab", [None, 40])
+def test_a_step_in_one_call_gives_the_bits_of_the_blocks_one_call_each(shape, vocab):
+    model = tiny_model(**F32_SHAPES[shape])
+    model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))
+    g = torch.Generator().manual_seed(8)
+    prompt, token = torch.randint(0, 97, (1, 9), generator=g), torch.randint(0, 97, (1, 1), generator=g)
+    for end in (2, model.num_layers):
+        expected, expected_cache = block_by_block(model, prompt, token, end)
+        cache = prefilled(model, prompt)
+        with decoding():
+            fast = FastDecoder.of(model)
+            hidden, logits, ids = fast.step(token, 9, cache, end=end, vocab=vocab)
+            head = fast.unembed(expected)[0, -1] if vocab is None else fast.unembed_short(expected, vocab)[0][0, -1]
+        assert torch.equal(hidden, expected)  # the same kernel per block: the same bits
+        assert torch.equal(cache.k, expected_cache.k) and torch.equal(cache.v, expected_cache.v)
+        assert cache.lengths == [10] * end + [9] * (model.num_layers - end)
+        torch.testing.assert_close(logits, head, rtol=0, atol=1e-5 * head.abs().max())  # the head: MKL's sums
+        assert (ids is None) == (vocab is None)
+
+
+def native_and_stepwise(model, prompt, token, threshold, exit_vocab):
+    """DEE's one-call step and its layer-by-layer step on the same prefilled caches."""
+    dee = DynamicEarlyExit(threshold, exit_vocab=exit_vocab)
+    results = []
+    for native in (True, False):
+        cache = prefilled(model, prompt)
+        with decoding():
+            fast = FastDecoder.of(model)
+            checks = dee.check_model(model)
+            if native:
+                policy = dee.native_policy(fast, checks)
+                assert policy is not None
+                step = dee.native_step(fast, token, prompt.shape[1], cache, checks, policy)
+            else:
+                step = dee.step(fast, token, prompt.shape[1], cache, checks)
+        results.append((step, cache))
+    return results
+
+
+@needs_kernel
+@pytest.mark.parametrize("exit_vocab", [None, 40])
+def test_dee_in_one_call_exits_where_the_layer_by_layer_step_does(exit_vocab):
+    model = tiny_model(num_kv_heads=2)
+    model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randint(0, 97, (1, 7), generator=g)
+    exits = set()
+    for token in torch.randint(0, 97, (12, 1, 1), generator=g):
+        for threshold in (0.0, 0.05, 0.08, 0.12, 0.15, 0.25, 2.0):
+            (ours, cache), (reference, expected_cache) = native_and_stepwise(model, prompt, token, threshold,
+                                                                            exit_vocab)
+            exits.add(ours.exit_layer)
+            assert ours.exit_layer == reference.exit_layer
+            assert (ours.head_evals, ours.short_head_evals, ours.kv_projections) == (
+                reference.head_evals, reference.short_head_evals, reference.kv_projections)
+            scale = reference.logits[reference.logits.isfinite()].abs().max()
+            torch.testing.assert_close(ours.logits, reference.logits, rtol=0, atol=1e-5 * scale)
+            assert cache.lengths == expected_cache.lengths == [8] * model.num_layers
+            # propagated keys and values: the same columns summed in another order than torch's stacked product
+            torch.testing.assert_close(cache.k, expected_cache.k, rtol=0, atol=1e-5 * expected_cache.k.abs().max())
+            torch.testing.assert_close(cache.v, expected_cache.v, rtol=0, atol=1e-5 * expected_cache.v.abs().max())
+    assert exits == {1, 2, 3, 4}  # threshold 0 exits at 1, 2.0 never; the others in between
+
+
+@needs_kernel
+def test_decoding_runs_one_call_per_step_not_one_per_block(monkeypatch):
+    model = tiny_model()
+    model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))
+    prompt = torch.randint(0, model.config.vocab_size, (6,), generator=torch.Generator().manual_seed(10)).tolist()
+    expected = Autoregressive().generate(model, prompt, 12).tokens
+    dee = DynamicEarlyExit(0.1, exit_vocab=40)
+    exits = dee.generate(model, prompt, 12).stats["exit_layers"]
+    monkeypatch.setattr(kernels, "f32_block", lambda *_, **__: pytest.fail("a block ran on its own"))
+    monkeypatch.setattr(kernels, "exit_confidence", lambda *_, **__: pytest.fail("a check ran on its own"))
+    assert Autoregressive().generate(model, prompt[-1:], 12).tokens  # no prefill: the steps alone
+    assert Autoregressive().generate(model, prompt, 12).tokens == expected
+    assert SelfSpeculative(2, 3, draft_vocab=40).generate(model, prompt, 12).tokens == expected
+    assert dee.generate(model, prompt, 12).stats["exit_layers"] == exits
+    assert len(set(exits)) > 1
+
+
+def test_exit_thresholds_round_up_to_the_next_float32():
+    """A float32 confidence c passes t exactly when it passes the kernel's float32 threshold."""
+    head = torch.zeros(4, 8)
+    thresholds = [0.1, 0.5, 1 / 3, float("inf"), 0.0]
+    policy, _ = kernels.exit_policy(thresholds, head, "softmax")
+    values = policy._keep[0]
+    for t, v in zip(thresholds, values.tolist()):
+        assert v >= t
+        below = torch.nextafter(torch.tensor(v), torch.tensor(-float("inf"))).item()
+        assert below < t or t == float("inf")
+    assert values[1].item() == 0.5 and values[4].item() == 0.0  # exact ones stay
+
+
+def test_a_step_beyond_the_context_is_refused_before_anything_runs():
+    from layerskip.errors import PromptError
+
+    model = tiny_model()  # context 64
+    cache = model.new_cache(max_len=80)
+    cache.lengths = [64] * model.num_layers
+    with decoding(), pytest.raises(PromptError, match="beyond the model's context"):
+        FastDecoder.of(model).step(torch.tensor([[1]]), 64, cache)
+    assert cache.lengths == [64] * model.num_layers

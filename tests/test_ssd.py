@@ -230,7 +230,7 @@ class ScriptedModel:
         self.full_next, self.draft_next, self.draft_layer = full_next, draft_next, draft_layer
         self.draft_scale = draft_scale or {}
         self.num_layers, self.vocab, self.training = num_layers, vocab, False
-        self.config = SimpleNamespace(max_seq_len=64, num_layers=num_layers)
+        self.config = SimpleNamespace(max_seq_len=64, num_layers=num_layers, vocab_size=vocab)
         self.embed_tokens = StubEmbedding()
         self.model = self  # as a FastDecoder: the model it runs
         self.calls: list[tuple[int, int, int, int]] = []  # (start, end, pos, T)
@@ -254,6 +254,12 @@ class ScriptedModel:
         h[..., 1] = torch.arange(pos, pos + t)
         h[..., 2] = end
         return h
+
+    def step(self, tokens, pos, cache, end=None, vocab=None):  # FastDecoder.step's contract, full head only
+        assert vocab is None
+        h = self.run_blocks(self.embed_tokens(tokens), 0, self.num_layers if end is None else end, cache=cache,
+                            pos=pos)
+        return h, self.unembed(h).view(-1), None
 
     def unembed(self, h):  # (1, T, 3) -> (1, T, V)
         logits = torch.zeros(*h.shape[:-1], self.vocab)

@@ -41,15 +41,15 @@ class Autoregressive:
     ) -> GenerationResult:
         run = Decoding.begin(model, prompt_ids, max_new_tokens, stop_ids, on_tokens)
         fast = FastDecoder.of(model)
-        num_layers, pos = model.num_layers, len(prompt_ids) - 1  # the newest token's position
+        pos = len(prompt_ids) - 1  # the newest token's position
         buf = token_buffer(model, prompt_ids, run.budget)
         cache = model.new_cache(max_len=len(prompt_ids) + run.budget)
         if pos:
             prefill(fast, buf[:, :pos], cache)
-        embed, run_blocks, unembed = model.embed_tokens, fast.run_blocks, fast.unembed
+        step = fast.step
         while True:
-            h = run_blocks(embed(buf[:, pos : pos + 1]), 0, num_layers, cache=cache, pos=pos)  # (1, 1, C)
-            token = pick(unembed(h)[0, -1], sampling, generator)
+            _, logits, _ = step(buf[:, pos : pos + 1], pos, cache)  # blocks [0, L) and the head: (V,)
+            token = pick(logits, sampling, generator)
             run.commit((token,))
             if run.stop_reason is not None:
                 break

@@ -97,8 +97,10 @@ def stop_set(stop_ids: Collection[int]) -> frozenset[int]:
     return frozenset(int(t) for t in stop_ids)
 
 
-def check_prompt(prompt_ids: Sequence[int], max_new_tokens: int, max_seq_len: int) -> int:
-    """Validate a prompt; return how many new tokens fit in the context (>= 1)."""
+def check_prompt(prompt_ids: Sequence[int], max_new_tokens: int, max_seq_len: int,
+                 vocab_size: int | None = None) -> int:
+    """Validate a prompt (and its ids, given the vocabulary's size); return how many new tokens fit in the
+    context (>= 1)."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_length (new tokens) must be >= 1, got {max_new_tokens}")
     if len(prompt_ids) == 0:
@@ -108,6 +110,11 @@ def check_prompt(prompt_ids: Sequence[int], max_new_tokens: int, max_seq_len: in
             f"the prompt is {len(prompt_ids)} tokens but the model's context is {max_seq_len}, "
             "leaving no room to generate; shorten the prompt"
         )
+    if vocab_size is not None:
+        outside = [int(t) for t in prompt_ids if not 0 <= int(t) < vocab_size]
+        if outside:
+            raise PromptError(f"prompt token id {outside[0]} is outside the model's vocabulary of {vocab_size} "
+                              "ids; encode the prompt with the model's own tokenizer")
     return min(max_new_tokens, max_seq_len - len(prompt_ids))
 
 
@@ -181,7 +188,7 @@ class Decoding:
     ) -> Decoding:
         if model.training:
             raise ValueError("generation needs the model in eval mode (dropout off); call model.eval() first")
-        budget = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len)
+        budget = check_prompt(prompt_ids, max_new_tokens, model.config.max_seq_len, model.config.vocab_size)
         device = model.embed_tokens.weight.device
         return cls(len(prompt_ids), max_new_tokens, budget, stop_set(stop_ids), on_tokens, device)
 

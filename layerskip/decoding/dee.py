@@ -59,7 +59,7 @@ from layerskip.decoding.base import (
 from layerskip.decoding.measures import ExitClassifier, logit_confidence, saturation_confidence
 from layerskip.decoding.propagation import FusedPropagation, propagate_kv
 from layerskip.errors import ConfigError
-from layerskip.fastpath import FastDecoder, decoding
+from layerskip.fastpath import FastDecoder, NativeExits, decoding
 from layerskip.model import Transformer
 
 NEEDS_CLASSIFIER = ("the classifier measure reads exit-classifier weights that only a calibration fits: run "
@@ -179,6 +179,31 @@ class DynamicEarlyExit:
         return StepResult(logits=logits, exit_layer=exit_layer, head_evals=counts["full"], kv_projections=kv,
                           short_head_evals=counts["short"])
 
+    def native_policy(self, fast: FastDecoder, checks: dict[int, float]) -> NativeExits | None:
+        """This policy for ``native_step``, or None where the kernel cannot run it (another measure, dtype, layout)."""
+        if self.classifier is not None:
+            return None
+        layers = fast.model.num_layers
+        thresholds = [checks.get(layer, math.inf) for layer in range(1, layers)]
+        return fast.exit_policy(thresholds, self.exit_vocab, self.measure)
+
+    def native_step(self, fast: FastDecoder, token: torch.Tensor, pos: int, cache: KVCache, checks: dict[int, float],
+                    policy: NativeExits) -> StepResult | None:
+        """``step`` in one kernel call (``FastDecoder.exit_step``): the same policy, the same blocks and
+        checks, the propagated keys and values up to float rounding; None where the kernel cannot run."""
+        done = fast.exit_step(token, pos, cache, policy)
+        if done is None:
+            return None
+        exit_layer, _, logits, ids = done
+        num_layers = fast.model.num_layers
+        checks_run = sum(1 for layer in checks if layer <= exit_layer)
+        full = int(exit_layer == num_layers) + (checks_run if self.exit_vocab is None else 0)
+        if ids is not None:  # the short head's columns -> the whole vocabulary, -inf elsewhere
+            logits = logits.new_full((fast.model.config.vocab_size,), -math.inf).index_copy_(0, ids, logits)
+        return StepResult(logits=logits, exit_layer=exit_layer, head_evals=full,
+                          kv_projections=num_layers - exit_layer,
+                          short_head_evals=0 if self.exit_vocab is None else checks_run)
+
     def checked_exit(self, fast: FastDecoder, h: torch.Tensor,
                      counts: dict[str, int]) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float]:
         """((logits, ids), confidence) of an exit at hidden state h (module function ``checked_exit``)."""
@@ -218,9 +243,12 @@ class DynamicEarlyExit:
         pos = len(prompt_ids) - 1  # the newest token's: it goes through the exit loop like every new one
         if pos:
             prefill(fast, buf[:, :pos], cache)  # exact K/V for the rest of the prompt
+        native = self.native_policy(fast, checks)
         steps: list[StepResult] = []
         while run.stop_reason is None:
-            step = self.step(fast, buf[:, pos : pos + 1], pos, cache, checks, propagate)
+            token_ids = buf[:, pos : pos + 1]
+            step = ((native is not None and self.native_step(fast, token_ids, pos, cache, checks, native))
+                    or self.step(fast, token_ids, pos, cache, checks, propagate))
             token = pick(step.logits, sampling, generator)
             steps.append(step)
             run.commit((token,))

@@ -226,9 +226,9 @@ class SelfSpeculative:
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(max_drafts):
-            h = run_blocks(embed(buf[:, n + i : n + i + 1]), 0, e, cache=cache, pos=n + i)  # (1, 1, C)
+            # blocks [0, E) and the draft head: (1, 1, C), (V,) or the short head's (N,) and its ids
+            h, logits, ids = fast.step(buf[:, n + i : n + i + 1], n + i, cache, end=e, vocab=self.draft_vocab)
             hidden.append(h)
-            logits, ids = self.draft_logits(fast, h)
             token, q = self.propose(logits, sampling, generator)
             if token is None:  # not confident: drop it; this input's hidden state is already kept
                 return Draft(tokens, probs, torch.cat(hidden, dim=1))
@@ -247,13 +247,6 @@ class SelfSpeculative:
             return Draft(tokens, probs, torch.cat(hidden, dim=1))
         hidden.append(run_blocks(embed(buf[:, n + m : n + m + 1]), 0, e, cache=cache, pos=n + m))
         return Draft(tokens, probs, torch.cat(hidden, dim=1))
-
-    def draft_logits(self, fast: FastDecoder, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draft's logits for exit hidden h (1, 1, C): (V,) and None, or the short head's (N,) and its ids."""
-        if self.draft_vocab is None:
-            return fast.unembed(h)[0, -1], None
-        logits, ids = fast.unembed_short(h, self.draft_vocab)
-        return logits[0, -1], ids
 
     def propose(
         self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -106,6 +107,9 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.f32_block_scratch.restype = i64
     lib.f32_exit_confidence.argtypes = [ptr, i64, ctypes.c_float, ptr, i64, ptr, ctypes.c_int, ptr]
     lib.f32_exit_confidence.restype = ctypes.c_float
+    lib.f32_decode.argtypes = [ctypes.POINTER(F32Model), i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64,
+                               ctypes.POINTER(F32Exits), ptr, i64, ptr, ctypes.c_int]
+    lib.f32_decode.restype = i64
     lib.bf16_linear.restype = lib.bf16_attention.restype = lib.f32_block.restype = None
     return lib
 
@@ -116,6 +120,20 @@ class F32Block(ctypes.Structure):
     _fields_ = [("qkv_rot", ctypes.c_void_p), ("out", ctypes.c_void_p), ("gate_up", ctypes.c_void_p),
                 ("down", ctypes.c_void_p), ("C", ctypes.c_int64), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64),
                 ("D", ctypes.c_int64), ("F", ctypes.c_int64), ("eps", ctypes.c_float)]
+
+
+class F32Model(ctypes.Structure):
+    """decoding.c's F32Model: a float32 model's folded blocks, embedding, rotary tables and final norm."""
+
+    _fields_ = [("blocks", ctypes.POINTER(F32Block)), ("L", ctypes.c_int64), ("embedding", ctypes.c_void_p),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("eps", ctypes.c_float)]
+
+
+class F32Exits(ctypes.Structure):
+    """decoding.c's F32Exits: a dynamic-early-exit policy for ``f32_decode``."""
+
+    _fields_ = [("thresholds", ctypes.c_void_p), ("head", ctypes.c_void_p), ("N", ctypes.c_int64),
+                ("margin", ctypes.c_int), ("logits", ctypes.c_void_p)]
 
 
 @functools.cache
@@ -271,3 +289,74 @@ def exit_confidence(hidden: torch.Tensor, head: torch.Tensor, eps: float, measur
     confidence = lib.f32_exit_confidence(row.data_ptr(), channels, eps, head.data_ptr(), n, logits.data_ptr(),
                                          int(measure == "margin"), normalized.data_ptr())
     return logits, confidence
+
+
+# ----------------------------------------------------------------------------- float32 decoding steps
+
+
+class NativeModel:
+    """A float32 model's folded blocks, embedding and rotary tables as ``f32_decode`` reads them.
+
+    Holds the tensors it points into, so they live as long as it does.
+    """
+
+    def __init__(self, blocks: list[F32Block], embedding: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 eps: float, keep: tuple) -> None:
+        self.blocks = (F32Block * len(blocks))(*blocks)
+        self._tensors = (embedding, cos, sin, keep)
+        self.struct = F32Model(self.blocks, len(blocks), embedding.data_ptr(), cos.data_ptr(), sin.data_ptr(), eps)
+        self.num_layers, self.channels = len(blocks), embedding.shape[1]
+        self.head_dim = cos.shape[1]
+
+
+def native_model(blocks: list[F32Block | None], embedding: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 eps: float, keep: tuple) -> NativeModel | None:
+    """The model for ``f32_decode``, or None where it cannot run it (a block the kernel cannot run, other
+    dtypes or devices); keep: what owns the blocks' weights."""
+    tables = (embedding, cos, sin)
+    if any(b is None for b in blocks) or not all(
+            t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tables):
+        return None
+    return NativeModel(blocks, embedding, cos, sin, eps, keep)
+
+
+def exit_policy(thresholds: list[float], head: torch.Tensor, measure: str) -> tuple[F32Exits, torch.Tensor]:
+    """(the policy for ``f32_decode``, the logits buffer its exits write) for thresholds of layers 1..L-1
+    (math.inf: unchecked) through head (C, N), float32 and contiguous; the struct points into both."""
+    values = torch.tensor(thresholds, dtype=torch.float32)
+    exact = torch.tensor(thresholds, dtype=torch.float64)
+    # A float32 confidence c passes threshold t exactly when c >= the smallest float32 >= t.
+    values = torch.where(values.double() < exact, torch.nextafter(values, torch.tensor(math.inf)), values)
+    logits = torch.empty(head.shape[1], dtype=torch.float32)
+    policy = F32Exits(values.data_ptr(), head.data_ptr(), head.shape[1], int(measure == "margin"), logits.data_ptr())
+    policy._keep = (values, head, logits)  # ctypes structures keep no references of their own
+    return policy, logits
+
+
+def runs_decode(model: NativeModel | None, cache, rows: int, x: torch.Tensor | None = None) -> bool:
+    """Whether ``f32_decode`` runs rows (1..MAX_ROWS) of this model with this cache (and these hidden states
+    x (1, T, C), when given rather than tokens)."""
+    return (ENABLED and model is not None and 0 < rows <= MAX_ROWS and cache is not None and cache.k.shape[1] == 1
+            and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu"
+            and (x is None or (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] == 1
+                               and not (torch.is_grad_enabled() and x.requires_grad)))
+            and available())
+
+
+def f32_decode(model: NativeModel, start: int, end: int, tokens: torch.Tensor | None, x: torch.Tensor, cache,
+               pos: int, exits: F32Exits | None = None, head: torch.Tensor | None = None,
+               logits: torch.Tensor | None = None) -> int:
+    """Blocks [start, end) on the rows x (T, C) in place (first their tokens' embeddings when tokens (T,), int64,
+    contiguous, is given) at positions pos..pos+T-1, writing their keys and values to cache; with exits, one
+    row may exit early (and the layers it skipped get propagated keys and values); then, unless it exited,
+    logits (N) = the last row through head (C, N). Returns the blocks run. Only where ``runs_decode``;
+    the caller marks the cache's layers written."""
+    lib = _library()[0]
+    t = x.shape[0]
+    ran = lib.f32_decode(model.struct, start, end, None if tokens is None else tokens.data_ptr(), x.data_ptr(), t,
+                         cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[3], pos, exits,
+                         None if head is None else head.data_ptr(), 0 if head is None else head.shape[1],
+                         None if logits is None else logits.data_ptr(), torch.get_num_threads())
+    if ran < 0:
+        raise MemoryError("f32_decode could not allocate its scratch memory")
+    return ran

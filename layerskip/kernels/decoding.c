@@ -22,6 +22,8 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 
 /* float32 -> bfloat16, round to nearest even (torch's rounding); NaN stays a quiet NaN */
@@ -190,9 +192,10 @@ typedef struct {
   float eps;
 } F32Block;
 
-/* y (N) = x (K) . W (K, N), or y += it; each output summed over k in order, whatever N, the tile or
-   the thread; threads share the 64-wide column tiles (more than one only for weights of megabytes) */
-static void f32_product(const float *x, const float *W, int64_t K, int64_t N, float *y, int add, int threads) {
+/* y (N) = x (K) . W (K, N; rows ldw apart), or y += it; each output summed over k in order, whatever N,
+   the tile or the thread; threads share the 64-wide column tiles (more than one only for weights of megabytes) */
+static void f32_product(const float *x, const float *W, int64_t ldw, int64_t K, int64_t N, float *y, int add,
+                        int threads) {
   const int64_t tiles = N / 64;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -200,7 +203,7 @@ static void f32_product(const float *x, const float *W, int64_t K, int64_t N, fl
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
       const __m512 xv = _mm512_set1_ps(x[k]);
-      const float *w = W + k * N + n;
+      const float *w = W + k * ldw + n;
       a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w), a0);
       a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 16), a1);
       a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 32), a2);
@@ -220,7 +223,7 @@ static void f32_product(const float *x, const float *W, int64_t K, int64_t N, fl
   for (int64_t n = tiles * 64; n < N; n += 16) {
     const __mmask16 m = lanes16(N - n);
     __m512 a = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) a = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), _mm512_maskz_loadu_ps(m, W + k * N + n), a);
+    for (int64_t k = 0; k < K; ++k) a = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), _mm512_maskz_loadu_ps(m, W + k * ldw + n), a);
     if (add) a = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + n), a);
     _mm512_mask_storeu_ps(y + n, m, a);
   }
@@ -280,7 +283,7 @@ void f32_block(const F32Block *b, float *x, int64_t T, const float *cos, const f
         *scores = gu + 2 * F;
   for (int64_t t = 0; t < T; ++t) { /* projections, rotary, this row's keys and values into the cache */
     f32_normalize(x + t * C, C, b->eps, h);
-    f32_product(h, b->qkv_rot, C, P, proj, 0, threads);
+    f32_product(h, b->qkv_rot, P, C, P, proj, 0, threads);
     const float *c = cos + t * D, *s = sin + t * D, *rot = proj + (rotating + Hkv) * D;
     for (int64_t head = 0; head < rotating; ++head) {
       float *dst = head < H ? queries + (t * H + head) * D : k_cache + ((head - H) * max_len + pos + t) * D;
@@ -296,16 +299,16 @@ void f32_block(const F32Block *b, float *x, int64_t T, const float *cos, const f
                      pos + t + 1, D, scores, y + head * D);
     }
     float *row = x + t * C;
-    f32_product(y, b->out, H * D, C, row, 1, threads);
+    f32_product(y, b->out, C, H * D, C, row, 1, threads);
     f32_normalize(row, C, b->eps, h);
-    f32_product(h, b->gate_up, C, 2 * F, gu, 0, threads);
+    f32_product(h, b->gate_up, 2 * F, C, 2 * F, gu, 0, threads);
     for (int64_t f = 0; f < F; f += 16) { /* SiLU(gate) * up, into gate's place */
       const __mmask16 m = lanes16(F - f);
       const __m512 g = _mm512_maskz_loadu_ps(m, gu + f);
       const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
       _mm512_mask_storeu_ps(gu + f, m, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_maskz_loadu_ps(m, gu + F + f)));
     }
-    f32_product(gu, b->down, F, C, row, 1, threads);
+    f32_product(gu, b->down, C, F, C, row, 1, threads);
   }
 }
 
@@ -317,7 +320,7 @@ void f32_block(const F32Block *b, float *x, int64_t T, const float *cos, const f
 float f32_exit_confidence(const float *x, int64_t C, float eps, const float *head, int64_t N, float *logits,
                           int margin, float *normalized) {
   f32_normalize(x, C, eps, normalized);
-  f32_product(normalized, head, C, N, logits, 0, 1);
+  f32_product(normalized, head, N, C, N, logits, 0, 1);
   float top = -INFINITY, second = -INFINITY;
   for (int64_t n = 0; n < N; ++n) {
     if (logits[n] > top) {
@@ -329,4 +332,88 @@ float f32_exit_confidence(const float *x, int64_t C, float eps, const float *hea
   }
   const float sum = exp_sum(logits, N, top, 1); /* the logits stay: an exit returns them */
   return margin ? (1.0f - expf(second - top)) / sum : 1.0f / sum;
+}
+
+/* ---------------------------------------------------------------------------- float32 decoding steps */
+
+/* A float32 model in the folded layout, for whole decoding steps in one call (f32_decode). */
+typedef struct {
+  const F32Block *blocks; /* (L) */
+  int64_t L;
+  const float *embedding; /* (V, C) */
+  const float *cos, *sin; /* rotary tables (max_seq_len, D) */
+  float eps;              /* the final norm's (its gain is folded into the heads) */
+} F32Model;
+
+/* Dynamic early exit for one row: after block l (1 <= l < L) whose thresholds[l - 1] is finite,
+   the row's confidence through head (C, N) is measured (f32_exit_confidence); the row exits
+   there at confidence >= the threshold, with that head's logits in logits (N). */
+typedef struct {
+  const float *thresholds; /* (L - 1), +inf where unchecked */
+  const float *head;
+  int64_t N;
+  int margin;
+  float *logits;
+} F32Exits;
+
+/* CALM propagation: the keys and values of layers [first, L) for a row that exited with hidden
+   state x at position pos, each layer reading x as its input (the columns of its qkv_rot that
+   give keys, values and rotated keys: the same sums a block's projection makes of them). */
+static void f32_propagate(const F32Model *m, const float *x, int64_t first, float *k_cache, float *v_cache,
+                          int64_t max_len, int64_t pos, float *h, float *kv, int threads) {
+  for (int64_t j = first; j < m->L; ++j) {
+    const F32Block *b = m->blocks + j;
+    const int64_t C = b->C, H = b->H, Hkv = b->Hkv, D = b->D, P = (2 * H + 3 * Hkv) * D;
+    const float *c = m->cos + pos * D, *s = m->sin + pos * D;
+    float *keys = k_cache + j * Hkv * max_len * D, *values = v_cache + j * Hkv * max_len * D;
+    f32_normalize(x, C, b->eps, h);
+    f32_product(h, b->qkv_rot + H * D, P, C, 2 * Hkv * D, kv, 0, threads);                  /* k | v */
+    f32_product(h, b->qkv_rot + (2 * H + 2 * Hkv) * D, P, C, Hkv * D, kv + 2 * Hkv * D, 0, threads); /* rot k */
+    for (int64_t kh = 0; kh < Hkv; ++kh)
+      for (int64_t d = 0; d < D; ++d) {
+        keys[(kh * max_len + pos) * D + d] = kv[kh * D + d] * c[d] + kv[(2 * Hkv + kh) * D + d] * s[d];
+        values[(kh * max_len + pos) * D + d] = kv[(Hkv + kh) * D + d];
+      }
+  }
+}
+
+/* Blocks [start, end) on T rows of one sequence at positions pos..pos+T-1: x (T, C), updated in
+   place, or first filled with the embeddings of tokens (T) when tokens is not NULL; keys and
+   values into k_cache, v_cache (L, Hkv, max_len, D). With exits (one row, start = 0) the row may
+   leave early (F32Exits), and then the layers it skipped get their keys and values by
+   propagation. Then, if head is not NULL and the row did not exit, logits (N) =
+   normalize(the last row) . head (C, N). Returns the number of blocks run up to the exit
+   (end when none). -1: out of memory. */
+int64_t f32_decode(const F32Model *m, int64_t start, int64_t end, const int64_t *tokens, float *x, int64_t T,
+                   float *k_cache, float *v_cache, int64_t max_len, int64_t pos, const F32Exits *exits,
+                   const float *head, int64_t N, float *logits, int threads) {
+  const F32Block *first = m->blocks;
+  const int64_t C = first->C, D = first->D, layer_size = first->Hkv * max_len * D;
+  const int64_t P = (2 * first->H + 3 * first->Hkv) * D;
+  float *scratch = malloc(sizeof(float) * (f32_block_scratch(first, T, pos + T) + C + P));
+  if (scratch == NULL) return -1;
+  float *normalized = scratch + f32_block_scratch(first, T, pos + T), *kv = normalized + C;
+  if (tokens != NULL)
+    for (int64_t t = 0; t < T; ++t) memcpy(x + t * C, m->embedding + tokens[t] * C, sizeof(float) * C);
+  int64_t ran = end;
+  for (int64_t layer = start; layer < end; ++layer) {
+    f32_block(m->blocks + layer, x, T, m->cos + pos * D, m->sin + pos * D, k_cache + layer * layer_size,
+              v_cache + layer * layer_size, max_len, pos, scratch, threads);
+    const int64_t l = layer + 1;
+    if (exits != NULL && l < m->L && isfinite(exits->thresholds[layer])) {
+      const float confidence = f32_exit_confidence(x, C, m->eps, exits->head, exits->N, exits->logits,
+                                                   exits->margin, normalized);
+      if (confidence >= exits->thresholds[layer]) {
+        f32_propagate(m, x, l, k_cache, v_cache, max_len, pos, normalized, kv, threads);
+        ran = l;
+        break;
+      }
+    }
+  }
+  if (head != NULL && ran == end) {
+    f32_normalize(x + (T - 1) * C, C, m->eps, normalized);
+    f32_product(normalized, head, N, C, N, logits, 0, threads);
+  }
+  free(scratch);
+  return ran;
 }
