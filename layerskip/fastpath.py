@@ -467,6 +467,8 @@ class FastDecoder:
         if hidden.device.type == "cpu" and hidden.numel() <= FEW_ROWS * hidden.shape[-1]:
             head = self.copies.get("head", self._head_weights, self._build_head)
             if isinstance(head, torch.Tensor):  # not IN_PLACE, and not untracked (None)
+                if kernels.unembeds(hidden, head):  # the head of f32_decode's steps: the same bits
+                    return kernels.f32_unembed(hidden, head, model.norm.eps)
                 return normalize(hidden, model.norm.eps) @ head
         return kernels.linear(rms_norm(model.norm, hidden), model.lm_head.weight)
 
@@ -476,6 +478,8 @@ class FastDecoder:
         if size >= model.config.vocab_size:
             return self.unembed(hidden), torch.arange(model.config.vocab_size, device=hidden.device)
         ids, head, transposed = self._short_head(size)
+        if transposed and kernels.unembeds(hidden, head):  # the head of f32_decode's steps: the same bits
+            return kernels.f32_unembed(hidden, head, model.norm.eps), ids
         x = normalize(hidden, model.norm.eps)
         return (x @ head if transposed else kernels.linear(x, head)), ids
 

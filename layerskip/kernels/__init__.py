@@ -110,6 +110,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.f32_decode.argtypes = [ctypes.POINTER(F32Model), i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64,
                                ctypes.POINTER(F32Exits), ptr, i64, ptr, ctypes.c_int]
     lib.f32_decode.restype = i64
+    lib.f32_unembed.argtypes = [ptr, i64, i64, ctypes.c_float, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.f32_unembed.restype = None
     lib.bf16_linear.restype = lib.bf16_attention.restype = lib.f32_block.restype = None
     return lib
 
@@ -292,6 +294,28 @@ def exit_confidence(hidden: torch.Tensor, head: torch.Tensor, eps: float, measur
 
 
 # ----------------------------------------------------------------------------- float32 decoding steps
+
+
+def unembeds(hidden: torch.Tensor, head: torch.Tensor) -> bool:
+    """Whether ``f32_unembed`` runs for rows hidden (..., C) through head (C, N)."""
+    return (ENABLED and hidden.dtype == head.dtype == torch.float32 and hidden.device.type == "cpu"
+            and head.device.type == "cpu" and head.is_contiguous() and head.shape[0] == hidden.shape[-1]
+            and 0 < hidden.numel() <= MAX_ROWS * hidden.shape[-1]
+            and not (torch.is_grad_enabled() and hidden.requires_grad) and available())
+
+
+def f32_unembed(hidden: torch.Tensor, head: torch.Tensor, eps: float) -> torch.Tensor:
+    """normalize(hidden) @ head for rows hidden (..., C) and the folded head (C, N) -> (..., N), each row computed
+    alike whatever the others (as ``f32_decode``'s head). Only where ``unembeds``."""
+    lib = _library()[0]
+    channels, n = head.shape
+    rows = hidden.reshape(-1, channels)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    logits, normalized = torch.empty(rows.shape[0], n, dtype=torch.float32), torch.empty(channels)
+    lib.f32_unembed(rows.data_ptr(), rows.shape[0], channels, eps, head.data_ptr(), n, logits.data_ptr(),
+                    normalized.data_ptr(), torch.get_num_threads())
+    return logits.view(*hidden.shape[:-1], n)
 
 
 class NativeModel:

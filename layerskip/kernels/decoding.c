@@ -192,35 +192,37 @@ typedef struct {
   float eps;
 } F32Block;
 
+/* y[n .. n + 16 W) = x (K) . W (K, those columns; rows ldw apart), or += it: W accumulators of 16 columns each,
+   every output summed over k in order */
+#define F32_TILE(W_)                                                                                   \
+  static inline __attribute__((always_inline)) void f32_tile##W_(const float *x, const float *W, int64_t ldw, \
+                                                                int64_t K, float *y, int add) {        \
+    __m512 a[W_];                                                                                      \
+    for (int i = 0; i < W_; ++i) a[i] = _mm512_setzero_ps();                                           \
+    for (int64_t k = 0; k < K; ++k) {                                                                  \
+      const __m512 xv = _mm512_set1_ps(x[k]);                                                          \
+      const float *w = W + k * ldw;                                                                    \
+      for (int i = 0; i < W_; ++i) a[i] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 16 * i), a[i]);     \
+    }                                                                                                  \
+    for (int i = 0; i < W_; ++i)                                                                       \
+      _mm512_storeu_ps(y + 16 * i, add ? _mm512_add_ps(_mm512_loadu_ps(y + 16 * i), a[i]) : a[i]);    \
+  }
+F32_TILE(4)
+F32_TILE(8)
+F32_TILE(16)
+
 /* y (N) = x (K) . W (K, N; rows ldw apart), or y += it; each output summed over k in order, whatever N,
-   the tile or the thread; threads share the 64-wide column tiles (more than one only for weights of megabytes) */
+   the tile or the thread; threads share the column tiles (more than one only for weights of megabytes).
+   Wide weights (a head) go 128 columns at a time: longer runs of each row, fewer passes over x. */
 static void f32_product(const float *x, const float *W, int64_t ldw, int64_t K, int64_t N, float *y, int add,
                         int threads) {
-  const int64_t tiles = N / 64;
+  const int64_t wide = N >= 1024 ? N / 256 : 0, narrow = (N - wide * 256) / 64, done = wide * 256 + narrow * 64;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    const int64_t n = tile * 64;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-      const __m512 xv = _mm512_set1_ps(x[k]);
-      const float *w = W + k * ldw + n;
-      a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w), a0);
-      a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 16), a1);
-      a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 32), a2);
-      a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 48), a3);
-    }
-    if (add) {
-      a0 = _mm512_add_ps(_mm512_loadu_ps(y + n), a0);
-      a1 = _mm512_add_ps(_mm512_loadu_ps(y + n + 16), a1);
-      a2 = _mm512_add_ps(_mm512_loadu_ps(y + n + 32), a2);
-      a3 = _mm512_add_ps(_mm512_loadu_ps(y + n + 48), a3);
-    }
-    _mm512_storeu_ps(y + n, a0);
-    _mm512_storeu_ps(y + n + 16, a1);
-    _mm512_storeu_ps(y + n + 32, a2);
-    _mm512_storeu_ps(y + n + 48, a3);
+  for (int64_t tile = 0; tile < wide + narrow; ++tile) {
+    if (tile < wide) f32_tile16(x, W + tile * 256, ldw, K, y + tile * 256, add);
+    else f32_tile4(x, W + wide * 256 + (tile - wide) * 64, ldw, K, y + wide * 256 + (tile - wide) * 64, add);
   }
-  for (int64_t n = tiles * 64; n < N; n += 16) {
+  for (int64_t n = done; n < N; n += 16) {
     const __mmask16 m = lanes16(N - n);
     __m512 a = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) a = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), _mm512_maskz_loadu_ps(m, W + k * ldw + n), a);
@@ -334,6 +336,16 @@ float f32_exit_confidence(const float *x, int64_t C, float eps, const float *hea
   return margin ? (1.0f - expf(second - top)) / sum : 1.0f / sum;
 }
 
+/* logits (T, N) = normalize(x (T, C)) . head (C, N), row by row (each row's bits whatever T):
+   the final norm and LM head of the folded layout, whose gain is in the head */
+void f32_unembed(const float *x, int64_t T, int64_t C, float eps, const float *head, int64_t N, float *logits,
+                 float *normalized, int threads) {
+  for (int64_t t = 0; t < T; ++t) {
+    f32_normalize(x + t * C, C, eps, normalized);
+    f32_product(normalized, head, N, C, N, logits + t * N, 0, threads);
+  }
+}
+
 /* ---------------------------------------------------------------------------- float32 decoding steps */
 
 /* A float32 model in the folded layout, for whole decoding steps in one call (f32_decode). */
@@ -410,10 +422,7 @@ int64_t f32_decode(const F32Model *m, int64_t start, int64_t end, const int64_t 
       }
     }
   }
-  if (head != NULL && ran == end) {
-    f32_normalize(x + (T - 1) * C, C, m->eps, normalized);
-    f32_product(normalized, head, N, C, N, logits, 0, threads);
-  }
+  if (head != NULL && ran == end) f32_unembed(x + (T - 1) * C, 1, C, m->eps, head, N, logits, normalized, threads);
   free(scratch);
   return ran;
 }
