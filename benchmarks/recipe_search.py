@@ -65,6 +65,13 @@ RECIPES: dict[str, list[str]] = {
                                 "--early_exit_distill", "0.9"],  # `layerskip train`'s defaults since the search
     "noskip-uniform-distill0.5": [*BEFORE, "--max_skip_prob", "0", "--early_exit_weighting", "uniform",
                                   "--early_exit_distill", "0.5"],
+    # the fourth round: the winner with less early-exit loss, or the paper's layer-dropout shape
+    "uniform-distill0.9-e0.5": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
+                                "--early_exit_scale", "0.5"],
+    "uniform-distill0.9-e0.3": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
+                                "--early_exit_scale", "0.3"],
+    "uniform-distill0.9-exp": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
+                               "--layer_dropout_schedule", "exp", "--layer_dropout_ramp", "exp"],
 }
 DEMO_MINUTES = 20.0 * TRAIN_SHARE
 SHARE_CONFIGS = ["softmax"]  # the full head's softmax, as the issue's 13% at layer 3 was measured

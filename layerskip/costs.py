@@ -6,15 +6,20 @@ position:
 
 - ``ar_step``: the whole autoregressive step (embed, every block, the full head, argmax),
   as the Autoregressive strategy runs it;
-- ``block``: one block (``run_blocks`` over a single middle layer);
-- ``full_head``: the final norm + full LM head, argmax;
+- ``block``: one block;
+- ``full_head``: the final norm + full LM head (and its argmax, where it is a call of its own);
 - ``check``: one DEE confidence check, the softmax maximum through the exit head (the short
   head of ``check_vocab`` tokens, or the full head);
 - ``propagate``: CALM propagation of one exited token's K/V to the layers it skipped;
 - ``classifier_check`` (not in PIECES; None unless ``classifier_vocab`` is given): one check
   of the learned exit classifier (measure ``classifier``): its features through a short head
   of ``classifier_vocab`` tokens and its MLP (``classifier_hidden`` units; 0: logistic regression);
-- ``rest``: ``ar_step`` minus L blocks minus the head (embedding, slicing, dispatch).
+- ``rest``: ``ar_step`` minus L blocks minus the head (embedding, argmax, dispatch).
+
+Where DEE's whole step is one kernel call (float32 on a CPU with layerskip's kernels), the
+block, the head, the check and propagation are timed inside that call (``kernels.f32_decode``'s
+phase clock), in DEE steps that check every layer without exiting or exit at the middle layer;
+elsewhere each is a call of its own, as DEE runs it there.
 
 ``dee_estimate`` turns those costs and an exit histogram into DEE's expected time per
 token: a token exiting after block l < L runs l blocks, a check at every checked layer up
@@ -32,6 +37,7 @@ and ``layerskip bench`` count it): the round's arithmetic, without the strategy'
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +45,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from layerskip import kernels
 from layerskip.decoding.dee import checked_exit
 from layerskip.decoding.propagation import FusedPropagation
 from layerskip.device import synchronize
@@ -118,24 +125,24 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
     fast.run_blocks(model.embed(prompt), 0, num_layers, cache=cache, pos=0)
     token = prompt[:, -1:]
     hidden = fast.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
-    rope = model.rotary(position, 1)
     propagate = FusedPropagation.for_model(model)
     middle = num_layers // 2
 
     def ar_step() -> int:  # the Autoregressive strategy's loop body
-        h = fast.run_blocks(model.embed(token), 0, num_layers, cache=cache, pos=position)
-        return int(fast.unembed(h)[0, -1].argmax())
+        return int(fast.step(token, position, cache)[1].argmax())
 
-    def check() -> float:  # DEE's own check
-        return checked_exit(fast, hidden, check_vocab, "softmax", {"full": 0, "short": 0})[1]
-
-    pieces = {
-        "ar_step": ar_step,
-        "block": lambda: fast.run_blocks(hidden, middle, middle + 1, cache=cache, pos=position, rope=rope),
-        "full_head": lambda: int(fast.unembed(hidden)[0, -1].argmax()),
-        "check": check,
-        "propagate": lambda: propagate(model, hidden, middle, position, cache),
-    }
+    phases = _kernel_phases(fast, token, position, cache, check_vocab, middle)
+    if phases is None:  # torch's calls: DEE runs each block, check and propagation as calls of their own
+        rope = model.rotary(position, 1)
+        pieces = {
+            "ar_step": ar_step,
+            "block": lambda: fast.run_blocks(hidden, middle, middle + 1, cache=cache, pos=position, rope=rope),
+            "full_head": lambda: int(fast.unembed(hidden)[0, -1].argmax()),
+            "check": lambda: checked_exit(fast, hidden, check_vocab, "softmax", {"full": 0, "short": 0})[1],
+            "propagate": lambda: propagate(model, hidden, middle, position, cache),
+        }
+    else:
+        pieces = {"ar_step": ar_step, **phases.pieces}
     if classifier_vocab is not None:
         if classifier_hidden is None:
             from layerskip.calibration.classifier import DEFAULT_HIDDEN
@@ -145,9 +152,51 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
     for run in pieces.values():  # warm-up: derived weights, the allocator
         run()
     us = time_pieces(pieces, repeats, device)
+    if phases is not None:
+        us = {"ar_step": us["ar_step"], **phases.medians(), **{k: v for k, v in us.items() if k not in phases.pieces}}
     us["rest"] = us["ar_step"] - num_layers * us["block"] - us["full_head"]
     return StepCosts(**us, num_layers=num_layers, position=position, check_vocab=check_vocab, repeats=repeats,
                      threads=torch.get_num_threads(), classifier_vocab=classifier_vocab)
+
+
+class _KernelPhases:
+    """DEE's step as one kernel call, timed inside the kernel (``kernels.f32_decode``'s phase_ns): a step
+    checking every layer and never exiting gives a block, a check and the head; one exiting at `layer`
+    gives propagation. Timing a piece alone would find caches warm that a whole step does not."""
+
+    def __init__(self, fast: FastDecoder, token: torch.Tensor, position: int, cache, never, exits) -> None:
+        self.samples: dict[str, list[float]] = {"block": [], "check": [], "full_head": [], "propagate": []}
+        num_layers = fast.model.num_layers
+
+        def run(policy, record) -> None:
+            phase_ns = torch.zeros(len(kernels.PHASES), dtype=torch.float64)
+            fast.exit_step(token, position, cache, policy, phase_ns=phase_ns)
+            record(dict(zip(kernels.PHASES, (phase_ns / 1e3).tolist())))
+
+        def full(us: dict[str, float]) -> None:
+            self.samples["block"].append(us["blocks"] / num_layers)
+            self.samples["check"].append(us["checks"] / (num_layers - 1))
+            self.samples["full_head"].append(us["head"])
+
+        self.pieces = {"checked_step": lambda: run(never, full),
+                       "exiting_step": lambda: run(exits, lambda us: self.samples["propagate"].append(
+                           us["propagation"]))}
+
+    def medians(self) -> dict[str, float]:
+        return {name: statistics.median(values) for name, values in self.samples.items()}
+
+
+def _kernel_phases(fast: FastDecoder, token: torch.Tensor, position: int, cache, vocab: int | None,
+                   layer: int) -> _KernelPhases | None:
+    """The in-kernel timings of DEE's one-call step (softmax checks through `vocab`), or None where DEE runs
+    the blocks one call at a time."""
+    num_layers = fast.model.num_layers
+    never = fast.exit_policy([2.0] * (num_layers - 1), vocab, "softmax")  # a softmax maximum never reaches 2
+    exits = fast.exit_policy([0.0 if checked == layer else math.inf for checked in range(1, num_layers)], vocab,
+                             "softmax")
+    if never is None or exits is None or fast.exit_step(token, position, cache, never) is None:
+        return None
+    return _KernelPhases(fast, token, position, cache, never, exits)
 
 
 def _classifier_check(fast: FastDecoder, hidden: torch.Tensor, layer: int, vocab: int,

@@ -426,11 +426,13 @@ class FastDecoder:
         struct, logits = kernels.exit_policy(thresholds, head, measure)
         return NativeExits(struct, logits, ids)
 
-    def exit_step(self, tokens: torch.Tensor, pos: int, cache: KVCache,
-                  policy: NativeExits) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    def exit_step(self, tokens: torch.Tensor, pos: int, cache: KVCache, policy: NativeExits,
+                  phase_ns: torch.Tensor | None = None) -> tuple[int, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor | None] | None:
         """DEE's step for one token (1, 1) in one kernel call -> (exit layer, hidden (1, 1, C), exit logits (N,),
         their ids (None: the full vocabulary)); the skipped layers' keys and values propagated (CALM). None
-        where the kernel cannot run (the caller runs the blocks one at a time)."""
+        where the kernel cannot run (the caller runs the blocks one at a time). phase_ns: see
+        ``kernels.f32_decode``."""
         native = self.native()
         head, _ = self.head_for(None)
         if not kernels.runs_decode(native, cache, 1):
@@ -440,7 +442,7 @@ class FastDecoder:
         cache.reserve_layers(range(layers), pos, 1)  # every layer: by its block or by propagation
         x, logits = torch.empty(1, native.channels), torch.empty(head.shape[1])
         ran = kernels.f32_decode(native, 0, layers, tokens, x, cache, pos, exits=policy.struct, head=head,
-                                 logits=logits)
+                                 logits=logits, phase_ns=phase_ns)
         if ran == layers:
             return ran, x.view(1, 1, -1), logits, None
         return ran, x.view(1, 1, -1), policy.logits.clone(), policy.ids

@@ -108,7 +108,7 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.f32_exit_confidence.argtypes = [ptr, i64, ctypes.c_float, ptr, i64, ptr, ctypes.c_int, ptr]
     lib.f32_exit_confidence.restype = ctypes.c_float
     lib.f32_decode.argtypes = [ctypes.POINTER(F32Model), i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64,
-                               ctypes.POINTER(F32Exits), ptr, i64, ptr, ctypes.c_int]
+                               ctypes.POINTER(F32Exits), ptr, i64, ptr, ptr, ctypes.c_int]
     lib.f32_decode.restype = i64
     lib.f32_unembed.argtypes = [ptr, i64, i64, ctypes.c_float, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.f32_unembed.restype = None
@@ -367,20 +367,25 @@ def runs_decode(model: NativeModel | None, cache, rows: int, x: torch.Tensor | N
             and available())
 
 
+PHASES = ("blocks", "checks", "propagation", "head")  # f32_decode's phase_ns, in this order
+
+
 def f32_decode(model: NativeModel, start: int, end: int, tokens: torch.Tensor | None, x: torch.Tensor, cache,
                pos: int, exits: F32Exits | None = None, head: torch.Tensor | None = None,
-               logits: torch.Tensor | None = None) -> int:
+               logits: torch.Tensor | None = None, phase_ns: torch.Tensor | None = None) -> int:
     """Blocks [start, end) on the rows x (T, C) in place (first their tokens' embeddings when tokens (T,), int64,
     contiguous, is given) at positions pos..pos+T-1, writing their keys and values to cache; with exits, one
     row may exit early (and the layers it skipped get propagated keys and values); then, unless it exited,
     logits (N) = the last row through head (C, N). Returns the blocks run. Only where ``runs_decode``;
-    the caller marks the cache's layers written."""
+    the caller marks the cache's layers written. phase_ns: float64 (4,), the nanoseconds spent in each of
+    PHASES are added to it (the clock read around each costs tens of nanoseconds)."""
     lib = _library()[0]
     t = x.shape[0]
     ran = lib.f32_decode(model.struct, start, end, None if tokens is None else tokens.data_ptr(), x.data_ptr(), t,
                          cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[3], pos, exits,
                          None if head is None else head.data_ptr(), 0 if head is None else head.shape[1],
-                         None if logits is None else logits.data_ptr(), torch.get_num_threads())
+                         None if logits is None else logits.data_ptr(),
+                         None if phase_ns is None else phase_ns.data_ptr(), torch.get_num_threads())
     if ran < 0:
         raise MemoryError("f32_decode could not allocate its scratch memory")
     return ran

@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <omp.h>
 
 /* float32 -> bfloat16, round to nearest even (torch's rounding); NaN stays a quiet NaN */
@@ -389,16 +390,33 @@ static void f32_propagate(const F32Model *m, const float *x, int64_t first, floa
   }
 }
 
+static double now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return 1e9 * (double)t.tv_sec + (double)t.tv_nsec;
+}
+
+/* Where f32_decode's time goes, when asked (phase_ns not NULL): nanoseconds added to phase_ns[phase] */
+enum { PHASE_BLOCKS, PHASE_CHECKS, PHASE_PROPAGATION, PHASE_HEAD };
+
+static inline double lap(double *phase_ns, int phase, double since) {
+  if (phase_ns == NULL) return 0.0;
+  const double t = now_ns();
+  phase_ns[phase] += t - since;
+  return t;
+}
+
 /* Blocks [start, end) on T rows of one sequence at positions pos..pos+T-1: x (T, C), updated in
    place, or first filled with the embeddings of tokens (T) when tokens is not NULL; keys and
    values into k_cache, v_cache (L, Hkv, max_len, D). With exits (one row, start = 0) the row may
    leave early (F32Exits), and then the layers it skipped get their keys and values by
    propagation. Then, if head is not NULL and the row did not exit, logits (N) =
    normalize(the last row) . head (C, N). Returns the number of blocks run up to the exit
-   (end when none). -1: out of memory. */
+   (end when none). -1: out of memory. phase_ns (4, or NULL): nanoseconds spent in the blocks,
+   the checks, propagation and the head are added to it, for costs.py. */
 int64_t f32_decode(const F32Model *m, int64_t start, int64_t end, const int64_t *tokens, float *x, int64_t T,
                    float *k_cache, float *v_cache, int64_t max_len, int64_t pos, const F32Exits *exits,
-                   const float *head, int64_t N, float *logits, int threads) {
+                   const float *head, int64_t N, float *logits, double *phase_ns, int threads) {
   const F32Block *first = m->blocks;
   const int64_t C = first->C, D = first->D, layer_size = first->Hkv * max_len * D;
   const int64_t P = (2 * first->H + 3 * first->Hkv) * D;
@@ -408,21 +426,28 @@ int64_t f32_decode(const F32Model *m, int64_t start, int64_t end, const int64_t 
   if (tokens != NULL)
     for (int64_t t = 0; t < T; ++t) memcpy(x + t * C, m->embedding + tokens[t] * C, sizeof(float) * C);
   int64_t ran = end;
+  double t = phase_ns == NULL ? 0.0 : now_ns();
   for (int64_t layer = start; layer < end; ++layer) {
     f32_block(m->blocks + layer, x, T, m->cos + pos * D, m->sin + pos * D, k_cache + layer * layer_size,
               v_cache + layer * layer_size, max_len, pos, scratch, threads);
+    t = lap(phase_ns, PHASE_BLOCKS, t);
     const int64_t l = layer + 1;
     if (exits != NULL && l < m->L && isfinite(exits->thresholds[layer])) {
       const float confidence = f32_exit_confidence(x, C, m->eps, exits->head, exits->N, exits->logits,
                                                    exits->margin, normalized);
+      t = lap(phase_ns, PHASE_CHECKS, t);
       if (confidence >= exits->thresholds[layer]) {
         f32_propagate(m, x, l, k_cache, v_cache, max_len, pos, normalized, kv, threads);
+        t = lap(phase_ns, PHASE_PROPAGATION, t);
         ran = l;
         break;
       }
     }
   }
-  if (head != NULL && ran == end) f32_unembed(x + (T - 1) * C, 1, C, m->eps, head, N, logits, normalized, threads);
+  if (head != NULL && ran == end) {
+    f32_unembed(x + (T - 1) * C, 1, C, m->eps, head, N, logits, normalized, threads);
+    lap(phase_ns, PHASE_HEAD, t);
+  }
   free(scratch);
   return ran;
 }
