@@ -417,11 +417,12 @@ class FastDecoder:
         return x.view(1, 1, -1), logits, ids
 
     def exit_policy(self, thresholds: list[float], vocab: int | None, measure: str) -> NativeExits | None:
-        """DEE's policy for ``exit_step`` (thresholds of layers 1..L-1, math.inf where unchecked; checks
-        through the short head of `vocab` tokens, or the full head), or None where the kernel cannot run it."""
+        """DEE's policy for ``exit_step`` (thresholds of layers 1..L-1, math.inf where unchecked; early exits, and
+        the softmax and margin checks, through the short head of `vocab` tokens, or the full head), or None where
+        the kernel cannot run it."""
         native = self.native()
         head, ids = self.head_for(vocab)
-        if native is None or head is None or measure not in kernels.EXIT_MEASURES:
+        if native is None or head is None or measure not in kernels.DECODE_MEASURES:
             return None
         struct, logits = kernels.exit_policy(thresholds, head, measure)
         return NativeExits(struct, logits, ids)

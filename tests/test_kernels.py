@@ -450,9 +450,9 @@ def test_a_step_in_one_call_gives_the_bits_of_the_blocks_one_call_each(shape, vo
         assert (ids is None) == (vocab is None)
 
 
-def native_and_stepwise(model, prompt, token, threshold, exit_vocab):
+def native_and_stepwise(model, prompt, token, threshold, exit_vocab, measure="softmax"):
     """DEE's one-call step and its layer-by-layer step on the same prefilled caches."""
-    dee = DynamicEarlyExit(threshold, exit_vocab=exit_vocab)
+    dee = DynamicEarlyExit(threshold, measure=measure, exit_vocab=exit_vocab)
     results = []
     for native in (True, False):
         cache = prefilled(model, prompt)
@@ -469,18 +469,23 @@ def native_and_stepwise(model, prompt, token, threshold, exit_vocab):
     return results
 
 
+SWEEPS = {"softmax": (0.0, 0.05, 0.08, 0.12, 0.15, 0.25, 2.0), "margin": (0.0, 0.02, 0.05, 0.1, 2.0),
+          "saturation": (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 2.0)}
+
+
 @needs_kernel
+@pytest.mark.parametrize("measure", list(SWEEPS))
 @pytest.mark.parametrize("exit_vocab", [None, 40])
-def test_dee_in_one_call_exits_where_the_layer_by_layer_step_does(exit_vocab):
+def test_dee_in_one_call_exits_where_the_layer_by_layer_step_does(exit_vocab, measure):
     model = tiny_model(num_kv_heads=2)
     model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))
     g = torch.Generator().manual_seed(9)
     prompt = torch.randint(0, 97, (1, 7), generator=g)
     exits = set()
     for token in torch.randint(0, 97, (12, 1, 1), generator=g):
-        for threshold in (0.0, 0.05, 0.08, 0.12, 0.15, 0.25, 2.0):
+        for threshold in SWEEPS[measure]:
             (ours, cache), (reference, expected_cache) = native_and_stepwise(model, prompt, token, threshold,
-                                                                            exit_vocab)
+                                                                            exit_vocab, measure)
             exits.add(ours.exit_layer)
             assert ours.exit_layer == reference.exit_layer
             assert (ours.head_evals, ours.short_head_evals, ours.kv_projections) == (

@@ -196,13 +196,15 @@ class DynamicEarlyExit:
             return None
         exit_layer, _, logits, ids = done
         num_layers = fast.model.num_layers
-        checks_run = sum(1 for layer in checks if layer <= exit_layer)
-        full = int(exit_layer == num_layers) + (checks_run if self.exit_vocab is None else 0)
+        early = exit_layer < num_layers
+        # heads read by the exit head: at every check (softmax, margin), or at the exit alone (saturation)
+        heads = sum(1 for layer in checks if layer <= exit_layer) if self.measure != "saturation" else int(early)
+        full = int(not early) + (heads if self.exit_vocab is None else 0)
         if ids is not None:  # the short head's columns -> the whole vocabulary, -inf elsewhere
             logits = logits.new_full((fast.model.config.vocab_size,), -math.inf).index_copy_(0, ids, logits)
         return StepResult(logits=logits, exit_layer=exit_layer, head_evals=full,
                           kv_projections=num_layers - exit_layer,
-                          short_head_evals=0 if self.exit_vocab is None else checks_run)
+                          short_head_evals=0 if self.exit_vocab is None else heads)
 
     def checked_exit(self, fast: FastDecoder, h: torch.Tensor,
                      counts: dict[str, int]) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float]:

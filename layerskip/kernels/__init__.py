@@ -135,7 +135,7 @@ class F32Exits(ctypes.Structure):
     """decoding.c's F32Exits: a dynamic-early-exit policy for ``f32_decode``."""
 
     _fields_ = [("thresholds", ctypes.c_void_p), ("head", ctypes.c_void_p), ("N", ctypes.c_int64),
-                ("margin", ctypes.c_int), ("logits", ctypes.c_void_p)]
+                ("measure", ctypes.c_int), ("logits", ctypes.c_void_p)]
 
 
 @functools.cache
@@ -344,15 +344,20 @@ def native_model(blocks: list[F32Block | None], embedding: torch.Tensor, cos: to
     return NativeModel(blocks, embedding, cos, sin, eps, keep)
 
 
+DECODE_MEASURES = ("softmax", "margin", "saturation")  # f32_decode's measures, in decoding.c's order
+
+
 def exit_policy(thresholds: list[float], head: torch.Tensor, measure: str) -> tuple[F32Exits, torch.Tensor]:
     """(the policy for ``f32_decode``, the logits buffer its exits write) for thresholds of layers 1..L-1
-    (math.inf: unchecked) through head (C, N), float32 and contiguous; the struct points into both."""
+    (math.inf: unchecked), measure one of DECODE_MEASURES, and the exits' head (C, N), float32 and
+    contiguous (softmax and margin also measure through it); the struct points into both."""
     values = torch.tensor(thresholds, dtype=torch.float32)
     exact = torch.tensor(thresholds, dtype=torch.float64)
     # A float32 confidence c passes threshold t exactly when c >= the smallest float32 >= t.
     values = torch.where(values.double() < exact, torch.nextafter(values, torch.tensor(math.inf)), values)
     logits = torch.empty(head.shape[1], dtype=torch.float32)
-    policy = F32Exits(values.data_ptr(), head.data_ptr(), head.shape[1], int(measure == "margin"), logits.data_ptr())
+    policy = F32Exits(values.data_ptr(), head.data_ptr(), head.shape[1], DECODE_MEASURES.index(measure),
+                      logits.data_ptr())
     policy._keep = (values, head, logits)  # ctypes structures keep no references of their own
     return policy, logits
 

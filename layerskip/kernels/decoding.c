@@ -359,15 +359,32 @@ typedef struct {
 } F32Model;
 
 /* Dynamic early exit for one row: after block l (1 <= l < L) whose thresholds[l - 1] is finite,
-   the row's confidence through head (C, N) is measured (f32_exit_confidence); the row exits
-   there at confidence >= the threshold, with that head's logits in logits (N). */
+   the row's confidence is measured; the row exits there at confidence >= the threshold, with
+   the logits of head (C, N) in logits (N). */
+enum { MEASURE_SOFTMAX, MEASURE_MARGIN, MEASURE_SATURATION };
 typedef struct {
   const float *thresholds; /* (L - 1), +inf where unchecked */
   const float *head;
   int64_t N;
-  int margin;
+  int measure; /* softmax, margin: through the head (f32_exit_confidence); saturation: the cosine of
+                  the block's output and input, clamped to [0, 1], the head read only at an exit */
   float *logits;
 } F32Exits;
+
+/* The cosine of x and y (C), as torch's cosine_similarity: x.y / max(|x| |y|, 1e-8), clamped to [0, 1] */
+static float saturation(const float *x, const float *y, int64_t C) {
+  __m512 xy = _mm512_setzero_ps(), xx = _mm512_setzero_ps(), yy = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = lanes16(C - c);
+    const __m512 a = _mm512_maskz_loadu_ps(m, x + c), b = _mm512_maskz_loadu_ps(m, y + c);
+    xy = _mm512_fmadd_ps(a, b, xy);
+    xx = _mm512_fmadd_ps(a, a, xx);
+    yy = _mm512_fmadd_ps(b, b, yy);
+  }
+  const float norms = sqrtf(_mm512_reduce_add_ps(xx)) * sqrtf(_mm512_reduce_add_ps(yy));
+  const float cosine = _mm512_reduce_add_ps(xy) / (norms > 1e-8f ? norms : 1e-8f);
+  return cosine < 0.0f ? 0.0f : (cosine > 1.0f ? 1.0f : cosine);
+}
 
 /* CALM propagation: the keys and values of layers [first, L) for a row that exited with hidden
    state x at position pos, each layer reading x as its input (the columns of its qkv_rot that
@@ -420,23 +437,28 @@ int64_t f32_decode(const F32Model *m, int64_t start, int64_t end, const int64_t 
   const F32Block *first = m->blocks;
   const int64_t C = first->C, D = first->D, layer_size = first->Hkv * max_len * D;
   const int64_t P = (2 * first->H + 3 * first->Hkv) * D;
-  float *scratch = malloc(sizeof(float) * (f32_block_scratch(first, T, pos + T) + C + P));
+  float *scratch = malloc(sizeof(float) * (f32_block_scratch(first, T, pos + T) + 2 * C + P));
   if (scratch == NULL) return -1;
-  float *normalized = scratch + f32_block_scratch(first, T, pos + T), *kv = normalized + C;
+  float *normalized = scratch + f32_block_scratch(first, T, pos + T), *kv = normalized + C, *before = kv + P;
   if (tokens != NULL)
     for (int64_t t = 0; t < T; ++t) memcpy(x + t * C, m->embedding + tokens[t] * C, sizeof(float) * C);
   int64_t ran = end;
   double t = phase_ns == NULL ? 0.0 : now_ns();
   for (int64_t layer = start; layer < end; ++layer) {
+    const int64_t l = layer + 1;
+    const int checked = exits != NULL && l < m->L && isfinite(exits->thresholds[layer]);
+    if (checked && exits->measure == MEASURE_SATURATION) memcpy(before, x, sizeof(float) * C);
     f32_block(m->blocks + layer, x, T, m->cos + pos * D, m->sin + pos * D, k_cache + layer * layer_size,
               v_cache + layer * layer_size, max_len, pos, scratch, threads);
     t = lap(phase_ns, PHASE_BLOCKS, t);
-    const int64_t l = layer + 1;
-    if (exits != NULL && l < m->L && isfinite(exits->thresholds[layer])) {
-      const float confidence = f32_exit_confidence(x, C, m->eps, exits->head, exits->N, exits->logits,
-                                                   exits->margin, normalized);
+    if (checked) {
+      const int saturated = exits->measure == MEASURE_SATURATION;
+      const float confidence = saturated ? saturation(x, before, C)
+                                         : f32_exit_confidence(x, C, m->eps, exits->head, exits->N, exits->logits,
+                                                               exits->measure == MEASURE_MARGIN, normalized);
       t = lap(phase_ns, PHASE_CHECKS, t);
       if (confidence >= exits->thresholds[layer]) {
+        if (saturated) f32_unembed(x, 1, C, m->eps, exits->head, exits->N, exits->logits, normalized, threads);
         f32_propagate(m, x, l, k_cache, v_cache, max_len, pos, normalized, kv, threads);
         t = lap(phase_ns, PHASE_PROPAGATION, t);
         ran = l;
