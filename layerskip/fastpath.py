@@ -436,7 +436,7 @@ class FastDecoder:
         ``kernels.f32_decode``."""
         native = self.native()
         head, _ = self.head_for(None)
-        if not kernels.runs_decode(native, cache, 1):
+        if head is None or not kernels.runs_decode(native, cache, 1):
             return None
         layers = native.num_layers
         self.model.rotary(pos, 1)  # refuses a position beyond the context, as the torch path does
