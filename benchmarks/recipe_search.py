@@ -72,6 +72,13 @@ RECIPES: dict[str, list[str]] = {
                                 "--early_exit_scale", "0.3"],
     "uniform-distill0.9-exp": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
                                "--layer_dropout_schedule", "exp", "--layer_dropout_ramp", "exp"],
+    # the fifth round: both levers of the fourth together
+    "uniform-distill0.9-exp-e0.5": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
+                                    "--layer_dropout_schedule", "exp", "--layer_dropout_ramp", "exp",
+                                    "--early_exit_scale", "0.5"],
+    "uniform-distill0.9-exp-e0.3": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
+                                    "--layer_dropout_schedule", "exp", "--layer_dropout_ramp", "exp",
+                                    "--early_exit_scale", "0.3"],
 }
 DEMO_MINUTES = 20.0 * TRAIN_SHARE
 SHARE_CONFIGS = ["softmax"]  # the full head's softmax, as the 13% at layer 3 was measured
