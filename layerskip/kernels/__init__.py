@@ -1,15 +1,22 @@
-"""Hand-written CPU kernels, for the bf16 decoding work where torch's own leave speed or exactness unused.
+"""Hand-written CPU kernels, for the decoding work where torch's own leave speed or exactness unused.
 
-On a CPU with AVX512-BF16, for bfloat16 inputs of at most MAX_ROWS rows (a decoding step, a
-verification) and no gradient, ``bf16_decoding.c`` runs:
+On a CPU with AVX512-BF16, for at most MAX_ROWS rows (a decoding step, a verification) and no
+gradient, ``decoding.c`` runs, for bfloat16 inputs:
 
 - ``linear(x, weight)``, ``F.linear(x, weight)`` without bias: it reads the weights at about the
   machine's memory bandwidth, where torch's oneDNN products of a row read them at about two
   thirds of it (docs/results.md);
 - ``attention(q, k, v, scale)``, causal attention of the newest queries over a KV cache, in
-  float32 from bf16 inputs, without SDPA's fixed cost per call.
+  float32 from bf16 inputs, without SDPA's fixed cost per call;
 
-Both give a row the same bits whatever the other rows are, so verifying k drafts in one pass
+and for float32 models of the folded layout (``fastpath.FastBlock``):
+
+- ``f32_decode``, a whole decoding step in one call: the embedding, the blocks (``f32_block``
+  is one), and the head; or DEE's step with its checks after each checked layer, the exit,
+  CALM propagation and the head; ``f32_unembed``, the head's product for a few rows;
+  ``exit_confidence``, one check.
+
+All of them give a row the same bits whatever the other rows are, so verifying k drafts in one pass
 gives exactly the logits of k one-token steps: greedy self-speculation equals greedy
 autoregressive decoding in bf16 too (SDPA's masked path rounds rows differently from its
 one-query path, and near-ties of bf16 logits then pick other tokens).

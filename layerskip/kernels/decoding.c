@@ -10,9 +10,10 @@
  * from about 8 rows the products are bound by that instruction's throughput, not by memory.
  *
  * f32_block: a float32 block in fastpath.FastBlock's folded layout, for a model whose step is
- * bound by the fixed cost of torch's calls (about 25 per block at a few microseconds each): one
- * call per block instead. f32_exit_confidence: an early exit's logits and softmax confidence,
- * DEE's check, in one call instead of four.
+ * bound by the fixed cost of torch's calls (about 25 per block at a few microseconds each).
+ * f32_exit_confidence: an early exit's logits and softmax confidence, DEE's check.
+ * f32_decode: a whole step in one call (embedding, blocks, head; for DEE also the checks, the
+ * exit and CALM propagation), since a call from Python costs about a third of a block.
  *
  * Every output is the same sequence of instructions whatever M is and whichever tile holds it,
  * and so is every attention row and every block row whatever T is: a row's result does not
