@@ -12,14 +12,8 @@ from conftest import tiny_model
 from torch.testing import assert_close
 
 from layerskip import fastpath
-from layerskip.fastpath import (
-    PLAIN_ATTENTION_MAX_QUERIES,
-    DerivedWeights,
-    FastBlock,
-    FastDecoder,
-    decoding,
-    rotate_half_rows,
-)
+from layerskip.fastblock import PLAIN_ATTENTION_MAX_QUERIES, FastBlock, rotate_half_rows
+from layerskip.fastpath import DerivedWeights, FastDecoder, decoding
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

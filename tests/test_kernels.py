@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from layerskip import fastpath, kernels
+from layerskip import fastblock, kernels
 from layerskip.decoding import Autoregressive, DynamicEarlyExit, SelfSpeculative
-from layerskip.fastpath import FastBlock, FastDecoder, decoding
+from layerskip.fastblock import FastBlock
+from layerskip.fastpath import FastDecoder, decoding
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"bf16 kernel {kernels.status()}")
 
@@ -59,7 +60,7 @@ def test_bf16_decoding_runs_the_kernels_not_torchs(monkeypatch):
     prompt = torch.randint(0, 300, (7,), generator=torch.Generator().manual_seed(0)).tolist()
     expected = Autoregressive().generate(model, prompt, 6).tokens
     monkeypatch.setattr(kernels.F, "linear", refuse)
-    monkeypatch.setattr(fastpath, "causal_attention", refuse)
+    monkeypatch.setattr(fastblock, "causal_attention", refuse)
     assert Autoregressive().generate(model, prompt, 6).tokens == expected  # the prefill's 7 rows too
     assert SelfSpeculative(2, 3).generate(model, prompt, 6).tokens == expected
 
@@ -315,7 +316,7 @@ def test_f32_block_runs_rather_than_torchs_products(monkeypatch):
     model = tiny_model()
     prompt = torch.randint(0, model.config.vocab_size, (6,), generator=torch.Generator().manual_seed(5)).tolist()
     expected = Autoregressive().generate(model, prompt, 8).tokens
-    monkeypatch.setattr(fastpath, "attend_scaled", lambda *_, **__: pytest.fail("torch's block ran"))
+    monkeypatch.setattr(fastblock, "attend_scaled", lambda *_, **__: pytest.fail("torch's block ran"))
     assert Autoregressive().generate(model, prompt, 8).tokens == expected
     assert SelfSpeculative(2, 3).generate(model, prompt, 8).tokens == expected
 

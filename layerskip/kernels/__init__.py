@@ -9,7 +9,7 @@ gradient, ``decoding.c`` runs, for bfloat16 inputs:
 - ``attention(q, k, v, scale)``, causal attention of the newest queries over a KV cache, in
   float32 from bf16 inputs, without SDPA's fixed cost per call;
 
-and for float32 models of the folded layout (``fastpath.FastBlock``):
+and for float32 models of the folded layout (``fastblock.FastBlock``):
 
 - ``f32_decode``, a whole decoding step in one call: the embedding, the blocks (``f32_block``
   is one), and the head; or DEE's step with its checks after each checked layer, the exit,
@@ -124,7 +124,7 @@ def open_library(path: Path) -> ctypes.CDLL:
 
 
 class F32Block(ctypes.Structure):
-    """decoding.c's F32Block: a float32 block's folded weights (fastpath.FastBlock) and shape."""
+    """decoding.c's F32Block: a float32 block's folded weights (fastblock.FastBlock) and shape."""
 
     _fields_ = [("qkv_rot", ctypes.c_void_p), ("out", ctypes.c_void_p), ("gate_up", ctypes.c_void_p),
                 ("down", ctypes.c_void_p), ("C", ctypes.c_int64), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64),

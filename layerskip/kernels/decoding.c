@@ -9,7 +9,7 @@
  * (24 accumulators in registers), with VDPBF16PS fusing the bf16 products into float32 sums;
  * from about 8 rows the products are bound by that instruction's throughput, not by memory.
  *
- * f32_block: a float32 block in fastpath.FastBlock's folded layout, for a model whose step is
+ * f32_block: a float32 block in fastblock.FastBlock's folded layout, for a model whose step is
  * bound by the fixed cost of torch's calls (about 25 per block at a few microseconds each).
  * f32_exit_confidence: an early exit's logits and softmax confidence, DEE's check.
  * f32_decode: a whole step in one call (embedding, blocks, head; for DEE also the checks, the
@@ -183,7 +183,7 @@ void bf16_attention(const uint16_t *q, const int64_t *qs, const uint16_t *k, con
 
 /* ---------------------------------------------------------------------------- float32 blocks */
 
-/* A float32 block in fastpath.FastBlock's folded layout, for one sequence: products are x @ W
+/* A float32 block in fastblock.FastBlock's folded layout, for one sequence: products are x @ W
    with W (in, out) row-major; norm gains and 1/sqrt(D) are folded into the weights. */
 typedef struct {
   const float *qkv_rot; /* (C, (2H + 3Hkv) D): q | k | v | rotate_half(q) | rotate_half(k) */
