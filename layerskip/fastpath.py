@@ -342,19 +342,6 @@ class FastDecoder:
         x = normalize(hidden, model.norm.eps)
         return (x @ head if transposed else kernels.linear(x, head)), ids
 
-    def exit_check(self, hidden: torch.Tensor, size: int | None,
-                   measure: str) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
-        """An early exit's logits through the full head (size None) or the short head, their ids (None: all),
-        and their softmax confidence (``measure`` softmax or margin), in one kernel call; None where
-        ``kernels.exit_confidence`` cannot run (the caller then unembeds and measures with torch)."""
-        if not kernels.checks_exit(hidden, measure):
-            return None
-        head, ids = self.head_for(size)
-        if head is None:  # in place, or untracked: no (C, N) copy to read
-            return None
-        logits, confidence = kernels.exit_confidence(hidden, head, self.model.norm.eps, measure)
-        return logits.view(*hidden.shape[:-1], -1), ids, confidence
-
     def _short_head(self, size: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(ids, the folded short head, whether it is stored (C, N) rather than (N, C)), cached."""
         model = self.model

@@ -11,6 +11,7 @@ from conftest import tiny_model
 
 from layerskip import fastblock, kernels
 from layerskip.decoding import Autoregressive, DynamicEarlyExit, SelfSpeculative
+from layerskip.decoding import dee as dee_module
 from layerskip.fastblock import FastBlock
 from layerskip.fastpath import FastDecoder, decoding
 
@@ -348,26 +349,7 @@ def test_f32_block_leaves_everything_else_to_torch(case, monkeypatch):
         assert not kernels.runs_f32_block(block.native, x, cache)
 
 
-# ----------------------------------------------------------------------------- float32 exit checks
-
-
-@needs_kernel
-@pytest.mark.parametrize("measure", ["softmax", "margin"])
-@pytest.mark.parametrize("size", [None, 40])
-def test_exit_check_equals_the_exit_head_and_its_confidence(measure, size):
-    from layerskip.decoding.measures import logit_confidence
-
-    model = tiny_model()
-    model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))
-    h = torch.randn(1, 1, model.config.d_model, generator=torch.Generator().manual_seed(6)) * 3
-    with decoding():
-        fast = FastDecoder.of(model)
-        fused = fast.exit_check(h, size, measure)
-        logits, ids = (fast.unembed(h), None) if size is None else fast.unembed_short(h, size)
-    assert fused is not None
-    torch.testing.assert_close(fused[0], logits, rtol=0, atol=1e-5 * logits.abs().max())
-    assert (fused[1] is None) == (ids is None) and (ids is None or torch.equal(fused[1], ids))
-    assert fused[2] == pytest.approx(logit_confidence(logits, measure).item(), abs=1e-6)
+# ----------------------------------------------------------------------------- DEE through the kernel
 
 
 @needs_kernel
@@ -385,23 +367,6 @@ def test_dee_exits_alike_with_the_kernel_check_and_torchs(exit_vocab, monkeypatc
         assert ours.tokens == torchs.tokens and ours.stats["exit_layers"] == torchs.stats["exit_layers"]
         exited |= set(ours.stats["exit_layers"])
     assert len(exited) > 2  # tokens left at several layers, not all at the last
-
-
-@pytest.mark.parametrize("case", ["two_rows", "bf16", "saturation", "gradient", "switched_off"])
-def test_exit_check_leaves_everything_else_to_torch(case, monkeypatch):
-    h, measure = torch.randn(1, 1, 32), "softmax"
-    if case == "two_rows":
-        h = torch.randn(1, 2, 32)
-    elif case == "bf16":
-        h = h.to(torch.bfloat16)
-    elif case == "saturation":
-        measure = "saturation"
-    elif case == "gradient":
-        h.requires_grad_(True)
-    else:
-        monkeypatch.setattr(kernels, "ENABLED", False)
-    with torch.enable_grad():
-        assert not kernels.checks_exit(h, measure)
 
 
 # ----------------------------------------------------------------------------- whole float32 steps
@@ -509,7 +474,7 @@ def test_decoding_runs_one_call_per_step_not_one_per_block(monkeypatch):
     dee = DynamicEarlyExit(0.1, exit_vocab=40)
     exits = dee.generate(model, prompt, 12).stats["exit_layers"]
     monkeypatch.setattr(kernels, "f32_block", lambda *_, **__: pytest.fail("a block ran on its own"))
-    monkeypatch.setattr(kernels, "exit_confidence", lambda *_, **__: pytest.fail("a check ran on its own"))
+    monkeypatch.setattr(dee_module, "checked_exit", lambda *_, **__: pytest.fail("a check ran on its own"))
     assert Autoregressive().generate(model, prompt[-1:], 12).tokens  # no prefill: the steps alone
     assert Autoregressive().generate(model, prompt, 12).tokens == expected
     assert SelfSpeculative(2, 3, draft_vocab=40).generate(model, prompt, 12).tokens == expected

@@ -300,15 +300,11 @@ def exit_head(decoder: FastDecoder | Transformer, h: torch.Tensor, exit_vocab: i
 
 def checked_exit(fast: FastDecoder, h: torch.Tensor, exit_vocab: int | None, measure: str,
                  counts: dict[str, int]) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float]:
-    """((logits, ids), confidence) of an exit at hidden state h, as ``exit_head`` then ``logit_confidence``;
-    in one kernel call where it runs (fast.exit_check). DEE's check, and what costs.py times as one."""
-    fused = fast.exit_check(h, exit_vocab, measure)
-    if fused is None:
-        checked = exit_head(fast, h, exit_vocab, counts)
-        return checked, logit_confidence(checked[0], measure).item()
-    logits, ids, confidence = fused
-    counts["full" if exit_vocab is None else "short"] += 1
-    return (logits, ids), confidence
+    """((logits, ids), confidence) of an exit at hidden state h: ``exit_head`` then ``logit_confidence``. DEE's
+    check where its step runs layer by layer (inside ``native_step``'s kernel call otherwise), and what costs.py
+    times there."""
+    checked = exit_head(fast, h, exit_vocab, counts)
+    return checked, logit_confidence(checked[0], measure).item()
 
 
 def check_policy(min_exit_layer: int, check_every: int, exit_vocab: int | None, num_layers: int | None = None) -> None:

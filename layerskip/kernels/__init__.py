@@ -13,8 +13,7 @@ and for float32 models of the folded layout (``fastblock.FastBlock``):
 
 - ``f32_decode``, a whole decoding step in one call: the embedding, the blocks (``f32_block``
   is one), and the head; or DEE's step with its checks after each checked layer, the exit,
-  CALM propagation and the head; ``f32_unembed``, the head's product for a few rows;
-  ``exit_confidence``, one check.
+  CALM propagation and the head; ``f32_unembed``, the head's product for a few rows.
 
 All of them give a row the same bits whatever the other rows are, so verifying k drafts in one pass
 gives exactly the logits of k one-token steps: greedy self-speculation equals greedy
@@ -112,8 +111,6 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.f32_block.argtypes = [ctypes.POINTER(F32Block), ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.f32_block_scratch.argtypes = [ctypes.POINTER(F32Block), i64, i64]
     lib.f32_block_scratch.restype = i64
-    lib.f32_exit_confidence.argtypes = [ptr, i64, ctypes.c_float, ptr, i64, ptr, ctypes.c_int, ptr]
-    lib.f32_exit_confidence.restype = ctypes.c_float
     lib.f32_decode.argtypes = [ctypes.POINTER(F32Model), i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64,
                                ctypes.POINTER(F32Exits), ptr, i64, ptr, ptr, ctypes.c_int]
     lib.f32_decode.restype = i64
@@ -274,31 +271,6 @@ def f32_block(layout: F32Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 # ----------------------------------------------------------------------------- float32 exit checks
-
-EXIT_MEASURES = ("softmax", "margin")
-
-
-def checks_exit(hidden: torch.Tensor, measure: str) -> bool:
-    """Whether ``exit_confidence`` runs for one float32 row (..., C) on CPU with this measure."""
-    return (ENABLED and measure in EXIT_MEASURES and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
-            and hidden.numel() == hidden.shape[-1] and not (torch.is_grad_enabled() and hidden.requires_grad)
-            and available())
-
-
-def exit_confidence(hidden: torch.Tensor, head: torch.Tensor, eps: float, measure: str) -> tuple[torch.Tensor, float]:
-    """(logits (N,), confidence) of one row: normalize(hidden) @ head (C, N, the final norm folded in), then the
-    softmax's largest probability (softmax) or largest minus second largest (margin). Only where ``checks_exit``
-    and head is float32, (C, N), contiguous, on CPU."""
-    lib = _library()[0]
-    channels, n = head.shape
-    row = hidden.reshape(channels)
-    if not row.is_contiguous():
-        row = row.contiguous()
-    logits, normalized = torch.empty(n, dtype=torch.float32), torch.empty(channels, dtype=torch.float32)
-    confidence = lib.f32_exit_confidence(row.data_ptr(), channels, eps, head.data_ptr(), n, logits.data_ptr(),
-                                         int(measure == "margin"), normalized.data_ptr())
-    return logits, confidence
-
 
 # ----------------------------------------------------------------------------- float32 decoding steps
 

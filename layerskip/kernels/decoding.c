@@ -321,8 +321,8 @@ void f32_block(const F32Block *b, float *x, int64_t T, const float *cos, const f
 /* An early exit's logits and confidence in one call: logits (N) = normalize(x (C)) . head (C, N)
    (the folded layout: the final norm's gain in the head), and the softmax of the logits' largest
    probability (margin = 0) or its largest minus its second largest (margin = 1). */
-float f32_exit_confidence(const float *x, int64_t C, float eps, const float *head, int64_t N, float *logits,
-                          int margin, float *normalized) {
+static float f32_exit_confidence(const float *x, int64_t C, float eps, const float *head, int64_t N,
+                                 float *logits, int margin, float *normalized) {
   f32_normalize(x, C, eps, normalized);
   f32_product(normalized, head, N, C, N, logits, 0, 1);
   float top = -INFINITY, second = -INFINITY;
