@@ -153,7 +153,7 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
         run()
     us = time_pieces(pieces, repeats, device)
     if phases is not None:
-        us = {"ar_step": us["ar_step"], **phases.medians(), **{k: v for k, v in us.items() if k not in phases.pieces}}
+        us = {name: value for name, value in us.items() if name not in phases.pieces} | phases.medians()
     us["rest"] = us["ar_step"] - num_layers * us["block"] - us["full_head"]
     return StepCosts(**us, num_layers=num_layers, position=position, check_vocab=check_vocab, repeats=repeats,
                      threads=torch.get_num_threads(), classifier_vocab=classifier_vocab)

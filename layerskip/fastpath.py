@@ -266,11 +266,8 @@ class FastDecoder:
                 return h, self.unembed(h).view(-1), None
             logits, ids = self.unembed_short(h, vocab)
             return h, logits.view(-1), ids
-        model.rotary(pos, 1)  # refuses a position beyond the context, as the torch path does
-        cache.reserve_layers(range(end), pos, 1)
-        x, logits = torch.empty(1, native.channels), torch.empty(head.shape[1])
-        kernels.f32_decode(native, 0, end, tokens, x, cache, pos, head=head, logits=logits)
-        return x.view(1, 1, -1), logits, ids
+        _, hidden, logits = self._native_step(native, tokens, pos, cache, end, head)
+        return hidden, logits, ids
 
     def exit_policy(self, thresholds: list[float], vocab: int | None, measure: str) -> NativeExits | None:
         """DEE's policy for ``exit_step`` (thresholds of layers 1..L-1, math.inf where unchecked; early exits, and
@@ -294,15 +291,23 @@ class FastDecoder:
         head, _ = self.head_for(None)
         if head is None or not kernels.runs_decode(native, cache, 1):
             return None
-        layers = native.num_layers
+        # every layer's cache gets the token: by its block or by propagation
+        ran, hidden, logits = self._native_step(native, tokens, pos, cache, native.num_layers, head, policy, phase_ns)
+        if ran == native.num_layers:
+            return ran, hidden, logits, None
+        return ran, hidden, policy.logits.clone(), policy.ids
+
+    def _native_step(self, native: kernels.NativeModel, tokens: torch.Tensor, pos: int, cache: KVCache, end: int,
+                     head: torch.Tensor, policy: NativeExits | None = None,
+                     phase_ns: torch.Tensor | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """One token through ``kernels.f32_decode`` over layers [0, end) -> (blocks run, hidden (1, 1, C), the head's
+        logits (unwritten after an early exit)); the cache's layers [0, end) marked written first."""
         self.model.rotary(pos, 1)  # refuses a position beyond the context, as the torch path does
-        cache.reserve_layers(range(layers), pos, 1)  # every layer: by its block or by propagation
+        cache.reserve_layers(range(end), pos, 1)
         x, logits = torch.empty(1, native.channels), torch.empty(head.shape[1])
-        ran = kernels.f32_decode(native, 0, layers, tokens, x, cache, pos, exits=policy.struct, head=head,
-                                 logits=logits, phase_ns=phase_ns)
-        if ran == layers:
-            return ran, x.view(1, 1, -1), logits, None
-        return ran, x.view(1, 1, -1), policy.logits.clone(), policy.ids
+        ran = kernels.f32_decode(native, 0, end, tokens, x, cache, pos, exits=None if policy is None else policy.struct,
+                                 head=head, logits=logits, phase_ns=phase_ns)
+        return ran, x.view(1, 1, -1), logits
 
     def head_for(self, vocab: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(the folded (C, N) head of the full vocabulary (vocab None) or of the `vocab` most frequent tokens,

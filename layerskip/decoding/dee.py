@@ -172,9 +172,7 @@ class DynamicEarlyExit:
             logits, counts["full"] = fast.unembed(h).reshape(-1), counts["full"] + 1
         else:
             logits, ids = checked if checked is not None else self.exit_head(fast, h, counts)
-            logits = logits.reshape(-1)
-            if ids is not None:  # the short head's columns -> the whole vocabulary, -inf elsewhere
-                logits = logits.new_full((model.config.vocab_size,), -math.inf).index_copy_(0, ids, logits)
+            logits = whole_vocabulary(logits.reshape(-1), ids, model.config.vocab_size)
         kv = propagate(model, h, exit_layer, pos, cache) if exit_layer < num_layers else 0
         return StepResult(logits=logits, exit_layer=exit_layer, head_evals=counts["full"], kv_projections=kv,
                           short_head_evals=counts["short"])
@@ -200,8 +198,7 @@ class DynamicEarlyExit:
         # heads read by the exit head: at every check (softmax, margin), or at the exit alone (saturation)
         heads = sum(1 for layer in checks if layer <= exit_layer) if self.measure != "saturation" else int(early)
         full = int(not early) + (heads if self.exit_vocab is None else 0)
-        if ids is not None:  # the short head's columns -> the whole vocabulary, -inf elsewhere
-            logits = logits.new_full((fast.model.config.vocab_size,), -math.inf).index_copy_(0, ids, logits)
+        logits = whole_vocabulary(logits, ids, fast.model.config.vocab_size)
         return StepResult(logits=logits, exit_layer=exit_layer, head_evals=full,
                           kv_projections=num_layers - exit_layer,
                           short_head_evals=0 if self.exit_vocab is None else heads)
@@ -296,6 +293,14 @@ def exit_head(decoder: FastDecoder | Transformer, h: torch.Tensor, exit_vocab: i
         return decoder.unembed(h), None
     counts["short"] += 1
     return decoder.unembed_short(h, exit_vocab)
+
+
+def whole_vocabulary(logits: torch.Tensor, ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Exit logits (N,) of the short head's tokens `ids` as logits over the whole vocabulary, -inf elsewhere
+    (ids None: already the whole vocabulary)."""
+    if ids is None:
+        return logits
+    return logits.new_full((vocab_size,), -math.inf).index_copy_(0, ids, logits)
 
 
 def checked_exit(fast: FastDecoder, h: torch.Tensor, exit_vocab: int | None, measure: str,
