@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layerskip.demo import PLAIN_FLAGS, TRAIN_SHARE
+from layerskip.demo import LAYERSKIP_FLAGS, PLAIN_FLAGS, TRAIN_SHARE
 from layerskip.errors import ConfigError, run_script
 
 # The demo's recipe before the search (spelt out: the defaults it relied on have changed since).
@@ -48,6 +48,7 @@ BEFORE = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_c
           "--early_exit_tokens", "0.25", "--early_exit_weighting", "depth", "--early_exit_distill", "0"]
 # name -> `layerskip train` flags (later flags override earlier ones). "current" is BEFORE; "paper"
 # the LayerSkip paper's from-scratch recipe (exponential depth schedule and time ramp, p_max 0.1, e_scale 0.2).
+DEFAULT = LAYERSKIP_FLAGS  # the recipe the search made the demo's default (uniform-distill0.9)
 RECIPES: dict[str, list[str]] = {
     "plain": PLAIN_FLAGS,
     "current": BEFORE,
@@ -79,6 +80,19 @@ RECIPES: dict[str, list[str]] = {
     "uniform-distill0.9-exp-e0.3": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
                                     "--layer_dropout_schedule", "exp", "--layer_dropout_ramp", "exp",
                                     "--early_exit_scale", "0.3"],
+    # the sixth round: continual LayerSkip training (the paper's main use) inside the same budget: a
+    # plain run first (CONTINUAL's share of the minutes), then the default recipe from it (--init-from)
+    # with a short warm-up, at the full or a lower peak LR
+    "plain50-then-default": [*DEFAULT, "--warmup", "20"],
+    "plain75-then-default": [*DEFAULT, "--warmup", "20"],
+    "plain75-then-default-lr3e-3": [*DEFAULT, "--warmup", "20", "--lr", "3e-3"],
+}
+# name -> (the recipe trained first, its share of the minutes): a continual recipe's flags above train
+# the rest of the budget starting from that first run, so both stages together take the same minutes.
+CONTINUAL: dict[str, tuple[str, float]] = {
+    "plain50-then-default": ("plain", 0.5),
+    "plain75-then-default": ("plain", 0.75),
+    "plain75-then-default-lr3e-3": ("plain", 0.75),
 }
 DEMO_MINUTES = 20.0 * TRAIN_SHARE
 SHARE_CONFIGS = ["softmax"]  # the full head's softmax, as the issue's 13% at layer 3 was measured
@@ -121,10 +135,14 @@ def training_order(recipes: list[str], seeds: list[int]) -> list[tuple[int, str]
     return order
 
 
-def train_argv(args: argparse.Namespace, seed: int, recipe: str) -> list[str]:
-    directory = run_dir(args.out, seed, recipe)
-    argv = ["train", "--out", str(directory), "--time_budget", f"{args.minutes:g}", "--seed", str(seed), "--quiet",
-            *RECIPES[recipe], *args.train_flags]
+def first_stage_dir(out: Path, seed: int, recipe: str) -> Path:
+    """Where a continual recipe's first run lives, beside the run itself."""
+    return out / f"seed{seed}" / f"{recipe}.start"
+
+
+def train_argv(args: argparse.Namespace, directory: Path, seed: int, flags: list[str], minutes: float) -> list[str]:
+    argv = ["train", "--out", str(directory), "--time_budget", f"{minutes:g}", "--seed", str(seed), "--quiet",
+            *flags, *args.train_flags]
     if args.data_dir:
         argv += ["--data_dir", args.data_dir]
     if (directory / "last" / "config.json").is_file():
@@ -132,6 +150,18 @@ def train_argv(args: argparse.Namespace, seed: int, recipe: str) -> list[str]:
     elif directory.exists():
         argv.append("--overwrite")  # a run that never saved
     return argv
+
+
+def training_stages(args: argparse.Namespace, seed: int, recipe: str) -> list[tuple[Path, list[str]]]:
+    """The trainings behind one run, in order: (directory, argv); a continual recipe's first run, then it."""
+    if recipe not in CONTINUAL:
+        directory = run_dir(args.out, seed, recipe)
+        return [(directory, train_argv(args, directory, seed, RECIPES[recipe], args.minutes))]
+    first_recipe, share = CONTINUAL[recipe]
+    first, directory = first_stage_dir(args.out, seed, recipe), run_dir(args.out, seed, recipe)
+    flags = [*RECIPES[recipe], "--init-from", str(first)]
+    return [(first, train_argv(args, first, seed, RECIPES[first_recipe], args.minutes * share)),
+            (directory, train_argv(args, directory, seed, flags, args.minutes * (1 - share)))]
 
 
 def shown(argv: list[str]) -> str:
@@ -152,28 +182,39 @@ def run_trainings(args: argparse.Namespace) -> None:
     jobs = [(s, r) for s, r in training_order(args.recipes, args.seeds) if not finished(run_dir(args.out, s, r))]
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     print(f"{len(jobs)} trainings to run, {args.parallel} at a time, {threads} thread(s) each", flush=True)
-    running: list[tuple[subprocess.Popen, int, str, float]] = []
-    while jobs or running:
-        while jobs and len(running) < args.parallel:
-            seed, recipe = jobs.pop(0)
-            argv = [sys.executable, "-m", "layerskip", *train_argv(args, seed, recipe)]
-            print("$ " + shown(argv), flush=True)
-            if args.dry_run:
+    if args.dry_run:
+        for seed, recipe in jobs:
+            for _, argv in training_stages(args, seed, recipe):
+                print("$ " + shown([sys.executable, "-m", "layerskip", *argv]), flush=True)
+        return
+
+    def train(job: tuple[int, str]) -> None:
+        seed, recipe = job
+        started = time.time()
+        for directory, argv in training_stages(args, seed, recipe):  # argv decided when the stage starts
+            if finished(directory):
                 continue
-            directory = run_dir(args.out, seed, recipe)
-            directory.mkdir(parents=True, exist_ok=True)
-            with open(directory.parent / f"{recipe}.log", "a", encoding="utf-8") as log:  # the child keeps its copy
-                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads))
-            running.append((proc, seed, recipe, time.time()))
-        for job in [j for j in running if j[0].poll() is not None]:
-            proc, seed, recipe, started = job
-            running.remove(job)
-            status = proc.returncode
-            print(f"seed {seed} {recipe}: exit {status} after {time.time() - started:.0f} s", flush=True)
-            if status == 0:
-                (run_dir(args.out, seed, recipe) / "done.json").write_text(
-                    json.dumps({"seconds": time.time() - started, "threads": threads, "parallel": args.parallel}))
-        time.sleep(2)
+            status = run_stage(directory, recipe, [sys.executable, "-m", "layerskip", *argv], threads, args.parallel)
+            if status != 0:
+                print(f"seed {seed} {recipe}: exit {status} in {directory.name}", flush=True)
+                return
+        print(f"seed {seed} {recipe}: done after {time.time() - started:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        list(pool.map(train, jobs))
+
+
+def run_stage(directory: Path, recipe: str, argv: list[str], threads: int, parallel: int) -> int:
+    """One training, its output appended to the recipe's log; done.json records it when it succeeds."""
+    print("$ " + shown(argv), flush=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(directory.parent / f"{recipe}.log", "a", encoding="utf-8") as log:
+        status = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads)).returncode
+    if status == 0:
+        (directory / "done.json").write_text(
+            json.dumps({"seconds": time.time() - started, "threads": threads, "parallel": parallel}))
+    return status
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -271,15 +312,27 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def steps_trained(directory: Path) -> int | None:
+    """The run's optimizer steps, a continual run's first run's included."""
+    stages = [directory.parent / f"{directory.name}.start", directory]
+    steps = [end_step(d) for d in stages if (d / "metrics.jsonl").is_file()]
+    return None if not steps or None in steps else sum(steps)
+
+
+def end_step(directory: Path) -> int | None:
+    lines = (directory / "metrics.jsonl").read_text().splitlines()
+    ends = [json.loads(line) for line in lines if '"end"' in line]
+    return ends[-1]["step"] if ends else None
+
+
 def run_record(directory: Path) -> dict | None:
     """What one finished, measured run gives the table (None if not measured yet)."""
     evaluation = read_json(directory / "eval_test.json")
     if evaluation is None:
         return None
     layers = evaluation["layers"]
-    end = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if '"end"' in line]
     record = {"last_word_ppl": layers[-1]["word_ppl"], "agreement": [x["agreement"] for x in layers[:-1]],
-              "last_in_top2": [x["last_in_top2"] for x in layers[:-1]], "steps": end[-1]["step"] if end else None}
+              "last_in_top2": [x["last_in_top2"] for x in layers[:-1]], "steps": steps_trained(directory)}
     shares = read_json(directory / "exit_shares.json")
     if shares is not None:
         for name, r in shares["results"].items():
