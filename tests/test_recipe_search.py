@@ -20,29 +20,45 @@ def test_training_order_runs_every_pair_once_and_rotates_positions():
     assert firsts == ["a", "b", "c"]  # no recipe always starts a seed
 
 
+def recipe_config(flags):
+    settings = {k.removeprefix("--"): v for k, v in zip(flags[::2], flags[1::2])}
+    typed = {k: (v if k.endswith(("curriculum", "schedule", "ramp", "weighting")) else
+                 int(v) if k == "warmup" else float(v)) for k, v in settings.items()}
+    return TrainConfig(**typed)
+
+
 def test_every_recipe_is_a_valid_training_config():
     for name, flags in search.RECIPES.items():
-        pairs = dict(zip(flags[::2], flags[1::2]))
-        settings = {k.removeprefix("--"): v for k, v in pairs.items()}
-        typed = {k: (v if k.endswith(("curriculum", "schedule", "ramp", "weighting")) else float(v))
-                 for k, v in settings.items()}
-        cfg = TrainConfig(**typed)
-        assert cfg.plain == (name == "plain"), name
+        assert recipe_config(flags).plain == (name == "plain"), name
+    for name, (first, share) in search.CONTINUAL.items():
+        assert first in search.RECIPES and 0 < share < 1 and not recipe_config(search.RECIPES[name]).plain
 
 
 def test_train_argv_resumes_an_interrupted_run_and_overwrites_one_that_never_saved(tmp_path):
     args = search.parse_args(["train", "--out", str(tmp_path), "--minutes", "1.5", "--train_flags", "--d_model", "64"])
-    argv = search.train_argv(args, 1, "distill0.5")
-    assert argv[:7] == ["train", "--out", str(tmp_path / "seed1" / "distill0.5"), "--time_budget", "1.5",
-                        "--seed", "1"]
+    [(directory, argv)] = search.training_stages(args, 1, "distill0.5")
+    assert directory == tmp_path / "seed1" / "distill0.5"
+    assert argv[:7] == ["train", "--out", str(directory), "--time_budget", "1.5", "--seed", "1"]
     assert argv[-2:] == ["--d_model", "64"] and "--early_exit_distill" in argv
-    (tmp_path / "seed1" / "distill0.5").mkdir(parents=True)
-    assert search.train_argv(args, 1, "distill0.5")[-1] == "--overwrite"
-    (tmp_path / "seed1" / "distill0.5" / "last").mkdir()
-    (tmp_path / "seed1" / "distill0.5" / "last" / "config.json").write_text("{}")
-    assert search.train_argv(args, 1, "distill0.5")[-1] == "--resume"
+    directory.mkdir(parents=True)
+    assert search.training_stages(args, 1, "distill0.5")[0][1][-1] == "--overwrite"
+    (directory / "last").mkdir()
+    (directory / "last" / "config.json").write_text("{}")
+    assert search.training_stages(args, 1, "distill0.5")[0][1][-1] == "--resume"
     with pytest.raises(ConfigError, match="parallel"):
         search.parse_args(["train", "--out", str(tmp_path), "--parallel", "0"])
+
+
+def test_a_continual_recipe_trains_its_first_recipe_then_continues_from_it_inside_the_same_minutes(tmp_path):
+    args = search.parse_args(["train", "--out", str(tmp_path), "--minutes", "8"])
+    (first, first_argv), (directory, argv) = search.training_stages(args, 0, "plain75-then-default")
+    assert first == tmp_path / "seed0" / "plain75-then-default.start"
+    assert directory == search.run_dir(tmp_path, 0, "plain75-then-default")
+    assert first_argv[first_argv.index("--time_budget") + 1] == "6"
+    assert recipe_config(first_argv[first_argv.index("--max_skip_prob"):]).plain
+    assert argv[argv.index("--time_budget") + 1] == "2"
+    assert argv[argv.index("--init-from") + 1] == str(first)
+    assert recipe_config(argv[argv.index("--max_skip_prob"):argv.index("--init-from")]).early_exit_distill == 0.9
 
 
 def fake_run(out, seed, recipe, word_ppl, agreement, share=None, steps=100):
@@ -82,6 +98,14 @@ def bench_config(strategy, speedup, rouge, label, **options):
             "greedy": True, "mean_exit_layer": 3.0, "acceptance_rate": 0.5 if strategy == "ssd" else None}
 
 
+def test_a_continual_runs_steps_count_its_first_runs_too(tmp_path):
+    fake_run(tmp_path, 0, "plain75-then-default", 130.0, [0.5, 0.6, 0.7], steps=40)
+    first = search.first_stage_dir(tmp_path, 0, "plain75-then-default")
+    first.mkdir()
+    (first / "metrics.jsonl").write_text(json.dumps({"type": "end", "step": 300}) + "\n")
+    assert search.steps_trained(search.run_dir(tmp_path, 0, "plain75-then-default")) == 340
+
+
 def test_summary_tabulates_calibrated_dee_the_faithful_sweep_and_ssd(tmp_path):
     fake_run(tmp_path, 0, "current", 130.0, [0.5, 0.6, 0.7, 0.8], share=0.1)
     configs = [bench_config("ar", 1.0, 1.0, "AR greedy"),
@@ -107,13 +131,8 @@ def test_summary_without_measured_runs_is_one_clear_error(tmp_path):
 def test_the_demo_trains_the_recipe_the_search_chose():
     from layerskip.demo import LAYERSKIP_FLAGS
 
-    def config(flags):
-        settings = {k.removeprefix("--"): v for k, v in zip(flags[::2], flags[1::2])}
-        return TrainConfig(**{k: (v if k.endswith(("curriculum", "weighting")) else float(v))
-                              for k, v in settings.items()})
-
-    assert config(LAYERSKIP_FLAGS) == config(search.RECIPES["uniform-distill0.9"])
-    assert config(search.RECIPES["current"]) != config(LAYERSKIP_FLAGS)
+    assert recipe_config(LAYERSKIP_FLAGS) == recipe_config(search.RECIPES["uniform-distill0.9"])
+    assert recipe_config(search.RECIPES["current"]) != recipe_config(LAYERSKIP_FLAGS)
 
 
 def test_decode_calibrates_every_measure_and_delta_then_benches_with_all_the_files(tmp_path, capsys):
