@@ -99,7 +99,7 @@ SHARE_CONFIGS = ["softmax"]  # the full head's softmax, as the issue's 13% at la
 SHARE_VALID_TOKENS = "65536"  # validation tokens the calibrated shares learn from (all: 4x the time)
 SHARE_LAYER = 3  # the issue's target: tokens that can exit by layer 3 at <= 1% disagreement
 DECODE_MEASURES = ["softmax", "saturation", "classifier"]
-DECODE_DELTAS = ["0.01", "0.05"]
+DECODE_DELTAS = ["0.01", "0.05"]  # decode's calibrations by default (--deltas)
 SHORT_HEAD = "1024"  # the demo's draft and exit head
 MIN_ROUGE = 0.8  # the fidelity bar of the fastest DEE sweep config
 
@@ -112,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--minutes", type=float, default=DEMO_MINUTES, help="each training's time budget")
     p.add_argument("--parallel", type=int, default=2, help="trainings at once (each gets cores / parallel threads)")
+    p.add_argument("--deltas", nargs="+", default=DECODE_DELTAS,
+                   help="decode: the disagreement bounds each measure is calibrated at")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
     p.add_argument("--train_flags", nargs=argparse.REMAINDER, default=[],
@@ -272,8 +274,9 @@ def decode(args: argparse.Namespace) -> None:
         if recipe == "plain" or not finished(directory) or not finished(plain):
             print(f"seed {seed} {recipe}: skipped (plain, or it or its plain run not trained)", flush=True)
             continue
-        files = [thresholds_file(directory, m, d) for m in DECODE_MEASURES for d in DECODE_DELTAS]
-        for file, (measure, delta) in zip(files, [(m, d) for m in DECODE_MEASURES for d in DECODE_DELTAS]):
+        pairs = [(m, d) for m in DECODE_MEASURES for d in args.deltas]
+        files = [thresholds_file(directory, m, d) for m, d in pairs]
+        for file, (measure, delta) in zip(files, pairs):
             if not file.is_file():
                 calibrations.append([[*layerskip, "calibrate", "--checkpoint", str(directory), "--output", str(file),
                                       "--delta", delta, "--measure", measure, "--exit_vocab", SHORT_HEAD, *data]])
@@ -393,7 +396,10 @@ def summary_table(runs: dict[str, dict[int, dict]]) -> str:
 
 def decode_table(runs: dict[str, dict[int, dict]]) -> str:
     """One row per decoded run: calibrated DEE (speed-up / ROUGE-L / held-out disagreement), sweep, SSD."""
-    keys = [f"{m} d{float(d):g}" for m in DECODE_MEASURES for d in DECODE_DELTAS]
+    found = {k for records in runs.values() for r in records.values() for k in r.get("decode", {})}
+    deltas = sorted({float(k.split(" d")[1]) for k in found if k.split(" d")[0] in DECODE_MEASURES}
+                    | {float(d) for d in DECODE_DELTAS})
+    keys = [f"{m} d{d:g}" for m in DECODE_MEASURES for d in deltas]
     head = ["run", *(f"DEE {k}" for k in keys), f"fastest DEE, ROUGE-L >= {MIN_ROUGE}", "best greedy SSD"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for recipe, records in runs.items():

@@ -150,3 +150,21 @@ def test_decode_calibrates_every_measure_and_delta_then_benches_with_all_the_fil
     assert bench.startswith("$ layerskip bench") and f"--baseline {tmp_path / 'seed0' / 'plain'}" in bench
     assert all(str(search.thresholds_file(search.run_dir(tmp_path, 0, "current"), m, d)) in bench
                for m in search.DECODE_MEASURES for d in search.DECODE_DELTAS)
+
+
+def test_decode_calibrates_at_the_deltas_asked_and_the_summary_shows_them(tmp_path, capsys):
+    for recipe in ("plain", "current"):
+        directory = search.run_dir(tmp_path, 0, recipe)
+        (directory / "best").mkdir(parents=True)
+        (directory / "best" / "config.json").write_text("{}")
+        (directory / "done.json").write_text("{}")
+    search.main(["decode", "--out", str(tmp_path), "--recipes", "plain", "current", "--seeds", "0", "--dry_run",
+                 "--deltas", "0.02", "0.03"])
+    calibrations = [line for line in capsys.readouterr().out.splitlines() if " calibrate " in line]
+    assert sorted(line.split("--delta ")[1].split()[0] for line in calibrations) == ["0.02"] * 3 + ["0.03"] * 3
+    record = {"softmax d0.03": {"speedup": 1.2, "rouge_l": 0.8, "heldout_disagreement": 0.02},
+              "dee sweep": None, "ssd": None}
+    table = search.decode_table({"current": {0: {"decode": record}}})
+    head, row = table.splitlines()[0].split(" | "), table.splitlines()[2].split(" | ")
+    assert row[head.index("DEE softmax d0.03")] == "1.20x / 0.80 / 2.00%"
+    assert row[head.index("DEE softmax d0.01")] == "-"  # the default deltas keep their columns
