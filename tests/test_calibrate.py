@@ -237,6 +237,26 @@ def test_cli_calibrate_errors_are_one_line(tmp_path, tiny_checkpoint, tiny_corpu
     assert rc == 2 and "--gen_prompts must be >= 0, got -1" in capsys.readouterr().err
 
 
+def test_cli_calibrate_records_the_layer_selection_and_refuses_an_unused_check_cost(tmp_path, tiny_checkpoint,
+                                                                                   tiny_corpus_dir, capsys):
+    out = tmp_path / "t.json"
+    common = ["calibrate", "--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_corpus_dir), "--delta", "0.3",
+              "--seq_len", "16", "--gen_prompts", "0", "--device", "cpu", "--output", str(out)]
+    assert main([*common, "--check_cost", "0.2"]) == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    selection = record["method"]["layer_selection"]
+    assert selection["selection"] == "cost" and selection["costs_in_blocks"]["check"] == 0.2
+    assert set(selection["selected_layers"]) <= set(selection["allowed_layers"]) == {1, 2, 3}
+    unchecked = [layer for layer in selection["allowed_layers"] if layer not in selection["selected_layers"]]
+    assert all(record["thresholds"][layer - 1] is None for layer in unchecked)
+    assert "--select_layers cost --check_cost 0.2" in record["command"]
+    assert main([*common, "--select_layers", "all"]) == 0
+    assert json.loads(out.read_text())["method"]["layer_selection"] == {"selection": "all"}
+    capsys.readouterr()
+    assert main([*common, "--select_layers", "all", "--check_cost", "0.2"]) == 2
+    assert "--check_cost" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- the Python entry points
 
 CLI_SETTINGS = dict(delta=0.3, epsilon=0.1, seq_len=16, gen_prompts=2, gen_tokens=6, device="cpu")

@@ -74,6 +74,7 @@ CLI calls). ``layerskip.thresholds`` reads the file back.
 """
 
 from layerskip.calibration.classifier import classifier_scores, fit_classifier
+from layerskip.calibration.exits import head_evals, policy_disagreements, policy_exit_layers
 from layerskip.calibration.generated import generated_disagreement
 from layerskip.calibration.pipeline import calibrate_checkpoint, evaluate_thresholds
 from layerskip.calibration.policy import (
@@ -84,12 +85,9 @@ from layerskip.calibration.policy import (
     calibrate_scores,
     check_method,
     global_family,
-    head_evals,
     learn_half_exit_layers,
     per_layer_family,
     per_layer_grid,
-    policy_disagreements,
-    policy_exit_layers,
     split_scores,
 )
 from layerskip.calibration.record import (
@@ -99,6 +97,7 @@ from layerskip.calibration.record import (
     write_json_atomic,
 )
 from layerskip.calibration.scores import ExitScores, exit_scores
+from layerskip.calibration.selection import SELECTIONS, CheckCosts, select_layers, weight_costs
 from layerskip.calibration.stats import (
     FixedSequenceResult,
     binomial_cdf,
@@ -109,11 +108,12 @@ from layerskip.calibration.stats import (
 )
 
 __all__ = [
-    "AUTO_RISK_LEVELS", "METHODS", "RISK_DEFINITION", "Calibration", "ExitScores", "FixedSequenceResult",
+    "AUTO_RISK_LEVELS", "METHODS", "RISK_DEFINITION", "SELECTIONS", "Calibration", "CheckCosts", "ExitScores",
+    "FixedSequenceResult",
     "auto_method", "binomial_cdf", "binomial_pvalue", "calibrate_checkpoint", "calibrate_scores", "check_method",
     "classifier_scores", "fit_classifier",
     "evaluate_thresholds", "exit_scores", "fixed_sequence_test", "generated_disagreement", "global_family",
     "guarantee_text", "head_evals", "isotonic_increasing", "learn_half_exit_layers", "local_error_curve",
-    "per_layer_family", "per_layer_grid", "policy_disagreements", "policy_exit_layers", "split_scores",
-    "thresholds_record", "write_json_atomic",
+    "per_layer_family", "per_layer_grid", "policy_disagreements", "policy_exit_layers", "select_layers",
+    "split_scores", "thresholds_record", "weight_costs", "write_json_atomic",
 ]

@@ -14,16 +14,12 @@ import numpy as np
 import torch
 
 from layerskip.calibration.classifier import DEFAULT_HIDDEN, FIT_TOKENS, check_classifier_settings
+from layerskip.calibration.exits import head_evals, policy_disagreements
 from layerskip.calibration.generated import generated_disagreement
-from layerskip.calibration.policy import (
-    Calibration,
-    calibrate_scores,
-    check_method,
-    head_evals,
-    policy_disagreements,
-)
+from layerskip.calibration.policy import Calibration, calibrate_scores, check_method
 from layerskip.calibration.record import thresholds_record, write_json_atomic
 from layerskip.calibration.scores import ExitScores, exit_scores
+from layerskip.calibration.selection import check_selection, weight_costs
 from layerskip.checkpoint import Checkpoint, load_checkpoint
 from layerskip.config import check_measure
 from layerskip.console import log
@@ -63,6 +59,8 @@ def calibrate_checkpoint(
     classifier_vocab: int = CLASSIFIER_VOCAB,
     classifier_hidden: int = DEFAULT_HIDDEN,
     classifier_fit_tokens: int = FIT_TOKENS,
+    select_layers: str = "cost",
+    check_cost: float | None = None,
     device: str = "auto",
     command: str | None = None,
     progress: bool = True,
@@ -74,11 +72,15 @@ def calibrate_checkpoint(
         command line recorded in the file. progress: log the run and the result on stderr.
         classifier_*: measure "classifier" only: the features' short head, the hidden units of its
         MLP (0: logistic regression), the learn-half tokens it is fit on at most.
+        select_layers: "cost" checks only the layers whose checks save more than they cost on the learn
+        half (``selection``), "all" every layer min_exit_layer and check_every allow. check_cost: the
+        check's cost in blocks (measured, e.g. by ``layerskip.costs``), instead of its weights' estimate.
     Returns the policy, whose ``.record`` is the whole thresholds record and ``.strategy()`` the DEE.
     """
     check_risk_settings(delta, epsilon)
     check_method(method)
     _check_classifier_options(measure, classifier_vocab, classifier_hidden, classifier_fit_tokens)
+    check_selection(select_layers, check_cost)
     check_counts(dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, gen_prompts=gen_prompts,
                       gen_tokens=gen_tokens))
     ckpt, device = _checkpoint_on(checkpoint, device)
@@ -93,9 +95,12 @@ def calibrate_checkpoint(
     scores = exit_scores(model, valid, measure, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
                          progress=progress_bar if progress else None, exit_vocab=exit_vocab,
                          classifier_vocab=classifier_vocab)
+    costs = None if select_layers == "all" else weight_costs(
+        model, measure, exit_vocab, classifier_vocab if measure == "classifier" else None, classifier_hidden,
+        check_cost)
     result = calibrate_scores(scores, delta=delta, epsilon=epsilon, method=method, min_exit_layer=min_exit_layer,
                               check_every=check_every, seed=seed, classifier_hidden=classifier_hidden,
-                              classifier_fit_tokens=classifier_fit_tokens)
+                              classifier_fit_tokens=classifier_fit_tokens, costs=costs)
     scores.features = None  # the classifier's features are fit and scored: free them before generating
     dee = DynamicEarlyExit(result.thresholds, result.measure, exit_vocab=result.exit_vocab,
                            classifier=result.classifier)

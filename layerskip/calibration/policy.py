@@ -1,21 +1,23 @@
-"""Exit policies on exit scores, their one-parameter families, and the Learn-then-Test choice.
+"""Exit policies' one-parameter families, and the Learn-then-Test choice among them.
 
 A policy is a list of per-layer thresholds (layers 1..L-1, inf: never exit there); its
-teacher-forced disagreement and exit layers are counts over ExitScores.
+teacher-forced disagreement and exit layers are counts over ExitScores (exits.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from layerskip.calibration.classifier import DEFAULT_HIDDEN, FIT_TOKENS, classifier_scores, fit_classifier
+from layerskip.calibration.exits import head_evals, policy_disagreements
 from layerskip.calibration.scores import ExitScores
+from layerskip.calibration.selection import CheckCosts, select_layers
 from layerskip.calibration.stats import fixed_sequence_test, local_error_curve
 from layerskip.decoding.dee import check_policy
 from layerskip.decoding.measures import ExitClassifier
@@ -24,41 +26,6 @@ from layerskip.thresholds import check_risk_settings, checked_mask
 
 METHODS = ("auto", "per-layer", "global")
 AUTO_RISK_LEVELS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
-
-
-# ----------------------------------------------------------------------------- one policy
-
-
-def policy_exit_layers(confidence: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
-    """Exit layer (1..L) of every token under per-layer thresholds (inf: never exit there)."""
-    num_exits, n = confidence.shape
-    exits = np.full(n, num_exits + 1, dtype=np.int64)
-    undecided = np.ones(n, dtype=bool)
-    for row, lam in enumerate(thresholds):
-        if not math.isfinite(lam):
-            continue
-        hit = undecided & (confidence[row] >= lam)
-        exits[hit] = row + 1
-        undecided &= ~hit
-    return exits
-
-
-def head_evals(exits: np.ndarray, thresholds: Sequence[float], measure: str) -> np.ndarray:
-    """LM-head evaluations DEE spends on each token exiting at `exits` (as DynamicEarlyExit counts them)."""
-    num_layers = len(thresholds) + 1
-    if measure in ("saturation", "classifier"):
-        return np.ones_like(exits)  # only the exit's head (the classifier's short heads are counted apart)
-    checked = np.array([layer for layer, lam in enumerate(thresholds, start=1) if math.isfinite(lam)])
-    passed = (checked[None, :] <= exits[:, None]).sum(1) if checked.size else np.zeros_like(exits)
-    return passed + (exits == num_layers)
-
-
-def policy_disagreements(scores: ExitScores, thresholds: Sequence[float]) -> tuple[int, np.ndarray]:
-    """(number of tokens whose exit's top-1 differs from the final top-1, exit layers)."""
-    exits = policy_exit_layers(scores.confidence, thresholds)
-    early = np.nonzero(exits < scores.num_layers)[0]
-    wrong = int((~scores.agree[exits[early] - 1, early]).sum())
-    return wrong, exits
 
 
 # ----------------------------------------------------------------------------- families
@@ -182,12 +149,15 @@ def calibrate_scores(
     seed: int = 0,
     classifier_hidden: int = DEFAULT_HIDDEN,
     classifier_fit_tokens: int = FIT_TOKENS,
+    costs: CheckCosts | None = None,
 ) -> Calibration:
     """Learn-then-Test on precomputed exit scores (see the package docstring).
 
     Measure "classifier": scores with features get a classifier fit on the learn half only
     (``classifier_hidden`` units, 0: logistic regression), which then scores both halves;
     scores a given classifier already scored are used as they are.
+    costs: choose the checked layers by their cost on the learn half (``selection.select_layers``);
+    None: check every layer min_exit_layer and check_every allow.
     """
     check_risk_settings(delta, epsilon)
     requested = check_method(method)
@@ -209,7 +179,11 @@ def calibrate_scores(
     learn_choice = {}
     if method == "auto":
         method, learn_choice = auto_method(learn, families)
-    family = families[method]
+    family_of = family_builder(method, learn, families[method])
+    selection: dict[str, Any] = {"selection": "all"}
+    if costs is not None:
+        checked, selection = select_layers(learn, checked, family_of, delta, costs)
+    family = family_of(checked)
     result = fixed_sequence_test(lambda i: policy_disagreements(test, family[i])[0],
                                  len(family), test.num_tokens, delta, epsilon)
     thresholds = family[result.chosen] if result.chosen >= 0 else [math.inf] * (scores.num_layers - 1)
@@ -223,10 +197,23 @@ def calibrate_scores(
         chosen_index=result.chosen, tested=len(result.tested), mean_exit_layer=float(exits.mean()), seed=seed,
         head_evals_per_token=float(head_evals(exits, thresholds, scores.measure).mean()),
         exit_vocab=scores.exit_vocab,
-        extra={"requested_method": requested, "auto_learn_half_mean_exit_layer_by_risk": learn_choice},
+        extra={"requested_method": requested, "auto_learn_half_mean_exit_layer_by_risk": learn_choice,
+               "layer_selection": selection},
         classifier=test.classifier,
         exit_layer_counts=np.bincount(exits, minlength=scores.num_layers + 1)[1:].tolist(),
     )
+
+
+def family_builder(method: str, learn: ExitScores, full: list[list[float]]) -> Callable[[list[bool]], list[list[float]]]:
+    """checked layers -> the method's family on them. A per-layer family masks the one built on every
+    allowed layer (each layer's thresholds are its own); a global one pools the checked layers anew."""
+    if method == "global":
+        return lambda checked: global_family(learn, checked)
+
+    def masked(checked: list[bool]) -> list[list[float]]:
+        return [[lam if c else math.inf for lam, c in zip(member, checked)] for member in full]
+
+    return masked
 
 
 def learned_confidences(learn: ExitScores, test: ExitScores, checked: list[bool], *, hidden: int, seed: int,

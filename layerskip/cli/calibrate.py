@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "min_exit_layer", type=int, default=1, help="first layer allowed to exit (default 1)")
     add_flag(parser, "check_every", type=int, default=1,
              help="check every k-th layer from min_exit_layer, to save LM-head evaluations (default 1)")
+    add_flag(parser, "select_layers", choices=("cost", "all"), default="cost",
+             help="cost: check only the layers whose checks save more than they cost (chosen on the learn half, "
+             "so the guarantee stands); all: every layer --min_exit_layer and --check_every allow (default cost)")
+    add_flag(parser, "check_cost", type=float, default=None,
+             help="--select_layers cost: one check's cost in blocks, as measured (e.g. layerskip report's 'where a "
+             "step's time goes') (default: estimated from the weights each reads)")
     add_data_dir_arg(parser)
     add_flag(parser, "max_tokens", type=int, default=None,
              help="use at most this many validation tokens (default: the whole split)")
@@ -97,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, exit_vocab=args.exit_vocab, min_exit_layer=args.min_exit_layer,
         check_every=args.check_every, seed=args.seed, classifier_vocab=args.classifier_vocab,
         classifier_hidden=args.classifier_hidden, classifier_fit_tokens=args.classifier_fit_tokens,
-        command=_command(args), dtype=args.dtype, **shared,
+        select_layers=args.select_layers, check_cost=args.check_cost, command=_command(args), dtype=args.dtype,
+        **shared,
     )
     print(policy.path)
     return 0
@@ -119,6 +126,8 @@ def check_args(args: argparse.Namespace) -> None:
     if changed and (args.measure != "classifier" or args.evaluate is not None):
         raise ConfigError(f"{', '.join(changed)} only apply when calibrating with --measure classifier "
                           "(a thresholds file already holds its classifier)")
+    if args.check_cost is not None and (args.select_layers != "cost" or args.evaluate is not None):
+        raise ConfigError("--check_cost weighs checks for --select_layers cost when calibrating; drop it")
     if args.threads is not None:
         import torch
 
@@ -129,8 +138,9 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this calibration (every setting spelled out)."""
     parts = ["layerskip", "calibrate"]
     classifier = list(CLASSIFIER_DEFAULTS) if args.measure == "classifier" and args.evaluate is None else []
+    selection = ["select_layers", "check_cost"] if args.evaluate is None else []
     for name in ("checkpoint", "output", "evaluate", "split", "delta", "epsilon", "measure", "method", "exit_vocab",
-                 *classifier, "min_exit_layer", "check_every", "data_dir", "max_tokens", "seq_len", "batch_size",
+                 *classifier, "min_exit_layer", "check_every", *selection, "data_dir", "max_tokens", "seq_len", "batch_size",
                  "gen_prompts", "gen_tokens", "seed", "threads", "device", "dtype"):
         value = getattr(args, name, None)
         if value is not None:
