@@ -62,13 +62,22 @@ full model and R = 0. Caveats (also in the file): tokens of running text are not
 independent, so the effective sample size is smaller than n; the risk is about the greedy
 top-1 under teacher forcing; the guarantee holds for the exact policy that was calibrated
 (measure, min_exit_layer, check_every, thresholds), so changing any of them voids it.
-Thresholds are monotone in delta: a smaller delta gives larger p-values, an earlier stop
-and so thresholds that are the same or higher on every layer.
+With every allowed layer checked (``select_layers="all"``), thresholds are monotone in
+delta: a smaller delta gives larger p-values, an earlier stop and so thresholds that are
+the same or higher on every layer.
+
+**Which layers are checked** (``selection``; ``select_layers="cost"``, the default). A check
+costs every token that reaches its layer and saves, for the tokens exiting there, the later
+blocks and the full head; where few tokens exit, it costs more than it saves. Before the
+test half is read, backward elimination on the learn half drops checks while the chosen
+family member's expected cost per token (at learn-half disagreement <= delta) falls; the
+family on the layers kept then goes to Learn-then-Test as above. The choice depends on
+delta, so a larger delta may check other layers.
 
 The modules, in the order the data flows: ``scores`` (the torch pass), ``classifier`` (fitting
 the exit classifier), ``stats`` (binomial tail, fixed-sequence test, isotonic fits; numpy
-only), ``policy`` (policies, families and
-the Learn-then-Test choice), ``generated`` (DEE on its own text), ``record`` (the file's
+only), ``exits`` (one policy's exits and disagreements), ``selection`` (which layers to
+check, by cost), ``policy`` (families and the Learn-then-Test choice), ``generated`` (DEE on its own text), ``record`` (the file's
 contents) and ``pipeline`` (``calibrate_checkpoint`` and ``evaluate_thresholds``, which the
 CLI calls). ``layerskip.thresholds`` reads the file back.
 """
