@@ -250,6 +250,7 @@ def test_cli_calibrate_records_the_layer_selection_and_refuses_an_unused_check_c
     unchecked = [layer for layer in selection["allowed_layers"] if layer not in selection["selected_layers"]]
     assert all(record["thresholds"][layer - 1] is None for layer in unchecked)
     assert "--select_layers cost --check_cost 0.2" in record["command"]
+    assert "checked layers chosen by cost: " in capsys.readouterr().err
     assert main([*common, "--select_layers", "all"]) == 0
     assert json.loads(out.read_text())["method"]["layer_selection"] == {"selection": "all"}
     capsys.readouterr()

@@ -178,6 +178,12 @@ def log_calibration(result: Calibration, record: dict[str, Any], generated: dict
     """The outcome in a few lines: thresholds, held-out risk and cost, the generated-text check."""
     shown = ", ".join("-" if t is None else f"{t:.4g}" for t in record["thresholds"])
     log(f"thresholds (layers 1..{result.num_layers - 1}; - never exits): {shown} [{result.method}]")
+    selection = result.extra.get("layer_selection", {})
+    if selection.get("selection") == "cost":
+        spent = selection["learn_half_cost_per_token"]
+        log(f"checked layers chosen by cost: {', '.join(map(str, selection['selected_layers'])) or 'none'} of "
+            f"{', '.join(map(str, selection['allowed_layers']))} (learn-half cost per token {spent['allowed']:.2f} "
+            f"-> {spent['selected']:.2f} blocks)")
     log(f"held-out teacher-forced disagreement {result.test_risk:.4%} on {result.test_tokens:,} tokens "
         f"(bound {result.delta:g} at 1-epsilon {1 - result.epsilon:g}); mean exit layer {result.mean_exit_layer:.2f}, "
         f"LM-head evaluations per token {result.head_evals_per_token:.2f}")
