@@ -18,12 +18,13 @@ The copies follow weight changes; inside a ``decoding()`` scope each is checked 
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -269,15 +270,23 @@ class FastDecoder:
         _, hidden, logits = self._native_step(native, tokens, pos, cache, end, head)
         return hidden, logits, ids
 
-    def exit_policy(self, thresholds: list[float], vocab: int | None, measure: str) -> NativeExits | None:
+    def exit_policy(self, thresholds: list[float], vocab: int | None, measure: str,
+                    classifier: Any = None) -> NativeExits | None:
         """DEE's policy for ``exit_step`` (thresholds of layers 1..L-1, math.inf where unchecked; early exits, and
-        the softmax and margin checks, through the short head of `vocab` tokens, or the full head), or None where
-        the kernel cannot run it."""
+        the softmax and margin checks, through the short head of `vocab` tokens, or the full head; measure
+        classifier: with its ExitClassifier), or None where the kernel cannot run it."""
         native = self.native()
         head, ids = self.head_for(vocab)
         if native is None or head is None or measure not in kernels.DECODE_MEASURES:
             return None
-        struct, logits = kernels.exit_policy(thresholds, head, measure)
+        networks = None
+        if classifier is not None:
+            checked = [layer for layer, t in enumerate(thresholds, start=1) if math.isfinite(t)]
+            layers = {layer: classifier.kernel_layer(self.model, layer) for layer in checked}
+            short = min(classifier.vocab, self.model.config.vocab_size)
+            networks = kernels.classifier_policy(layers, self.model.num_layers, short,
+                                                 reuse=vocab == classifier.vocab)
+        struct, logits = kernels.exit_policy(thresholds, head, measure, networks)
         return NativeExits(struct, logits, ids)
 
     def exit_step(self, tokens: torch.Tensor, pos: int, cache: KVCache, policy: NativeExits,

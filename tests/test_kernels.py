@@ -12,6 +12,7 @@ from conftest import tiny_model
 from layerskip import fastblock, kernels
 from layerskip.decoding import Autoregressive, DynamicEarlyExit, SelfSpeculative
 from layerskip.decoding import dee as dee_module
+from layerskip.decoding.measures import ExitClassifier
 from layerskip.fastblock import FastBlock
 from layerskip.fastpath import FastDecoder, decoding
 
@@ -416,9 +417,9 @@ def test_a_step_in_one_call_gives_the_bits_of_the_blocks_one_call_each(shape, vo
         assert (ids is None) == (vocab is None)
 
 
-def native_and_stepwise(model, prompt, token, threshold, exit_vocab, measure="softmax"):
+def native_and_stepwise(model, prompt, token, threshold, exit_vocab, measure="softmax", classifier=None):
     """DEE's one-call step and its layer-by-layer step on the same prefilled caches."""
-    dee = DynamicEarlyExit(threshold, measure=measure, exit_vocab=exit_vocab)
+    dee = DynamicEarlyExit(threshold, measure=measure, exit_vocab=exit_vocab, classifier=classifier)
     results = []
     for native in (True, False):
         cache = prefilled(model, prompt)
@@ -465,6 +466,37 @@ def test_dee_in_one_call_exits_where_the_layer_by_layer_step_does(exit_vocab, me
     assert exits == {1, 2, 3, 4}  # threshold 0 exits at 1, 2.0 never; the others in between
 
 
+def random_classifier(width: int, hidden: int, vocab: int, layers=(1, 2, 3), seed: int = 0) -> ExitClassifier:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, width + 2)] if hidden == 0 else [(hidden, width + 2), (1, hidden)]
+    return ExitClassifier(vocab=vocab, layers={layer: [(torch.randn(s, generator=g) * 0.3, torch.randn(s[0], generator=g))
+                                                     for s in shapes] for layer in layers})
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden", [0, 8])
+@pytest.mark.parametrize("exit_vocab", [None, 20, 40])  # 20: the classifier's own short head, whose logits exit
+def test_the_learned_classifier_in_one_call_exits_where_the_layer_by_layer_step_does(hidden, exit_vocab):
+    model = tiny_model(num_kv_heads=2)
+    model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))
+    classifier = random_classifier(model.config.d_model, hidden, vocab=20, seed=1)
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, 97, (1, 7), generator=g)
+    exits = set()
+    for token in torch.randint(0, 97, (10, 1, 1), generator=g):
+        for threshold in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 2.0):
+            (ours, cache), (reference, expected_cache) = native_and_stepwise(
+                model, prompt, token, threshold, exit_vocab, "classifier", classifier)
+            exits.add(ours.exit_layer)
+            assert ours.exit_layer == reference.exit_layer
+            assert (ours.head_evals, ours.short_head_evals, ours.kv_projections) == (
+                reference.head_evals, reference.short_head_evals, reference.kv_projections)
+            scale = reference.logits[reference.logits.isfinite()].abs().max()
+            torch.testing.assert_close(ours.logits, reference.logits, rtol=0, atol=1e-5 * scale)
+            torch.testing.assert_close(cache.k, expected_cache.k, rtol=0, atol=1e-5 * expected_cache.k.abs().max())
+    assert exits == {1, 2, 3, 4}
+
+
 @needs_kernel
 def test_decoding_runs_one_call_per_step_not_one_per_block(monkeypatch):
     model = tiny_model()
@@ -473,8 +505,13 @@ def test_decoding_runs_one_call_per_step_not_one_per_block(monkeypatch):
     expected = Autoregressive().generate(model, prompt, 12).tokens
     dee = DynamicEarlyExit(0.1, exit_vocab=40)
     exits = dee.generate(model, prompt, 12).stats["exit_layers"]
+    learned = DynamicEarlyExit(0.5, measure="classifier", exit_vocab=20,
+                               classifier=random_classifier(model.config.d_model, 8, vocab=20, seed=1))
+    learned_exits = learned.generate(model, prompt, 12).stats["exit_layers"]
     monkeypatch.setattr(kernels, "f32_block", lambda *_, **__: pytest.fail("a block ran on its own"))
     monkeypatch.setattr(dee_module, "checked_exit", lambda *_, **__: pytest.fail("a check ran on its own"))
+    monkeypatch.setattr(ExitClassifier, "confidence", lambda *_, **__: pytest.fail("a classifier ran on its own"))
+    assert learned.generate(model, prompt, 12).stats["exit_layers"] == learned_exits
     assert Autoregressive().generate(model, prompt[-1:], 12).tokens  # no prefill: the steps alone
     assert Autoregressive().generate(model, prompt, 12).tokens == expected
     assert SelfSpeculative(2, 3, draft_vocab=40).generate(model, prompt, 12).tokens == expected

@@ -178,12 +178,10 @@ class DynamicEarlyExit:
                           short_head_evals=counts["short"])
 
     def native_policy(self, fast: FastDecoder, checks: dict[int, float]) -> NativeExits | None:
-        """This policy for ``native_step``, or None where the kernel cannot run it (another measure, dtype, layout)."""
-        if self.classifier is not None:
-            return None
+        """This policy for ``native_step``, or None where the kernel cannot run it (another dtype, layout)."""
         layers = fast.model.num_layers
         thresholds = [checks.get(layer, math.inf) for layer in range(1, layers)]
-        return fast.exit_policy(thresholds, self.exit_vocab, self.measure)
+        return fast.exit_policy(thresholds, self.exit_vocab, self.measure, self.classifier)
 
     def native_step(self, fast: FastDecoder, token: torch.Tensor, pos: int, cache: KVCache, checks: dict[int, float],
                     policy: NativeExits) -> StepResult | None:
@@ -195,13 +193,18 @@ class DynamicEarlyExit:
         exit_layer, _, logits, ids = done
         num_layers = fast.model.num_layers
         early = exit_layer < num_layers
-        # heads read by the exit head: at every check (softmax, margin), or at the exit alone (saturation)
-        heads = sum(1 for layer in checks if layer <= exit_layer) if self.measure != "saturation" else int(early)
+        checked = sum(1 for layer in checks if layer <= exit_layer)
+        # the exit head is read at every check (softmax, margin), or at the exit alone (saturation; the
+        # classifier, unless its own short head is the exit head), and the classifier's at its checks
+        if self.classifier is not None:
+            heads, classifier_heads = int(early and self.exit_vocab != self.classifier.vocab), checked
+        else:
+            heads, classifier_heads = (checked if self.measure != "saturation" else int(early)), 0
         full = int(not early) + (heads if self.exit_vocab is None else 0)
         logits = whole_vocabulary(logits, ids, fast.model.config.vocab_size)
         return StepResult(logits=logits, exit_layer=exit_layer, head_evals=full,
                           kv_projections=num_layers - exit_layer,
-                          short_head_evals=0 if self.exit_vocab is None else heads)
+                          short_head_evals=classifier_heads + (0 if self.exit_vocab is None else heads))
 
     def checked_exit(self, fast: FastDecoder, h: torch.Tensor,
                      counts: dict[str, int]) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from layerskip import kernels
 from layerskip.config import GLOBAL_MEASURES, MEASURES
 from layerskip.errors import ConfigError
 from layerskip.fastpath import DerivedWeights
@@ -159,6 +160,12 @@ class ExitClassifier:
             return fused, ids, (w1[:, width], w1[:, width + 1]), b1, rest
 
         return derived.get(layer, sources, build) or build()
+
+    def kernel_layer(self, model: torch.nn.Module, layer: int) -> kernels.ClassifierLayer:
+        """This layer's network in the fused form ``confidence`` computes, for ``kernels.f32_decode``."""
+        fused, _, (w_cos, w_top), b1, rest = self._decision(model, layer)
+        w2, b2 = rest[0] if rest else (None, None)
+        return kernels.ClassifierLayer(fused, w_cos, w_top, b1, None if w2 is None else w2.reshape(-1), b2)
 
     def _on(self, device: torch.device) -> dict[int, Layer]:
         placed = self._placed.get(device)

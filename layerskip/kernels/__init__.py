@@ -39,6 +39,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -135,11 +136,19 @@ class F32Model(ctypes.Structure):
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("eps", ctypes.c_float)]
 
 
+class F32Classifier(ctypes.Structure):
+    """decoding.c's F32Classifier: the learned exit classifier's weights, per checked layer."""
+
+    _fields_ = [("fused", ctypes.c_void_p), ("params", ctypes.c_void_p), ("Nc", ctypes.c_int64),
+                ("H", ctypes.c_int64), ("mlp", ctypes.c_int), ("reuse", ctypes.c_int)]
+
+
 class F32Exits(ctypes.Structure):
     """decoding.c's F32Exits: a dynamic-early-exit policy for ``f32_decode``."""
 
     _fields_ = [("thresholds", ctypes.c_void_p), ("head", ctypes.c_void_p), ("N", ctypes.c_int64),
-                ("measure", ctypes.c_int), ("logits", ctypes.c_void_p)]
+                ("measure", ctypes.c_int), ("logits", ctypes.c_void_p),
+                ("classifier", ctypes.POINTER(F32Classifier))]
 
 
 @functools.cache
@@ -323,21 +332,60 @@ def native_model(blocks: list[F32Block | None], embedding: torch.Tensor, cos: to
     return NativeModel(blocks, embedding, cos, sin, eps, keep)
 
 
-DECODE_MEASURES = ("softmax", "margin", "saturation")  # f32_decode's measures, in decoding.c's order
+DECODE_MEASURES = ("softmax", "margin", "saturation", "classifier")  # f32_decode's, in decoding.c's order
 
 
-def exit_policy(thresholds: list[float], head: torch.Tensor, measure: str) -> tuple[F32Exits, torch.Tensor]:
+@dataclass
+class ClassifierLayer:
+    """One exit layer's classifier network for the kernel (ExitClassifier.confidence's fused form):
+    fused (C, Nc + H) = the short head's columns, then the first layer's hidden-state weights;
+    w_cos, w_top, b1 (H); w2 (H) and b2 (1) for an MLP, None for logistic regression (H = 1)."""
+
+    fused: torch.Tensor
+    w_cos: torch.Tensor
+    w_top: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+
+
+def classifier_policy(layers: dict[int, ClassifierLayer], num_layers: int, short_vocab: int,
+                      reuse: bool) -> F32Classifier:
+    """decoding.c's F32Classifier for exit layers 1..L-1 (layers without a network: never checked);
+    reuse: the short head is the exits' head, so an exit returns the check's logits."""
+    hidden = next(iter(layers.values())).b1.numel() if layers else 1
+    mlp = any(net.w2 is not None for net in layers.values())
+    fused, params = [None] * (num_layers - 1), [None] * (num_layers - 1)
+    for layer, net in layers.items():
+        fused[layer - 1] = net.fused.detach().to(torch.float32).contiguous()
+        w2 = net.w2 if net.w2 is not None else torch.ones(hidden)
+        b2 = net.b2 if net.b2 is not None else torch.zeros(1)
+        params[layer - 1] = torch.cat([t.detach().reshape(-1).to(torch.float32)
+                                       for t in (net.w_cos, net.w_top, net.b1, w2, b2)])
+    pointers = [(ctypes.c_void_p * (num_layers - 1))(*[None if t is None else t.data_ptr() for t in ts])
+                for ts in (fused, params)]
+    struct = F32Classifier(ctypes.addressof(pointers[0]), ctypes.addressof(pointers[1]), short_vocab, hidden,
+                           int(mlp), int(reuse))
+    struct._keep = (fused, params, pointers)
+    return struct
+
+
+def exit_policy(thresholds: list[float], head: torch.Tensor, measure: str,
+                classifier: F32Classifier | None = None) -> tuple[F32Exits, torch.Tensor]:
     """(the policy for ``f32_decode``, the logits buffer its exits write) for thresholds of layers 1..L-1
-    (math.inf: unchecked), measure one of DECODE_MEASURES, and the exits' head (C, N), float32 and
-    contiguous (softmax and margin also measure through it); the struct points into both."""
+    (math.inf: unchecked), measure one of DECODE_MEASURES (classifier: with ``classifier_policy``'s
+    struct), and the exits' head (C, N), float32 and contiguous (softmax and margin also measure
+    through it); the struct points into all of them."""
+    if (measure == "classifier") != (classifier is not None):
+        raise ValueError("the classifier measure needs its classifier_policy, and only it takes one")
     values = torch.tensor(thresholds, dtype=torch.float32)
     exact = torch.tensor(thresholds, dtype=torch.float64)
     # A float32 confidence c passes threshold t exactly when c >= the smallest float32 >= t.
     values = torch.where(values.double() < exact, torch.nextafter(values, torch.tensor(math.inf)), values)
     logits = torch.empty(head.shape[1], dtype=torch.float32)
     policy = F32Exits(values.data_ptr(), head.data_ptr(), head.shape[1], DECODE_MEASURES.index(measure),
-                      logits.data_ptr())
-    policy._keep = (values, head, logits)  # ctypes structures keep no references of their own
+                      logits.data_ptr(), None if classifier is None else ctypes.pointer(classifier))
+    policy._keep = (values, head, logits, classifier)  # ctypes structures keep no references of their own
     return policy, logits
 
 

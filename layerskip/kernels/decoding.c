@@ -362,18 +362,33 @@ typedef struct {
 /* Dynamic early exit for one row: after block l (1 <= l < L) whose thresholds[l - 1] is finite,
    the row's confidence is measured; the row exits there at confidence >= the threshold, with
    the logits of head (C, N) in logits (N). */
-enum { MEASURE_SOFTMAX, MEASURE_MARGIN, MEASURE_SATURATION };
+enum { MEASURE_SOFTMAX, MEASURE_MARGIN, MEASURE_SATURATION, MEASURE_CLASSIFIER };
 typedef struct {
   const float *thresholds; /* (L - 1), +inf where unchecked */
   const float *head;
   int64_t N;
   int measure; /* softmax, margin: through the head (f32_exit_confidence); saturation: the cosine of
-                  the block's output and input, clamped to [0, 1], the head read only at an exit */
+                  the block's output and input, clamped to [0, 1], the head read only at an exit;
+                  classifier: CALM's learned exit classifier (F32Classifier), the head read at an exit */
   float *logits;
+  const struct F32Classifier *classifier; /* measure classifier only, else NULL */
 } F32Exits;
 
-/* The cosine of x and y (C), as torch's cosine_similarity: x.y / max(|x| |y|, 1e-8), clamped to [0, 1] */
-static float saturation(const float *x, const float *y, int64_t C) {
+/* The learned exit classifier of layerskip.decoding.measures.ExitClassifier, per checked layer l:
+   z (Nc + H) = normalize(x) . fused[l - 1] (C, Nc + H): its short head's Nc logits, then the first
+   layer's hidden-state terms; a = z[Nc:] + b1 + cos(x, x_in) w_cos + top w_top, where top is the
+   short head's largest softmax probability; with a hidden layer (mlp), y = relu(a) . w2 + b2, else
+   (logistic regression, H = 1) y = a; the confidence is sigmoid(y). params[l - 1]: w_cos, w_top,
+   b1, w2 (H each), b2. reuse: the short head is the exits' head, so an exit returns its logits. */
+typedef struct F32Classifier {
+  const float *const *fused;  /* (L - 1), NULL where no layer network */
+  const float *const *params; /* (L - 1) */
+  int64_t Nc, H;
+  int mlp, reuse;
+} F32Classifier;
+
+/* torch's cosine_similarity of x and y (C): x.y / max(|x| |y|, 1e-8), not clamped */
+static float cosine(const float *x, const float *y, int64_t C) {
   __m512 xy = _mm512_setzero_ps(), xx = _mm512_setzero_ps(), yy = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 m = lanes16(C - c);
@@ -383,8 +398,33 @@ static float saturation(const float *x, const float *y, int64_t C) {
     yy = _mm512_fmadd_ps(b, b, yy);
   }
   const float norms = sqrtf(_mm512_reduce_add_ps(xx)) * sqrtf(_mm512_reduce_add_ps(yy));
-  const float cosine = _mm512_reduce_add_ps(xy) / (norms > 1e-8f ? norms : 1e-8f);
-  return cosine < 0.0f ? 0.0f : (cosine > 1.0f ? 1.0f : cosine);
+  return _mm512_reduce_add_ps(xy) / (norms > 1e-8f ? norms : 1e-8f);
+}
+
+/* The cosine of a block's output x and input y, clamped to [0, 1]: the saturation measure */
+static float saturation(const float *x, const float *y, int64_t C) {
+  const float c = cosine(x, y, C);
+  return c < 0.0f ? 0.0f : (c > 1.0f ? 1.0f : c);
+}
+
+/* The exit classifier's confidence after block `layer` + 1 (F32Classifier); z (Nc + H) keeps the
+   short head's logits for an exit that reuses them. */
+static float f32_classifier_confidence(const F32Classifier *k, int64_t layer, const float *x, const float *before,
+                                       int64_t C, float eps, float *normalized, float *z) {
+  const int64_t Nc = k->Nc, H = k->H, W = Nc + H;
+  f32_normalize(x, C, eps, normalized);
+  f32_product(normalized, k->fused[layer], W, C, W, z, 0, 1);
+  float top = -INFINITY;
+  for (int64_t n = 0; n < Nc; ++n) top = z[n] > top ? z[n] : top;
+  const float largest = 1.0f / exp_sum(z, Nc, top, 1); /* z stays: an exit may return its logits */
+  const float cos = cosine(x, before, C);
+  const float *w_cos = k->params[layer], *w_top = w_cos + H, *b1 = w_top + H, *w2 = b1 + H, b2 = w2[H];
+  float y = k->mlp ? b2 : 0.0f;
+  for (int64_t h = 0; h < H; ++h) {
+    const float a = z[Nc + h] + b1[h] + cos * w_cos[h] + largest * w_top[h];
+    y += k->mlp ? (a > 0.0f ? a : 0.0f) * w2[h] : a;
+  }
+  return 1.0f / (1.0f + expf(-y));
 }
 
 /* CALM propagation: the keys and values of layers [first, L) for a row that exited with hidden
@@ -438,9 +478,12 @@ int64_t f32_decode(const F32Model *m, int64_t start, int64_t end, const int64_t 
   const F32Block *first = m->blocks;
   const int64_t C = first->C, D = first->D, layer_size = first->Hkv * max_len * D;
   const int64_t P = (2 * first->H + 3 * first->Hkv) * D;
-  float *scratch = malloc(sizeof(float) * (f32_block_scratch(first, T, pos + T) + 2 * C + P));
+  const F32Classifier *classifier = exits != NULL && exits->measure == MEASURE_CLASSIFIER ? exits->classifier : NULL;
+  const int64_t z_size = classifier != NULL ? classifier->Nc + classifier->H : 0;
+  float *scratch = malloc(sizeof(float) * (f32_block_scratch(first, T, pos + T) + 2 * C + P + z_size));
   if (scratch == NULL) return -1;
   float *normalized = scratch + f32_block_scratch(first, T, pos + T), *kv = normalized + C, *before = kv + P;
+  float *z = before + C;
   if (tokens != NULL)
     for (int64_t t = 0; t < T; ++t) memcpy(x + t * C, m->embedding + tokens[t] * C, sizeof(float) * C);
   int64_t ran = end;
@@ -448,18 +491,26 @@ int64_t f32_decode(const F32Model *m, int64_t start, int64_t end, const int64_t 
   for (int64_t layer = start; layer < end; ++layer) {
     const int64_t l = layer + 1;
     const int checked = exits != NULL && l < m->L && isfinite(exits->thresholds[layer]);
-    if (checked && exits->measure == MEASURE_SATURATION) memcpy(before, x, sizeof(float) * C);
+    const int reads_input = exits != NULL && (exits->measure == MEASURE_SATURATION || classifier != NULL);
+    if (checked && reads_input) memcpy(before, x, sizeof(float) * C);
     f32_block(m->blocks + layer, x, T, m->cos + pos * D, m->sin + pos * D, k_cache + layer * layer_size,
               v_cache + layer * layer_size, max_len, pos, scratch, threads);
     t = lap(phase_ns, PHASE_BLOCKS, t);
     if (checked) {
-      const int saturated = exits->measure == MEASURE_SATURATION;
-      const float confidence = saturated ? saturation(x, before, C)
-                                         : f32_exit_confidence(x, C, m->eps, exits->head, exits->N, exits->logits,
-                                                               exits->measure == MEASURE_MARGIN, normalized);
+      float confidence;
+      if (classifier != NULL)
+        confidence = f32_classifier_confidence(classifier, layer, x, before, C, m->eps, normalized, z);
+      else if (exits->measure == MEASURE_SATURATION)
+        confidence = saturation(x, before, C);
+      else
+        confidence = f32_exit_confidence(x, C, m->eps, exits->head, exits->N, exits->logits,
+                                         exits->measure == MEASURE_MARGIN, normalized);
       t = lap(phase_ns, PHASE_CHECKS, t);
       if (confidence >= exits->thresholds[layer]) {
-        if (saturated) f32_unembed(x, 1, C, m->eps, exits->head, exits->N, exits->logits, normalized, threads);
+        if (classifier != NULL && classifier->reuse)
+          memcpy(exits->logits, z, sizeof(float) * exits->N);
+        else if (exits->measure == MEASURE_SATURATION || classifier != NULL)
+          f32_unembed(x, 1, C, m->eps, exits->head, exits->N, exits->logits, normalized, threads);
         f32_propagate(m, x, l, k_cache, v_cache, max_len, pos, normalized, kv, threads);
         t = lap(phase_ns, PHASE_PROPAGATION, t);
         ran = l;
