@@ -139,6 +139,8 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
 
 def _recover_interrupted_swap(path: Path) -> None:
     """If a write died between its two renames, the previous checkpoint is at .NAME.old."""
+    if not path.name:  # "." or "/": a directory that exists, so nothing was swapped away
+        return
     old = path.with_name(f".{path.name}.old")
     if not path.exists() and old.is_dir():
         os.replace(old, path)

@@ -41,6 +41,15 @@ def test_run_directory_means_its_best_checkpoint(saved):
     assert load_checkpoint(path.parent).path == path
 
 
+def test_the_current_directory_names_a_checkpoint_or_run(saved, monkeypatch):
+    """`--checkpoint .` from inside a run or checkpoint directory (a path without a name)."""
+    _, path = saved
+    monkeypatch.chdir(path.parent)
+    assert load_checkpoint(".").path.resolve() == path
+    monkeypatch.chdir(path)
+    assert load_checkpoint(".").path.resolve() == path
+
+
 def test_overwriting_leaves_no_temporary_files(saved, tiny_tokenizer):
     model, path = saved
     save_checkpoint(path, model, tiny_tokenizer, tokenizer_config=TOK_CFG)
