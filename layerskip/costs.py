@@ -17,7 +17,7 @@ position:
 - ``rest``: ``ar_step`` minus L blocks minus the head (embedding, argmax, dispatch).
 
 Where DEE's whole step is one kernel call (float32 on a CPU with layerskip's kernels), the
-block, the head, the check and propagation are timed inside that call (``kernels.f32_decode``'s
+block, the head, the check (the classifier's too) and propagation are timed inside that call (``kernels.f32_decode``'s
 phase clock), in DEE steps that check every layer without exiting or exit at the middle layer;
 elsewhere each is a call of its own, as DEE runs it there.
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -131,7 +131,13 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
     def ar_step() -> int:  # the Autoregressive strategy's loop body
         return int(fast.step(token, position, cache)[1].argmax())
 
-    phases = _kernel_phases(fast, token, position, cache, check_vocab, middle)
+    if classifier_vocab is not None and classifier_hidden is None:
+        from layerskip.calibration.classifier import DEFAULT_HIDDEN
+
+        classifier_hidden = DEFAULT_HIDDEN
+    classifier = None if classifier_vocab is None else _zero_classifier(
+        hidden.shape[-1], classifier_vocab, classifier_hidden, range(1, num_layers))
+    phases = _kernel_phases(fast, token, position, cache, check_vocab, middle, classifier)
     if phases is None:  # torch's calls: DEE runs each block, check and propagation as calls of their own
         rope = model.rotary(position, 1)
         pieces = {
@@ -143,12 +149,8 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
         }
     else:
         pieces = {"ar_step": ar_step, **phases.pieces}
-    if classifier_vocab is not None:
-        if classifier_hidden is None:
-            from layerskip.calibration.classifier import DEFAULT_HIDDEN
-
-            classifier_hidden = DEFAULT_HIDDEN
-        pieces["classifier_check"] = _classifier_check(fast, hidden, middle, classifier_vocab, classifier_hidden)
+    if classifier is not None and "classifier_check" not in phases_of(phases):
+        pieces["classifier_check"] = _classifier_check(fast, classifier, hidden, middle)
     for run in pieces.values():  # warm-up: derived weights, the allocator
         run()
     us = time_pieces(pieces, repeats, device)
@@ -164,7 +166,8 @@ class _KernelPhases:
     checking every layer and never exiting gives a block, a check and the head; one exiting at `layer`
     gives propagation. Timing a piece alone would find caches warm that a whole step does not."""
 
-    def __init__(self, fast: FastDecoder, token: torch.Tensor, position: int, cache, never, exits) -> None:
+    def __init__(self, fast: FastDecoder, token: torch.Tensor, position: int, cache, never, exits,
+                 classifier_never=None) -> None:
         self.samples: dict[str, list[float]] = {"block": [], "check": [], "full_head": [], "propagate": []}
         num_layers = fast.model.num_layers
 
@@ -181,34 +184,46 @@ class _KernelPhases:
         self.pieces = {"checked_step": lambda: run(never, full),
                        "exiting_step": lambda: run(exits, lambda us: self.samples["propagate"].append(
                            us["propagation"]))}
+        if classifier_never is not None:  # a learned-classifier check at every layer, never exiting
+            self.samples["classifier_check"] = []
+            self.pieces["classifier_step"] = lambda: run(classifier_never, lambda us: self.samples[
+                "classifier_check"].append(us["checks"] / (num_layers - 1)))
 
     def medians(self) -> dict[str, float]:
         return {name: statistics.median(values) for name, values in self.samples.items()}
 
 
 def _kernel_phases(fast: FastDecoder, token: torch.Tensor, position: int, cache, vocab: int | None,
-                   layer: int) -> _KernelPhases | None:
-    """The in-kernel timings of DEE's one-call step (softmax checks through `vocab`), or None where DEE runs
-    the blocks one call at a time."""
+                   layer: int, classifier=None) -> _KernelPhases | None:
+    """The in-kernel timings of DEE's one-call step (softmax checks through `vocab`; and the checks of
+    `classifier`, when given), or None where DEE runs the blocks one call at a time."""
     num_layers = fast.model.num_layers
-    never = fast.exit_policy([2.0] * (num_layers - 1), vocab, "softmax")  # a softmax maximum never reaches 2
+    never = fast.exit_policy([2.0] * (num_layers - 1), vocab, "softmax")  # a probability never reaches 2
     exits = fast.exit_policy([0.0 if checked == layer else math.inf for checked in range(1, num_layers)], vocab,
                              "softmax")
     if never is None or exits is None or fast.exit_step(token, position, cache, never) is None:
         return None
-    return _KernelPhases(fast, token, position, cache, never, exits)
+    classifier_never = None if classifier is None else fast.exit_policy(
+        [2.0] * (num_layers - 1), classifier.vocab, "classifier", classifier)
+    return _KernelPhases(fast, token, position, cache, never, exits, classifier_never)
 
 
-def _classifier_check(fast: FastDecoder, hidden: torch.Tensor, layer: int, vocab: int,
-                      units: int) -> Callable[[], float]:
-    """One learned-classifier check at `layer` (as DynamicEarlyExit runs it), with zero weights of its shape:
-    the cost does not depend on their values."""
+def phases_of(phases: _KernelPhases | None) -> dict[str, list[float]]:
+    """The pieces timed inside the kernel call (none where it does not run)."""
+    return {} if phases is None else phases.samples
+
+
+def _zero_classifier(width: int, vocab: int, units: int, layers: Iterable[int]):
+    """A learned exit classifier of calibrate's shape with zero weights: a check's cost does not depend on them."""
     from layerskip.decoding.measures import ExitClassifier
 
-    width = hidden.shape[-1] + 2
-    shapes = [(1, width)] if units == 0 else [(units, width), (1, units)]
-    like = hidden.new_zeros
-    classifier = ExitClassifier(vocab=vocab, layers={layer: [(like(shape), like(shape[0])) for shape in shapes]})
+    shapes = [(1, width + 2)] if units == 0 else [(units, width + 2), (1, units)]
+    return ExitClassifier(vocab=vocab, layers={layer: [(torch.zeros(shape), torch.zeros(shape[0])) for shape in shapes]
+                                               for layer in layers})
+
+
+def _classifier_check(fast: FastDecoder, classifier, hidden: torch.Tensor, layer: int) -> Callable[[], float]:
+    """One learned-classifier check at `layer` as DynamicEarlyExit runs it in torch (a call of its own)."""
     prev = hidden.clone()
     return lambda: classifier.confidence(fast, hidden, prev, layer)[0].item()
 
