@@ -440,19 +440,18 @@ SWEEPS = {"softmax": (0.0, 0.05, 0.08, 0.12, 0.15, 0.25, 2.0), "margin": (0.0, 0
           "saturation": (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 2.0)}
 
 
-@needs_kernel
-@pytest.mark.parametrize("measure", list(SWEEPS))
-@pytest.mark.parametrize("exit_vocab", [None, 40])
-def test_dee_in_one_call_exits_where_the_layer_by_layer_step_does(exit_vocab, measure):
+def one_call_exits(thresholds, exit_vocab, measure, classifier=None, seed=9, tokens=12) -> set[int]:
+    """DEE's one-call step against its layer-by-layer step for random tokens after a prompt, at each threshold:
+    the same exits and head counts, the same logits and cache up to float32 rounding; returns the exits seen."""
     model = tiny_model(num_kv_heads=2)
     model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))
-    g = torch.Generator().manual_seed(9)
+    g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, 97, (1, 7), generator=g)
     exits = set()
-    for token in torch.randint(0, 97, (12, 1, 1), generator=g):
-        for threshold in SWEEPS[measure]:
+    for token in torch.randint(0, 97, (tokens, 1, 1), generator=g):
+        for threshold in thresholds:
             (ours, cache), (reference, expected_cache) = native_and_stepwise(model, prompt, token, threshold,
-                                                                            exit_vocab, measure)
+                                                                            exit_vocab, measure, classifier)
             exits.add(ours.exit_layer)
             assert ours.exit_layer == reference.exit_layer
             assert (ours.head_evals, ours.short_head_evals, ours.kv_projections) == (
@@ -463,6 +462,14 @@ def test_dee_in_one_call_exits_where_the_layer_by_layer_step_does(exit_vocab, me
             # propagated keys and values: the same columns summed in another order than torch's stacked product
             torch.testing.assert_close(cache.k, expected_cache.k, rtol=0, atol=1e-5 * expected_cache.k.abs().max())
             torch.testing.assert_close(cache.v, expected_cache.v, rtol=0, atol=1e-5 * expected_cache.v.abs().max())
+    return exits
+
+
+@needs_kernel
+@pytest.mark.parametrize("measure", list(SWEEPS))
+@pytest.mark.parametrize("exit_vocab", [None, 40])
+def test_dee_in_one_call_exits_where_the_layer_by_layer_step_does(exit_vocab, measure):
+    exits = one_call_exits(SWEEPS[measure], exit_vocab, measure)
     assert exits == {1, 2, 3, 4}  # threshold 0 exits at 1, 2.0 never; the others in between
 
 
@@ -477,23 +484,9 @@ def random_classifier(width: int, hidden: int, vocab: int, layers=(1, 2, 3), see
 @pytest.mark.parametrize("hidden", [0, 8])
 @pytest.mark.parametrize("exit_vocab", [None, 20, 40])  # 20: the classifier's own short head, whose logits exit
 def test_the_learned_classifier_in_one_call_exits_where_the_layer_by_layer_step_does(hidden, exit_vocab):
-    model = tiny_model(num_kv_heads=2)
-    model.set_token_counts(torch.arange(model.config.vocab_size).flip(0))
-    classifier = random_classifier(model.config.d_model, hidden, vocab=20, seed=1)
-    g = torch.Generator().manual_seed(11)
-    prompt = torch.randint(0, 97, (1, 7), generator=g)
-    exits = set()
-    for token in torch.randint(0, 97, (10, 1, 1), generator=g):
-        for threshold in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 2.0):
-            (ours, cache), (reference, expected_cache) = native_and_stepwise(
-                model, prompt, token, threshold, exit_vocab, "classifier", classifier)
-            exits.add(ours.exit_layer)
-            assert ours.exit_layer == reference.exit_layer
-            assert (ours.head_evals, ours.short_head_evals, ours.kv_projections) == (
-                reference.head_evals, reference.short_head_evals, reference.kv_projections)
-            scale = reference.logits[reference.logits.isfinite()].abs().max()
-            torch.testing.assert_close(ours.logits, reference.logits, rtol=0, atol=1e-5 * scale)
-            torch.testing.assert_close(cache.k, expected_cache.k, rtol=0, atol=1e-5 * expected_cache.k.abs().max())
+    classifier = random_classifier(tiny_model().config.d_model, hidden, vocab=20, seed=1)
+    thresholds = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 2.0)
+    exits = one_call_exits(thresholds, exit_vocab, "classifier", classifier, seed=11, tokens=10)
     assert exits == {1, 2, 3, 4}
 
 

@@ -1,4 +1,5 @@
-"""benchmarks/recipe_search.py: the interleaved order, the training commands and the summary table."""
+"""benchmarks/recipe_search.py and recipe_runs.py: the interleaved order, the training commands, the summary
+tables."""
 
 import json
 
@@ -9,6 +10,7 @@ from layerskip.errors import ConfigError
 from layerskip.training import TrainConfig
 
 search = benchmark_script("recipe_search")
+runs = benchmark_script("recipe_runs")
 
 
 def test_training_order_runs_every_pair_once_and_rotates_positions():
@@ -103,7 +105,7 @@ def test_a_continual_runs_steps_count_its_first_runs_too(tmp_path):
     first = search.first_stage_dir(tmp_path, 0, "plain75-then-default")
     first.mkdir()
     (first / "metrics.jsonl").write_text(json.dumps({"type": "end", "step": 300}) + "\n")
-    assert search.steps_trained(search.run_dir(tmp_path, 0, "plain75-then-default")) == 340
+    assert runs.steps_trained(runs.run_dir(tmp_path, 0, "plain75-then-default")) == 340
 
 
 def test_summary_tabulates_calibrated_dee_the_faithful_sweep_and_ssd(tmp_path):
@@ -135,12 +137,17 @@ def test_the_demo_trains_the_recipe_the_search_chose():
     assert recipe_config(search.RECIPES["current"]) != recipe_config(LAYERSKIP_FLAGS)
 
 
-def test_decode_calibrates_every_measure_and_delta_then_benches_with_all_the_files(tmp_path, capsys):
-    for recipe in ("plain", "current"):
-        directory = search.run_dir(tmp_path, 0, recipe)
+def trained(out, seed, *recipes):
+    """Runs that look finished to the search (a best checkpoint's config, done.json)."""
+    for recipe in recipes:
+        directory = search.run_dir(out, seed, recipe)
         (directory / "best").mkdir(parents=True)
         (directory / "best" / "config.json").write_text("{}")
         (directory / "done.json").write_text("{}")
+
+
+def test_decode_calibrates_every_measure_and_delta_then_benches_with_all_the_files(tmp_path, capsys):
+    trained(tmp_path, 0, "plain", "current")
     search.main(["decode", "--out", str(tmp_path), "--recipes", "plain", "current", "--seeds", "0", "--dry_run"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     calibrations = [line for line in lines if " calibrate " in line]
@@ -153,18 +160,14 @@ def test_decode_calibrates_every_measure_and_delta_then_benches_with_all_the_fil
 
 
 def test_decode_calibrates_at_the_deltas_asked_and_the_summary_shows_them(tmp_path, capsys):
-    for recipe in ("plain", "current"):
-        directory = search.run_dir(tmp_path, 0, recipe)
-        (directory / "best").mkdir(parents=True)
-        (directory / "best" / "config.json").write_text("{}")
-        (directory / "done.json").write_text("{}")
+    trained(tmp_path, 0, "plain", "current")
     search.main(["decode", "--out", str(tmp_path), "--recipes", "plain", "current", "--seeds", "0", "--dry_run",
                  "--deltas", "0.02", "0.03"])
     calibrations = [line for line in capsys.readouterr().out.splitlines() if " calibrate " in line]
     assert sorted(line.split("--delta ")[1].split()[0] for line in calibrations) == ["0.02"] * 3 + ["0.03"] * 3
     record = {"softmax d0.03": {"speedup": 1.2, "rouge_l": 0.8, "heldout_disagreement": 0.02},
               "dee sweep": None, "ssd": None}
-    table = search.decode_table({"current": {0: {"decode": record}}})
+    table = runs.decode_table({"current": {0: {"decode": record}}})
     head, row = table.splitlines()[0].split(" | "), table.splitlines()[2].split(" | ")
     assert row[head.index("DEE softmax d0.03")] == "1.20x / 0.80 / 2.00%"
     assert row[head.index("DEE softmax d0.01")] == "-"  # the default deltas keep their columns
