@@ -87,6 +87,10 @@ def test_weight_costs_are_the_weights_each_piece_reads_over_a_block():
     assert cal.weight_costs(model, "margin", None).check == pytest.approx(vocab * width / block)
     saturation = cal.weight_costs(model, "saturation", 20)
     assert saturation.check == 0 and saturation.exit_head == pytest.approx(20 * width / block)
+    learned = cal.weight_costs(model, "classifier", 40, classifier_vocab=20, classifier_hidden=8)
+    assert learned.check == pytest.approx((20 * width + 8 * (width + 3)) / block)
+    assert learned.exit_head == pytest.approx(40 * width / block)
+    assert cal.weight_costs(model, "classifier", 20, classifier_vocab=20).exit_head == 0  # the check's logits exit
     assert cal.weight_costs(model, "softmax", 20, check_cost=0.25).check == 0.25
 
 

@@ -476,8 +476,9 @@ def test_dee_in_one_call_exits_where_the_layer_by_layer_step_does(exit_vocab, me
 def random_classifier(width: int, hidden: int, vocab: int, layers=(1, 2, 3), seed: int = 0) -> ExitClassifier:
     g = torch.Generator().manual_seed(seed)
     shapes = [(1, width + 2)] if hidden == 0 else [(hidden, width + 2), (1, hidden)]
-    return ExitClassifier(vocab=vocab, layers={layer: [(torch.randn(s, generator=g) * 0.3, torch.randn(s[0], generator=g))
-                                                     for s in shapes] for layer in layers})
+    nets = {layer: [(torch.randn(s, generator=g) * 0.3, torch.randn(s[0], generator=g)) for s in shapes]
+            for layer in layers}
+    return ExitClassifier(vocab=vocab, layers=nets)
 
 
 @needs_kernel

@@ -204,7 +204,8 @@ def calibrate_scores(
     )
 
 
-def family_builder(method: str, learn: ExitScores, full: list[list[float]]) -> Callable[[list[bool]], list[list[float]]]:
+def family_builder(method: str, learn: ExitScores,
+                   full: list[list[float]]) -> Callable[[list[bool]], list[list[float]]]:
     """checked layers -> the method's family on them. A per-layer family masks the one built on every
     allowed layer (each layer's thresholds are its own); a global one pools the checked layers anew."""
     if method == "global":

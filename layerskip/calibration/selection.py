@@ -19,12 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from layerskip.calibration.exits import policy_disagreements
 from layerskip.calibration.scores import ExitScores
 from layerskip.errors import ConfigError
+
+if TYPE_CHECKING:
+    from layerskip.model import Transformer
 
 SELECTIONS = ("cost", "all")
 
@@ -34,7 +38,7 @@ class CheckCosts:
     """A decoding step's pieces in units of one block: what choosing the checked layers weighs."""
 
     check: float  # one confidence check
-    exit_head: float  # an early exit's head when the check did not read it (saturation), else 0
+    exit_head: float  # an early exit's head where the check did not read it, else 0
     full_head: float  # the final norm and full head, for a token that reaches the last layer
     propagate: float  # CALM propagation of one skipped layer's keys and values
 
@@ -50,10 +54,11 @@ class CheckCosts:
                 + np.where(early, self.exit_head + self.propagate * (num_layers - exits), self.full_head))
 
 
-def weight_costs(model, measure: str, exit_vocab: int | None, classifier_vocab: int | None = None,
+def weight_costs(model: Transformer, measure: str, exit_vocab: int | None, classifier_vocab: int | None = None,
                  classifier_hidden: int = 0, check_cost: float | None = None) -> CheckCosts:
     """The pieces' weights read, over one block's: the exit head's rows for a softmax or margin check, the
-    classifier's short head and network for the classifier, a cosine (nothing) for saturation.
+    classifier's short head and network for the classifier, a cosine (nothing) for saturation; an exit
+    reads the exit head again unless the check did (softmax, margin, a classifier whose short head it is).
     check_cost: a measured check cost in blocks, replacing the estimate."""
     block = sum(p.numel() for p in model.layers[0].parameters())
     width = model.config.d_model
@@ -67,7 +72,8 @@ def weight_costs(model, measure: str, exit_vocab: int | None, classifier_vocab: 
     cfg = model.config
     return CheckCosts(
         check=check if check_cost is None else float(check_cost),
-        exit_head=head_rows * width / block if measure in ("saturation", "classifier") else 0.0,
+        exit_head=0.0 if measure in ("softmax", "margin") or exit_vocab == classifier_vocab
+        else head_rows * width / block,
         full_head=cfg.vocab_size * width / block,
         propagate=2 * width * cfg.kv_heads * cfg.head_dim / block,
     )
