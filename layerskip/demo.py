@@ -85,16 +85,24 @@ def plan_stages(s: DemoSettings) -> list[Stage]:
                 *steps, *recipe, *s.model_flags, *common]
         return Stage(f"train-{name}", argv, out / name / "best" / "config.json")
 
+    def calibrate(name: str, measure: str, output: Path) -> Stage:
+        return Stage(name, ["calibrate", "--checkpoint", str(out / "layerskip"), "--output", str(output), "--delta",
+                            str(s.delta), "--measure", measure, "--exit_vocab", SHORT_HEAD, *common], output)
+
+    # the softmax policy is the report's featured DEE; CALM's learned classifier exits more tokens at the same
+    # bound, and its generations drift further from AR's
     thresholds = out / "thresholds.json"
+    learned = out / "thresholds-classifier.json"
     results = out / "results.json"
     report = out / "report"
     return [
         train("layerskip", LAYERSKIP_FLAGS),
         train("plain", PLAIN_FLAGS),
-        Stage("calibrate", ["calibrate", "--checkpoint", str(out / "layerskip"), "--output", str(thresholds),
-                            "--delta", str(s.delta), "--exit_vocab", SHORT_HEAD, *common], thresholds),
+        calibrate("calibrate", "softmax", thresholds),
+        calibrate("calibrate-classifier", "classifier", learned),
         Stage("bench", ["bench", "--checkpoint", str(out / "layerskip"), "--baseline", str(out / "plain"),
-                        "--thresholds", str(thresholds), "--out", str(results), "--num_prompts", str(s.num_prompts),
+                        "--thresholds", str(thresholds), str(learned), "--out", str(results),
+                        "--num_prompts", str(s.num_prompts),
                         "--new_tokens", str(s.new_tokens), "--seed", str(s.seed), "--draft_vocab", SHORT_HEAD,
                         "--exit_vocab", SHORT_HEAD, *s.bench_flags, *common], results),
         Stage("report", ["report", str(results), "--out", str(report)], report / "index.html"),

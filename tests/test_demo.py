@@ -25,6 +25,8 @@ def test_demo_runs_every_stage_then_skips_them(tmp_path, tiny_corpus_dir, capsys
     assert report.is_file() and "<img" in report.read_text()
     results = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == ["layerskip", "baseline"]
+    calibrated = [c["options"]["measure"] for c in results["models"][0]["configs"] if c["options"].get("calibrated")]
+    assert calibrated == ["softmax", "classifier"]  # the featured policy first
     state = json.loads((out / "demo.json").read_text())
     names = [s.name for s in plan_stages(DemoSettings(out=out))]
     assert set(state["stages"]) == set(names)

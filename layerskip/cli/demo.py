@@ -2,8 +2,9 @@
 
 Stages (each one an ordinary layerskip command, printed as it starts and recorded in
 DIR/demo.json): train a LayerSkip model and a plain baseline for equal shares of the
-budget, calibrate early-exit thresholds on the validation split, benchmark AR, DEE and SSD
-on test-split prompts (with per-layer evaluation of both models), and write the report.
+budget, calibrate two early-exit policies on the validation split (the softmax confidence,
+the report's featured DEE, and CALM's learned exit classifier), benchmark AR, DEE and SSD on
+test-split prompts (with per-layer evaluation of both models), and write the report.
 Re-running skips finished stages and resumes an interrupted training.
 
 example:
