@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="directory for the runs, results and report (default runs/demo)")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="minutes that scale the study: each of the two trainings gets 36%% of it, and "
-                        "calibration + benchmark take the rest (about 4 minutes at the default size) (default 20)")
+                        "calibration + benchmark take the rest (about 5 minutes at the default size) (default 20)")
     add_data_dir_arg(parser)
     add_device_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of training, prompts and sampling (default 0)")
