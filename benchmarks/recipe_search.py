@@ -92,6 +92,9 @@ RECIPES: dict[str, list[str]] = {
     "uniform-distill0.9-exp-e0.3": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
                                     "--layer_dropout_schedule", "exp", "--layer_dropout_ramp", "exp",
                                     "--early_exit_scale", "0.3"],
+    # the seventh round: the paper's e_scale (0.2) with the default's loss
+    "uniform-distill0.9-e0.2": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
+                                "--early_exit_scale", "0.2"],
     # the sixth round: continual LayerSkip training (the paper's main use) inside the same budget: a
     # plain run first (CONTINUAL's share of the minutes), then the default recipe from it (--init-from)
     # with a short warm-up, at the full or a lower peak LR
