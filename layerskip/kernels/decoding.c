@@ -210,12 +210,11 @@ typedef struct {
       _mm512_storeu_ps(y + 16 * i, add ? _mm512_add_ps(_mm512_loadu_ps(y + 16 * i), a[i]) : a[i]);    \
   }
 F32_TILE(4)
-F32_TILE(8)
 F32_TILE(16)
 
 /* y (N) = x (K) . W (K, N; rows ldw apart), or y += it; each output summed over k in order, whatever N,
    the tile or the thread; threads share the column tiles (more than one only for weights of megabytes).
-   Wide weights (a head) go 128 columns at a time: longer runs of each row, fewer passes over x. */
+   Wide weights (a head) go 256 columns at a time: longer runs of each row, fewer passes over x. */
 static void f32_product(const float *x, const float *W, int64_t ldw, int64_t K, int64_t N, float *y, int add,
                         int threads) {
   const int64_t wide = N >= 1024 ? N / 256 : 0, narrow = (N - wide * 256) / 64, done = wide * 256 + narrow * 64;
