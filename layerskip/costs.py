@@ -17,9 +17,9 @@ position:
 - ``rest``: ``ar_step`` minus L blocks minus the head (embedding, argmax, dispatch).
 
 Where DEE's whole step is one kernel call (float32 on a CPU with layerskip's kernels), the
-block, the head, the check (the classifier's too) and propagation are timed inside that call (``kernels.f32_decode``'s
-phase clock), in DEE steps that check every layer without exiting or exit at the middle layer;
-elsewhere each is a call of its own, as DEE runs it there.
+block, the head, the check (the classifier's too) and propagation are timed inside that call
+(``kernels.f32_decode``'s phase clock), in DEE steps that check every layer without exiting
+or exit at the middle layer; elsewhere each is a call of its own, as DEE runs it there.
 
 ``dee_estimate`` turns those costs and an exit histogram into DEE's expected time per
 token: a token exiting after block l < L runs l blocks, a check at every checked layer up
@@ -149,7 +149,7 @@ def measure_step_costs(model: Transformer, *, check_vocab: int | None = 1024, po
         }
     else:
         pieces = {"ar_step": ar_step, **phases.pieces}
-    if classifier is not None and "classifier_check" not in phases_of(phases):
+    if classifier is not None and phases is None:  # else timed inside the kernel call, with the phases
         pieces["classifier_check"] = _classifier_check(fast, classifier, hidden, middle)
     for run in pieces.values():  # warm-up: derived weights, the allocator
         run()
@@ -206,11 +206,6 @@ def _kernel_phases(fast: FastDecoder, token: torch.Tensor, position: int, cache,
     classifier_never = None if classifier is None else fast.exit_policy(
         [2.0] * (num_layers - 1), classifier.vocab, "classifier", classifier)
     return _KernelPhases(fast, token, position, cache, never, exits, classifier_never)
-
-
-def phases_of(phases: _KernelPhases | None) -> dict[str, list[float]]:
-    """The pieces timed inside the kernel call (none where it does not run)."""
-    return {} if phases is None else phases.samples
 
 
 def _zero_classifier(width: int, vocab: int, units: int, layers: Iterable[int]):

@@ -285,7 +285,7 @@ class FastDecoder:
             layers = {layer: classifier.kernel_layer(self.model, layer) for layer in checked}
             short = min(classifier.vocab, self.model.config.vocab_size)
             networks = kernels.classifier_policy(layers, self.model.num_layers, short,
-                                                 reuse=vocab == classifier.vocab)
+                                                 reuse=classifier.heads_exits(vocab))
         struct, logits = kernels.exit_policy(thresholds, head, measure, networks)
         return NativeExits(struct, logits, ids)
 

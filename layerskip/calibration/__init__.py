@@ -77,9 +77,9 @@ delta, so a larger delta may check other layers.
 The modules, in the order the data flows: ``scores`` (the torch pass), ``classifier`` (fitting
 the exit classifier), ``stats`` (binomial tail, fixed-sequence test, isotonic fits; numpy
 only), ``exits`` (one policy's exits and disagreements), ``selection`` (which layers to
-check, by cost), ``policy`` (families and the Learn-then-Test choice), ``generated`` (DEE on its own text), ``record`` (the file's
-contents) and ``pipeline`` (``calibrate_checkpoint`` and ``evaluate_thresholds``, which the
-CLI calls). ``layerskip.thresholds`` reads the file back.
+check, by cost), ``policy`` (families and the Learn-then-Test choice), ``generated`` (DEE on
+its own text), ``record`` (the file's contents) and ``pipeline`` (``calibrate_checkpoint``
+and ``evaluate_thresholds``, which the CLI calls). ``layerskip.thresholds`` reads the file back.
 """
 
 from layerskip.calibration.classifier import classifier_scores, fit_classifier

@@ -140,8 +140,8 @@ def _command(args: argparse.Namespace) -> str:
     classifier = list(CLASSIFIER_DEFAULTS) if args.measure == "classifier" and args.evaluate is None else []
     selection = ["select_layers", "check_cost"] if args.evaluate is None else []
     for name in ("checkpoint", "output", "evaluate", "split", "delta", "epsilon", "measure", "method", "exit_vocab",
-                 *classifier, "min_exit_layer", "check_every", *selection, "data_dir", "max_tokens", "seq_len", "batch_size",
-                 "gen_prompts", "gen_tokens", "seed", "threads", "device", "dtype"):
+                 *classifier, "min_exit_layer", "check_every", *selection, "data_dir", "max_tokens", "seq_len",
+                 "batch_size", "gen_prompts", "gen_tokens", "seed", "threads", "device", "dtype"):
         value = getattr(args, name, None)
         if value is not None:
             parts += [f"--{name}", str(value)]

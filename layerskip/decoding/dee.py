@@ -162,7 +162,7 @@ class DynamicEarlyExit:
             elif self.classifier is not None:
                 conf, short = self.classifier.confidence(fast, h, prev, layer)
                 counts["short"] += 1
-                checked = short if self.exit_vocab == self.classifier.vocab else None  # the exit head's own logits
+                checked = short if self.classifier.heads_exits(self.exit_vocab) else None  # the exit head's own logits
             else:
                 checked, conf = self.checked_exit(fast, h, counts)
             if float(conf) >= threshold:
@@ -197,7 +197,7 @@ class DynamicEarlyExit:
         # the exit head is read at every check (softmax, margin), or at the exit alone (saturation; the
         # classifier, unless its own short head is the exit head), and the classifier's at its checks
         if self.classifier is not None:
-            heads, classifier_heads = int(early and self.exit_vocab != self.classifier.vocab), checked
+            heads, classifier_heads = int(early and not self.classifier.heads_exits(self.exit_vocab)), checked
         else:
             heads, classifier_heads = (checked if self.measure != "saturation" else int(early)), 0
         full = int(not early) + (heads if self.exit_vocab is None else 0)

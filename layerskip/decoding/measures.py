@@ -161,6 +161,10 @@ class ExitClassifier:
 
         return derived.get(layer, sources, build) or build()
 
+    def heads_exits(self, exit_vocab: int | None) -> bool:
+        """Whether its short head is the exit head (`exit_vocab` tokens), so an exit reuses a check's logits."""
+        return exit_vocab == self.vocab
+
     def kernel_layer(self, model: torch.nn.Module, layer: int) -> kernels.ClassifierLayer:
         """This layer's network in the fused form ``confidence`` computes, for ``kernels.f32_decode``."""
         fused, _, (w_cos, w_top), b1, rest = self._decision(model, layer)
