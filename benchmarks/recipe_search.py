@@ -95,6 +95,11 @@ RECIPES: dict[str, list[str]] = {
     # the seventh round: the paper's e_scale (0.2) with the default's loss
     "uniform-distill0.9-e0.2": [*BEFORE, "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
                                 "--early_exit_scale", "0.2"],
+    # the eighth round: the default with a head only the last layer trains, with its early-exit
+    # loss annealed from 1 to 0.2 over the run, and with both
+    "default-headfree": [*DEFAULT, "--no-early_exit_trains_head"],
+    "default-e1to0.2": [*DEFAULT, "--early_exit_scale_end", "0.2"],
+    "default-headfree-e1to0.2": [*DEFAULT, "--no-early_exit_trains_head", "--early_exit_scale_end", "0.2"],
     # the sixth round: continual LayerSkip training (the paper's main use) inside the same budget: a
     # plain run first (CONTINUAL's share of the minutes), then the default recipe from it (--init-from)
     # with a short warm-up, at the full or a lower peak LR

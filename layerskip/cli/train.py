@@ -50,6 +50,8 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("seed", int, "random seed (default 0)"),
     ("max_skip_prob", float, "layer dropout of the last block; 0 turns layer dropout off (default 0.1)"),
     ("early_exit_scale", float, "early-exit loss scale; 0 trains the last layer only (default 1.0)"),
+    ("early_exit_scale_end", float, "the early-exit loss scale at the schedule's end, reached linearly from "
+     "--early_exit_scale (default: constant)"),
     ("early_exit_rotation", int, "rotational curriculum: every R-th exit each step (default 2)"),
     ("early_exit_gradual_steps", int, "gradual curriculum: steps to enable every exit (default: the run)"),
     ("early_exit_tokens", float, "fraction of tokens the early exits' loss is estimated on (default 0.25; 1: all)"),
@@ -96,10 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_flag(group, name, choices=choices, default=None, help=help_text)
     add_flag(group, "compile", action=argparse.BooleanOptionalAction, default=None,
              help="torch.compile each block separately (default on)")
+    add_flag(group, "early_exit_trains_head", action=argparse.BooleanOptionalAction, default=None,
+             help="whether the early exits' loss trains the shared final norm and LM head (tied: the embeddings); "
+                  "--no-early_exit_trains_head leaves them to the last layer's loss (default on)")
 
 
 def explicit_settings(args: argparse.Namespace) -> dict:
-    names = [n for n, _, _ in TRAIN_FLAGS] + [n for n, _, _ in CHOICE_FLAGS] + ["compile"]
+    names = [n for n, _, _ in TRAIN_FLAGS] + [n for n, _, _ in CHOICE_FLAGS] + ["compile", "early_exit_trains_head"]
     settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if settings.get("val_tokens") == 0:
         settings["val_tokens"] = None  # the whole valid split

@@ -70,6 +70,9 @@ class TrainConfig:
     layer_dropout_schedule: str = "linear"
     layer_dropout_ramp: str = "constant"
     early_exit_scale: float = 1.0
+    # The scale at the schedule's last step, reached linearly from early_exit_scale (None: constant):
+    # exits trained hard early, then the last layer given the end of the run.
+    early_exit_scale_end: float | None = None
     # uniform (every early exit e_scale) or the paper's depth (k(k+1)/2); see losses.exit_weights.
     # uniform with distillation 0.9 won the recipe search (docs/results.md).
     early_exit_weighting: str = "uniform"
@@ -84,6 +87,9 @@ class TrainConfig:
     # Inert when early_exit_scale is 0 (no early exit is trained).
     early_exit_distill: float = 0.9
     early_exit_distill_temperature: float = 1.0
+    # Whether the early exits' loss trains the shared final norm and LM head (and, tied, the
+    # embeddings); False: only the last layer's loss does, and the early exits learn to read them.
+    early_exit_trains_head: bool = True
     # speed
     precision: str = "bf16"
     compile: bool = True
@@ -128,6 +134,11 @@ class TrainConfig:
         _req(0 <= self.max_skip_prob <= 1, f"max_skip_prob must be in [0, 1], got {self.max_skip_prob!r}")
         _req(self.early_exit_scale >= 0 and math.isfinite(self.early_exit_scale),
              f"early_exit_scale must be >= 0 (0: plain training loss), got {self.early_exit_scale!r}")
+        end = self.early_exit_scale_end
+        _req(end is None or (isinstance(end, (int, float)) and end >= 0 and math.isfinite(end)),
+             f"early_exit_scale_end must be >= 0 or None (constant scale), got {end!r}")
+        _req(isinstance(self.early_exit_trains_head, bool),
+             f"early_exit_trains_head must be true or false, got {self.early_exit_trains_head!r}")
         self._check_distillation()
         _req(self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"init_from must be a checkpoint path or None, got {self.init_from!r}")
@@ -157,7 +168,7 @@ class TrainConfig:
     @property
     def plain(self) -> bool:
         """No layer dropout and no early-exit loss: the baseline."""
-        return self.max_skip_prob == 0 and self.early_exit_scale == 0
+        return self.max_skip_prob == 0 and self.early_exit_scale == 0 and not self.early_exit_scale_end
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,7 +25,7 @@ from layerskip.losses import (
     layer_dropout_probs,
     sample_layer_keep,
 )
-from layerskip.model import Transformer
+from layerskip.model import Transformer, rms_norm
 from layerskip.training.config import TrainConfig
 
 # Random streams of a step besides nn.Dropout's, whose stream is the rank.
@@ -53,15 +53,25 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
 def step_plan(cfg: TrainConfig, step: int, total_steps: int) -> tuple[list[int], list[float], list[float]]:
     """(enabled exits, their weights, per-block skip probabilities) at `step`."""
     L = cfg.num_layers
-    if cfg.early_exit_scale == 0:
+    e_scale = early_exit_scale_at(cfg, step, total_steps)
+    if e_scale == 0:
         exits = [L]
     else:
         exits = enabled_exits(cfg.early_exit_curriculum, step, L, rotation=cfg.early_exit_rotation,
                               gradual_steps=cfg.early_exit_gradual_steps or total_steps)
-    weights = exit_weights(exits, L, cfg.early_exit_scale, cfg.early_exit_weighting)
+    weights = exit_weights(exits, L, e_scale, cfg.early_exit_weighting)
     probs = layer_dropout_probs(L, cfg.max_skip_prob, cfg.layer_dropout_schedule, step=step,
                                 total_steps=total_steps, ramp=cfg.layer_dropout_ramp)
     return exits, weights, probs
+
+
+def early_exit_scale_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The early-exit loss scale at `step`: early_exit_scale, moving linearly to early_exit_scale_end
+    (when set) by the schedule's last step, as the LR's cosine does."""
+    if cfg.early_exit_scale_end is None:
+        return cfg.early_exit_scale
+    progress = min(max(step, 0) / max(total_steps - 1, 1), 1.0)
+    return cfg.early_exit_scale + (cfg.early_exit_scale_end - cfg.early_exit_scale) * progress
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -124,11 +134,12 @@ class ExitLossModel(nn.Module):
     """Trunk + weighted early-exit loss in one forward, so DDP sees every parameter's use."""
 
     def __init__(self, model: Transformer, chunk_size: int, *, compile_loss: bool = False, distill: float = 0.0,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, trains_head: bool = True) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.distill, self.temperature = distill, temperature
+        self.trains_head = trains_head
         # the head + loss of one chunk, compiled on its own (like each block) when asked
         self.chunk_fn = torch.compile(chunk_nll_and_grads, dynamic=True) if compile_loss else chunk_nll_and_grads
         self.distill_fn = (torch.compile(chunk_distill_and_grads, dynamic=True) if compile_loss and distill > 0
@@ -148,24 +159,33 @@ class ExitLossModel(nn.Module):
         out = self.model(idx, exits=exits, layer_keep=keep, compute_logits=False)
         flat_targets = targets.flatten()
         no_kl = torch.zeros(0, device=flat_targets.device)
-        if len(exits) == 1 or (early_positions is None and not self.distill):
+        head = self.model.lm_head.weight
+        if len(exits) == 1 or (early_positions is None and not self.distill and self.trains_head):
             hidden = torch.stack([out.exit_hidden[k] for k in exits])  # (E, B, T, C)
             normed = self.model.norm(hidden).flatten(1, 2)  # (E, B*T, C)
-            return ExitLosses(*self._loss(normed, flat_targets, weights), no_kl)
+            return ExitLosses(*self._loss(normed, head, flat_targets, weights), no_kl)
         pick = (lambda t: t) if early_positions is None else (lambda t: t.index_select(0, early_positions))
         early = torch.stack([pick(out.exit_hidden[k].flatten(0, 1)) for k in exits[:-1]])  # (E-1, n, C)
         last = self.model.norm(out.exit_hidden[exits[-1]]).flatten(0, 1)  # (B*T, C)
+        early_normed, early_head = self._early_head(early)
         if self.distill:
             early_loss, early_nll, kl = distill_exit_loss(
-                self.model.norm(early), self.model.lm_head.weight, pick(flat_targets), pick(last), weights[:-1],
+                early_normed, early_head, pick(flat_targets), pick(last), weights[:-1],
                 distill=self.distill, temperature=self.temperature, chunk_size=self.chunk_size,
                 chunk_fn=self.distill_fn)
         else:
-            (early_loss, early_nll), kl = self._loss(self.model.norm(early), pick(flat_targets), weights[:-1]), no_kl
-        last_loss, last_nll = self._loss(last.unsqueeze(0), flat_targets, weights[-1:])
+            (early_loss, early_nll), kl = self._loss(early_normed, early_head, pick(flat_targets), weights[:-1]), no_kl
+        last_loss, last_nll = self._loss(last.unsqueeze(0), head, flat_targets, weights[-1:])
         return ExitLosses(early_loss + last_loss, torch.cat([early_nll, last_nll]), kl)
 
-    def _loss(self, normed: torch.Tensor, targets: torch.Tensor,
+    def _early_head(self, early: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the early exits' normed hidden states, the head weight their loss reads): with
+        trains_head False, the final norm's gain and the head are constants to that loss."""
+        norm, head = self.model.norm, self.model.lm_head.weight
+        if self.trains_head:
+            return norm(early), head
+        return rms_norm(early, norm.weight.detach(), norm.eps), head.detach()
+
+    def _loss(self, normed: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
               weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        return exit_loss(normed, self.model.lm_head.weight, targets, weights, chunk_size=self.chunk_size,
-                         chunk_fn=self.chunk_fn)
+        return exit_loss(normed, head, targets, weights, chunk_size=self.chunk_size, chunk_fn=self.chunk_fn)
