@@ -100,6 +100,8 @@ RECIPES: dict[str, list[str]] = {
     "default-headfree": [*DEFAULT, "--no-early_exit_trains_head"],
     "default-e1to0.2": [*DEFAULT, "--early_exit_scale_end", "0.2"],
     "default-headfree-e1to0.2": [*DEFAULT, "--no-early_exit_trains_head", "--early_exit_scale_end", "0.2"],
+    # the ninth round: early-exit losses at exits 1-3 only, the blocks after them free of their pull
+    "default-exits123": [*DEFAULT, "--early_exit_layers", "1", "2", "3"],
     # the sixth round: continual LayerSkip training (the paper's main use) inside the same budget: a
     # plain run first (CONTINUAL's share of the minutes), then the default recipe from it (--init-from)
     # with a short warm-up, at the full or a lower peak LR

@@ -1,11 +1,13 @@
 """benchmarks/recipe_search.py and recipe_runs.py: the interleaved order, the training commands, the summary
 tables."""
 
+import argparse
 import json
 
 import pytest
 from conftest import benchmark_script
 
+from layerskip.cli import train as train_cli
 from layerskip.errors import ConfigError
 from layerskip.training import TrainConfig
 
@@ -23,15 +25,17 @@ def test_training_order_runs_every_pair_once_and_rotates_positions():
 
 
 def recipe_config(flags):
-    settings = {k.removeprefix("--"): v for k, v in zip(flags[::2], flags[1::2])}
-    typed = {k: (v if k.endswith(("curriculum", "schedule", "ramp", "weighting")) else
-                 int(v) if k == "warmup" else float(v)) for k, v in settings.items()}
-    return TrainConfig(**typed)
+    """The training config `layerskip train` builds from a recipe's flags, through its own parser."""
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    return TrainConfig(**train_cli.explicit_settings(parser.parse_args(flags)))
 
 
 def test_every_recipe_is_a_valid_training_config():
     for name, flags in search.RECIPES.items():
         assert recipe_config(flags).plain == (name == "plain"), name
+    assert not recipe_config(search.RECIPES["default-headfree-e1to0.2"]).early_exit_trains_head
+    assert recipe_config(search.RECIPES["default-e1to0.2"]).early_exit_scale_end == 0.2
     for name, (first, share) in search.CONTINUAL.items():
         assert first in search.RECIPES and 0 < share < 1 and not recipe_config(search.RECIPES[name]).plain
 

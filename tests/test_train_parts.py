@@ -3,8 +3,12 @@ sub-sampled early-exit loss, the Muon + AdamW optimizer group."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from layerskip.errors import ConfigError
 from layerskip.losses import (
@@ -15,7 +19,7 @@ from layerskip.losses import (
     exit_loss_reference,
     exit_weights,
 )
-from layerskip.model import Transformer
+from layerskip.model import Transformer, rms_norm
 from layerskip.training import (
     ExitLossModel,
     OptimizerGroup,
@@ -157,6 +161,75 @@ def test_distillation_settings_are_validated():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert tiny_cfg().early_exit_distill == 0.9 and tiny_cfg().early_exit_distill_temperature == 1.0
     assert tiny_cfg().early_exit_weighting == "uniform"  # the recipe search's winner (docs/results.md)
+
+
+def test_the_early_exit_scale_moves_linearly_to_its_end_value_over_the_schedule():
+    cfg = tiny_cfg(early_exit_curriculum="none", early_exit_weighting="uniform", early_exit_scale_end=0.2)
+    at = lambda step: step_plan(cfg, step, 11)[1]  # noqa: E731
+    assert at(0) == pytest.approx(exit_weights([1, 2, 3, 4], 4, 1.0, "uniform"))
+    assert at(5) == pytest.approx(exit_weights([1, 2, 3, 4], 4, 0.6, "uniform"))
+    assert at(10) == pytest.approx(exit_weights([1, 2, 3, 4], 4, 0.2, "uniform"))
+    assert at(50) == at(10)  # past the schedule's end it stays at the end value
+    constant = tiny_cfg(early_exit_curriculum="none", early_exit_weighting="uniform")
+    assert step_plan(constant, 0, 11)[1] == step_plan(constant, 10, 11)[1]
+    to_zero = tiny_cfg(early_exit_curriculum="none", early_exit_scale_end=0.0, max_skip_prob=0.0)
+    assert step_plan(to_zero, 10, 11)[:2] == ([4], [1.0])  # at scale 0 only the last exit has a loss
+    assert step_plan(to_zero, 9, 11)[0] == [1, 2, 3, 4]
+    rising = tiny_cfg(early_exit_scale=0.0, early_exit_scale_end=1.0, max_skip_prob=0.0)
+    assert not rising.plain and step_plan(rising, 0, 11)[0] == [4]
+    assert tiny_cfg(early_exit_scale=0.0, early_exit_scale_end=0.0, max_skip_prob=0.0).plain
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="early_exit_scale_end"):
+            tiny_cfg(early_exit_scale_end=bad)
+    with pytest.raises(ConfigError, match="early_exit_trains_head"):
+        tiny_cfg(early_exit_trains_head="no")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_only_the_chosen_early_exits_get_a_loss_and_the_last_one_always_does():
+    cfg = tiny_cfg(early_exit_layers=[2, 1], early_exit_weighting="uniform")  # rotation 2: {1, 3, 4}, {2, 4}
+    assert cfg.early_exit_layers == (1, 2)
+    assert [step_plan(cfg, s, 10)[:2] for s in (0, 1)] == [([1, 4], [0.5, 0.5]), ([2, 4], [0.5, 0.5])]
+    every = tiny_cfg(early_exit_layers=[3], early_exit_curriculum="none")
+    assert step_plan(every, 0, 10)[0] == [3, 4]
+    for bad in ([], [4], [0], [1.5], "1,2"):
+        with pytest.raises(ConfigError, match="early_exit_layers"):
+            tiny_cfg(early_exit_layers=bad)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("distill, fraction, tied", [(0.0, 1.0, True), (0.0, 0.4, False), (0.6, 0.4, True)])
+def test_early_exits_that_do_not_train_the_head_leave_its_gradient_to_the_last_layer(distill, fraction, tied):
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(tiny_cfg(dropout=0.0).model_config(50), tie_embeddings=tied))
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)  # a gain that is not 1, so its gradient shows
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    exits, weights = [1, 3, 4], exit_weights([1, 3, 4], 4, 1.0, "uniform")
+    rows = sample_early_positions(3, 16, fraction, torch.Generator().manual_seed(3))
+    positions = None if rows is None else flat_positions(rows, 16)
+    params = dict(model.named_parameters())
+    frozen = ExitLossModel(model, chunk_size=5, distill=distill, trains_head=False)
+    loss = frozen(idx, targets, exits, weights, None, positions).loss
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+    trained = ExitLossModel(model, chunk_size=5, distill=distill)(idx, targets, exits, weights, None, positions).loss
+    torch.testing.assert_close(loss, trained)  # the same loss; only where its gradient goes differs
+    out = model(idx, exits=exits, compute_logits=False)
+    chosen = torch.arange(48) if positions is None else positions
+    pick = lambda h: h.flatten(0, 1)[chosen].unsqueeze(0)  # noqa: E731
+    constant_head = lambda h: F.linear(rms_norm(h, model.norm.weight.detach(), model.norm.eps),  # noqa: E731
+                                       model.lm_head.weight.detach())
+    early = distill_loss_reference({k: pick(out.exit_hidden[k]) for k in exits[:-1]}, pick(out.exit_hidden[4]),
+                                   constant_head, targets.flatten()[chosen].unsqueeze(0), weights[:-1], distill, 1.0)
+    last = exit_loss_reference({4: out.exit_hidden[4]}, model.unembed, targets, weights[-1:])
+    reference = dict(zip(params, torch.autograd.grad(early + last, list(params.values()), retain_graph=True)))
+    for name in params:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+    last_only = dict(zip(params, torch.autograd.grad(last, list(params.values()), allow_unused=True)))
+    for name in ["norm.weight"] + ([] if tied else ["lm_head.weight"]):  # tied, the embeddings learn as inputs
+        torch.testing.assert_close(grads[name], last_only[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.allclose(grads["layers.0.attn.q_proj.weight"], last_only["layers.0.attn.q_proj.weight"])
 
 
 # ----------------------------------------------------------------------------- optimizer

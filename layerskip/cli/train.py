@@ -98,13 +98,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_flag(group, name, choices=choices, default=None, help=help_text)
     add_flag(group, "compile", action=argparse.BooleanOptionalAction, default=None,
              help="torch.compile each block separately (default on)")
+    add_flag(group, "early_exit_layers", type=int, nargs="+", default=None, metavar="K",
+             help="the early exits that get a loss (default: every block's), e.g. 1 2 3; the last block's always does")
     add_flag(group, "early_exit_trains_head", action=argparse.BooleanOptionalAction, default=None,
-             help="whether the early exits' loss trains the shared final norm and LM head (tied: the embeddings); "
+             help="whether the early exits' loss trains the shared final norm and LM head; "
                   "--no-early_exit_trains_head leaves them to the last layer's loss (default on)")
 
 
 def explicit_settings(args: argparse.Namespace) -> dict:
-    names = [n for n, _, _ in TRAIN_FLAGS] + [n for n, _, _ in CHOICE_FLAGS] + ["compile", "early_exit_trains_head"]
+    names = [n for n, _, _ in TRAIN_FLAGS] + [n for n, _, _ in CHOICE_FLAGS] + ["compile", "early_exit_trains_head", "early_exit_layers"]
     settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if settings.get("val_tokens") == 0:
         settings["val_tokens"] = None  # the whole valid split

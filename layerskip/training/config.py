@@ -79,6 +79,9 @@ class TrainConfig:
     early_exit_curriculum: str = "rotational"
     early_exit_rotation: int = 2
     early_exit_gradual_steps: int | None = None  # None: the whole run
+    # The early exits that get a loss when the curriculum enables them (None: every block's);
+    # the blocks after the last of them are free of the early-exit loss's pull.
+    early_exit_layers: tuple[int, ...] | None = None
     # Fraction of tokens the early (not last) exits' loss is estimated on: their LM-head work
     # dominates a small model's LayerSkip step.
     early_exit_tokens: float = 0.25
@@ -87,8 +90,8 @@ class TrainConfig:
     # Inert when early_exit_scale is 0 (no early exit is trained).
     early_exit_distill: float = 0.9
     early_exit_distill_temperature: float = 1.0
-    # Whether the early exits' loss trains the shared final norm and LM head (and, tied, the
-    # embeddings); False: only the last layer's loss does, and the early exits learn to read them.
+    # Whether the early exits' loss trains the shared final norm and LM head (tied embeddings still
+    # learn as inputs); False: only the last layer's loss trains them, and the early exits learn to read them.
     early_exit_trains_head: bool = True
     # speed
     precision: str = "bf16"
@@ -137,11 +140,22 @@ class TrainConfig:
         end = self.early_exit_scale_end
         _req(end is None or (isinstance(end, (int, float)) and end >= 0 and math.isfinite(end)),
              f"early_exit_scale_end must be >= 0 or None (constant scale), got {end!r}")
+        self._check_exit_layers()
         _req(isinstance(self.early_exit_trains_head, bool),
              f"early_exit_trains_head must be true or false, got {self.early_exit_trains_head!r}")
         self._check_distillation()
         _req(self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"init_from must be a checkpoint path or None, got {self.init_from!r}")
+
+    def _check_exit_layers(self) -> None:
+        layers = self.early_exit_layers
+        if layers is None:
+            return
+        _req(isinstance(layers, (list, tuple)) and len(layers) > 0 and all(
+            isinstance(k, int) and not isinstance(k, bool) and 1 <= k < self.num_layers for k in layers),
+             f"early_exit_layers must name early exits 1..{self.num_layers - 1} (the last block's exit is "
+             f"always trained), got {layers!r}")
+        object.__setattr__(self, "early_exit_layers", tuple(sorted(set(layers))))  # as JSON reads it back
 
     def _check_distillation(self) -> None:
         w, t = self.early_exit_distill, self.early_exit_distill_temperature

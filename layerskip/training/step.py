@@ -59,6 +59,8 @@ def step_plan(cfg: TrainConfig, step: int, total_steps: int) -> tuple[list[int],
     else:
         exits = enabled_exits(cfg.early_exit_curriculum, step, L, rotation=cfg.early_exit_rotation,
                               gradual_steps=cfg.early_exit_gradual_steps or total_steps)
+        if cfg.early_exit_layers is not None:
+            exits = [k for k in exits if k == L or k in cfg.early_exit_layers]
     weights = exit_weights(exits, L, e_scale, cfg.early_exit_weighting)
     probs = layer_dropout_probs(L, cfg.max_skip_prob, cfg.layer_dropout_schedule, step=step,
                                 total_steps=total_steps, ramp=cfg.layer_dropout_ramp)
