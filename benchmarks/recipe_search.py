@@ -103,6 +103,8 @@ RECIPES: dict[str, list[str]] = {
     # the ninth round: early-exit losses at exits 1-3 only, the blocks after them free of their pull
     "default-exits123": [*DEFAULT, "--early_exit_layers", "1", "2", "3"],
     "default-exits123-every": [*DEFAULT, "--early_exit_layers", "1", "2", "3", "--early_exit_curriculum", "none"],
+    # the tenth round: exits 1-3 only, with the exit loss annealed as well
+    "default-exits123-e1to0.2": [*DEFAULT, "--early_exit_layers", "1", "2", "3", "--early_exit_scale_end", "0.2"],
     # the sixth round: continual LayerSkip training (the paper's main use) inside the same budget: a
     # plain run first (CONTINUAL's share of the minutes), then the default recipe from it (--init-from)
     # with a short warm-up, at the full or a lower peak LR
