@@ -115,20 +115,25 @@ SHARE_COLUMNS = {"ranked softmax d0.01": f"layer {SHARE_LAYER} alone could exit 
                  "calibrated softmax d0.01": f"exit by layer {SHARE_LAYER} (calibrated, 1%)"}
 
 
-def summary_table(runs: dict[str, dict[int, dict]]) -> str:
-    """Means over seeds; "vs plain" compares last-layer word perplexities, "vs current" agreement at exits 1-3."""
+def summary_table(runs: dict[str, dict[int, dict]], reference: str = "current") -> str:
+    """Means over seeds, and seed by seed: the last layer's word perplexity against the same seed's
+    plain run, the mean agreement at exits 1-3 against the same seed's `reference` recipe."""
     exits = len(next(iter(next(iter(runs.values())).values()))["agreement"])
-    plain = mean_of(runs.get("plain", {}), "last_word_ppl")
-    current = runs.get("current", {})
-    head = (["recipe", "seeds", "steps", "last word ppl", "vs plain"] + [f"agree {k}" for k in range(1, exits + 1)]
-            + ["agree 1-3 vs current (points, per seed)", *SHARE_COLUMNS.values()])
+    plain_runs, paired_with = runs.get("plain", {}), runs.get(reference, {})
+    plain = mean_of(plain_runs, "last_word_ppl")
+    head = (["recipe", "seeds", "steps", "last word ppl", "vs plain", "vs plain (per seed)"]
+            + [f"agree {k}" for k in range(1, exits + 1)]
+            + [f"agree 1-3 vs {reference} (points, per seed)", *SHARE_COLUMNS.values()])
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for recipe, records in runs.items():
         ppl = mean_of(records, "last_word_ppl")
-        paired = [np.mean(r["agreement"][:3]) - np.mean(current[s]["agreement"][:3])
-                  for s, r in records.items() if s in current and recipe != "current"]
+        per_seed = [r["last_word_ppl"] / plain_runs[s]["last_word_ppl"] - 1 for s, r in records.items()
+                    if s in plain_runs and recipe != "plain"]
+        paired = [np.mean(r["agreement"][:3]) - np.mean(paired_with[s]["agreement"][:3])
+                  for s, r in records.items() if s in paired_with and recipe != reference]
         row = [recipe, str(len(records)), cell(mean_of(records, "steps"), ".0f"), cell(ppl, ".1f"),
-               "-" if plain is None or ppl is None else f"{ppl / plain - 1:+.1%}"]
+               "-" if plain is None or ppl is None else f"{ppl / plain - 1:+.1%}",
+               " ".join(f"{d:+.1%}" for d in per_seed) or "-"]
         row += [cell(mean_of(records, "agreement", k), ".3f") for k in range(exits)]
         row.append(" ".join(f"{100 * d:+.1f}" for d in paired) or "-")
         row += [cell(mean_of(records, key, SHARE_LAYER - 1) if all(key in r for r in records.values()) else None, ".1%")

@@ -135,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=2, help="trainings at once (each gets cores / parallel threads)")
     p.add_argument("--deltas", nargs="+", default=DECODE_DELTAS,
                    help="decode: the disagreement bounds each measure is calibrated at")
+    p.add_argument("--reference", default="current", choices=list(RECIPES),
+                   help="summary: the recipe each seed's agreement is compared with (default current)")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
     p.add_argument("--train_flags", nargs=argparse.REMAINDER, default=[],
@@ -305,7 +307,7 @@ def write_summary(args: argparse.Namespace) -> None:
     runs = collect(args.out, args.recipes, args.seeds)
     if not runs:
         raise ConfigError(f"no measured runs under {args.out}; run the train and measure phases first")
-    text = summary_table(runs)
+    text = summary_table(runs, args.reference)
     decoded = decode_table(runs)
     if decoded:
         text += "\n\ndecoding (speed-up over AR / ROUGE-L against AR greedy / held-out disagreement)\n\n" + decoded

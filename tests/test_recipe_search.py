@@ -91,12 +91,18 @@ def test_summary_compares_with_plain_and_pairs_seeds_with_the_current_recipe(tmp
     text = (tmp_path / "summary.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
     assert rows["current"][4] == "+18.2%"  # 130 against the plain seeds' mean of 110
-    assert rows["distill0.5"][3] == "121.0" and rows["distill0.5"][5] == "0.550"
+    assert rows["current"][5] == "+30.0% +8.3%"  # and against each seed's own plain run
+    assert rows["distill0.5"][3] == "121.0" and rows["distill0.5"][6] == "0.550"
     assert rows["distill0.5"][-3] == "+0.0 +3.3"  # seed by seed against current: exits 1-3 mean
     assert rows["distill0.5"][-2] == "25.0%" and rows["distill0.5"][-1] == "25.0% |" and rows["plain"][-1] == "- |"
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["runs"]["current"]["1"]["steps"] == 100
     assert "distill0.5" in capsys.readouterr().out
+    search.main(["summary", "--out", str(tmp_path), "--recipes", "plain", "current", "distill0.5",
+                 "--reference", "distill0.5"])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| ")}
+    assert rows["current"][-3] == "+0.0 -3.3" and rows["distill0.5"][-3] == "-"
 
 
 def bench_config(strategy, speedup, rouge, label, **options):
