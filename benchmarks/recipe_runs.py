@@ -16,6 +16,7 @@ SHARE_LAYER = 3  # the issue's target: tokens that can exit by layer 3 at <= 1% 
 DECODE_MEASURES = ["softmax", "saturation", "classifier"]
 DECODE_DELTAS = ["0.01", "0.05"]  # decode's calibrations by default (--deltas)
 MIN_ROUGE = 0.8  # the fidelity bar of the fastest DEE sweep config
+PACE_SKIP = 5  # a run's first steps compile; its pace is read after them
 
 
 def run_dir(out: Path, seed: int, recipe: str) -> Path:
@@ -64,6 +65,17 @@ def steps_trained(directory: Path) -> int | None:
     return None if not steps or None in steps else sum(steps)
 
 
+def median_step_seconds(directory: Path) -> float | None:
+    """The run's median seconds per step (past compilation): the machine's pace, which drifts
+    between runs here, so that a run that trained fewer steps shows why."""
+    path = directory / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if '"train"' in line]
+    seconds = [r["step_seconds"] for r in records[PACE_SKIP:] if r.get("type") == "train" and "step_seconds" in r]
+    return float(np.median(seconds)) if seconds else None
+
+
 def end_step(directory: Path) -> int | None:
     lines = (directory / "metrics.jsonl").read_text().splitlines()
     ends = [json.loads(line) for line in lines if '"end"' in line]
@@ -77,7 +89,8 @@ def run_record(directory: Path) -> dict | None:
         return None
     layers = evaluation["layers"]
     record = {"last_word_ppl": layers[-1]["word_ppl"], "agreement": [x["agreement"] for x in layers[:-1]],
-              "last_in_top2": [x["last_in_top2"] for x in layers[:-1]], "steps": steps_trained(directory)}
+              "last_in_top2": [x["last_in_top2"] for x in layers[:-1]], "steps": steps_trained(directory),
+              "step_seconds": median_step_seconds(directory)}
     shares = read_json(directory / "exit_shares.json")
     if shares is not None:
         for name, r in shares["results"].items():
@@ -121,7 +134,7 @@ def summary_table(runs: dict[str, dict[int, dict]], reference: str = "current") 
     exits = len(next(iter(next(iter(runs.values())).values()))["agreement"])
     plain_runs, paired_with = runs.get("plain", {}), runs.get(reference, {})
     plain = mean_of(plain_runs, "last_word_ppl")
-    head = (["recipe", "seeds", "steps", "last word ppl", "vs plain", "vs plain (per seed)"]
+    head = (["recipe", "seeds", "steps", "s/step", "last word ppl", "vs plain", "vs plain (per seed)"]
             + [f"agree {k}" for k in range(1, exits + 1)]
             + [f"agree 1-3 vs {reference} (points, per seed)", *SHARE_COLUMNS.values()])
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -131,7 +144,8 @@ def summary_table(runs: dict[str, dict[int, dict]], reference: str = "current") 
                     if s in plain_runs and recipe != "plain"]
         paired = [np.mean(r["agreement"][:3]) - np.mean(paired_with[s]["agreement"][:3])
                   for s, r in records.items() if s in paired_with and recipe != reference]
-        row = [recipe, str(len(records)), cell(mean_of(records, "steps"), ".0f"), cell(ppl, ".1f"),
+        row = [recipe, str(len(records)), cell(mean_of(records, "steps"), ".0f"),
+               cell(mean_of(records, "step_seconds"), ".3f"), cell(ppl, ".1f"),
                "-" if plain is None or ppl is None else f"{ppl / plain - 1:+.1%}",
                " ".join(f"{d:+.1%}" for d in per_seed) or "-"]
         row += [cell(mean_of(records, "agreement", k), ".3f") for k in range(exits)]

@@ -67,7 +67,7 @@ def test_a_continual_recipe_trains_its_first_recipe_then_continues_from_it_insid
     assert recipe_config(argv[argv.index("--max_skip_prob"):argv.index("--init-from")]).early_exit_distill == 0.9
 
 
-def fake_run(out, seed, recipe, word_ppl, agreement, share=None, steps=100):
+def fake_run(out, seed, recipe, word_ppl, agreement, share=None, steps=100, step_seconds=(0.5, 0.6, 0.7)):
     directory = search.run_dir(out, seed, recipe)
     directory.mkdir(parents=True)
     layers = [{"layer": k + 1, "word_ppl": None, "agreement": a, "last_in_top2": a, "last_in_top4": 1.0}
@@ -75,7 +75,10 @@ def fake_run(out, seed, recipe, word_ppl, agreement, share=None, steps=100):
     layers.append({"layer": len(agreement) + 1, "word_ppl": word_ppl, "agreement": 1.0, "last_in_top2": 1.0,
                    "last_in_top4": 1.0})
     (directory / "eval_test.json").write_text(json.dumps({"layers": layers}))
-    (directory / "metrics.jsonl").write_text(json.dumps({"type": "end", "step": steps}) + "\n")
+    compiling = [{"type": "train", "step_seconds": 9.0}] * runs.PACE_SKIP
+    train = [{"type": "train", "step_seconds": t} for t in step_seconds]
+    records = [*compiling, *train, {"type": "end", "step": steps}]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if share is not None:
         by_layer = [0.0, 0.0, share, 0.5]
         result = {"ranked": {"0.01": by_layer}, "calibrated": {"0.01": {"exit_by_layer": by_layer}}}
@@ -90,9 +93,10 @@ def test_summary_compares_with_plain_and_pairs_seeds_with_the_current_recipe(tmp
     search.main(["summary", "--out", str(tmp_path), "--recipes", "plain", "current", "distill0.5"])
     text = (tmp_path / "summary.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
-    assert rows["current"][4] == "+18.2%"  # 130 against the plain seeds' mean of 110
-    assert rows["current"][5] == "+30.0% +8.3%"  # and against each seed's own plain run
-    assert rows["distill0.5"][3] == "121.0" and rows["distill0.5"][6] == "0.550"
+    assert rows["current"][3] == "0.600"  # the median pace past the compiling steps
+    assert rows["current"][5] == "+18.2%"  # 130 against the plain seeds' mean of 110
+    assert rows["current"][6] == "+30.0% +8.3%"  # and against each seed's own plain run
+    assert rows["distill0.5"][4] == "121.0" and rows["distill0.5"][7] == "0.550"
     assert rows["distill0.5"][-3] == "+0.0 +3.3"  # seed by seed against current: exits 1-3 mean
     assert rows["distill0.5"][-2] == "25.0%" and rows["distill0.5"][-1] == "25.0% |" and rows["plain"][-1] == "- |"
     saved = json.loads((tmp_path / "summary.json").read_text())
