@@ -76,6 +76,9 @@ CHOICE_FLAGS: list[tuple[str, list[str], str]] = [
     ("tokenizer_type", ["bpe", "unigram"], "SentencePiece model type (default bpe)"),
 ]
 
+# Settings with a parser of their own (a switch, a list), added in add_arguments.
+OTHER_FLAGS = ["compile", "early_exit_layers", "early_exit_trains_head"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
@@ -106,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def explicit_settings(args: argparse.Namespace) -> dict:
-    names = [n for n, _, _ in TRAIN_FLAGS] + [n for n, _, _ in CHOICE_FLAGS] + ["compile", "early_exit_trains_head", "early_exit_layers"]
+    names = [n for n, _, _ in TRAIN_FLAGS] + [n for n, _, _ in CHOICE_FLAGS] + OTHER_FLAGS
     settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if settings.get("val_tokens") == 0:
         settings["val_tokens"] = None  # the whole valid split
