@@ -71,8 +71,8 @@ def median_step_seconds(directory: Path) -> float | None:
     path = directory / "metrics.jsonl"
     if not path.is_file():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if '"train"' in line]
-    seconds = [r["step_seconds"] for r in records[PACE_SKIP:] if r.get("type") == "train" and "step_seconds" in r]
+    records = (json.loads(line) for line in path.read_text().splitlines())
+    seconds = [r["step_seconds"] for r in records if r.get("type") == "train"][PACE_SKIP:]
     return float(np.median(seconds)) if seconds else None
 
 
