@@ -105,6 +105,10 @@ RECIPES: dict[str, list[str]] = {
     "default-exits123-every": [*DEFAULT, "--early_exit_layers", "1", "2", "3", "--early_exit_curriculum", "none"],
     # the tenth round: exits 1-3 only, with the exit loss annealed as well
     "default-exits123-e1to0.2": [*DEFAULT, "--early_exit_layers", "1", "2", "3", "--early_exit_scale_end", "0.2"],
+    # the eleventh round: each early-exit token's loss weighted by the last layer's confidence
+    # (p_max^G, mean 1), so the exits train where they could exit and leave hard tokens to the depth
+    "default-focus1": [*DEFAULT, "--early_exit_focus", "1"],
+    "default-focus3": [*DEFAULT, "--early_exit_focus", "3"],
     # the sixth round: continual LayerSkip training (the paper's main use) inside the same budget: a
     # plain run first (CONTINUAL's share of the minutes), then the default recipe from it (--init-from)
     # with a short warm-up, at the full or a lower peak LR

@@ -20,6 +20,10 @@
   (self-distillation): each exit's loss is (1 - W) x cross-entropy + W x T^2 x KL(last
   layer's distribution at temperature T, a constant || the exit's at T); the teacher costs one
   more matmul per chunk and gets no gradient.
+- ``focus_weights``: per-token weights of the early exits' loss, the last layer's top-1
+  probability to a power, normalised to mean 1: the exits' share of the trunk is spent on
+  the tokens the last layer is sure of, where an early exit can ever be confident enough to
+  exit, and less on the hard ones only the full depth gets right.
 """
 
 from __future__ import annotations
@@ -164,9 +168,11 @@ def chunk_nll_and_grads(
     weight: torch.Tensor,  # (V, C)
     targets: torch.Tensor,  # (n,) ids, clamped to >= 0
     valid: torch.Tensor,  # (n,) 1.0 where the target counts, else 0.0
-    scales: torch.Tensor,  # (E,) multiplier of each exit's summed NLL in the loss
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(NLL sum per exit (E,), d loss/d x (E, n, C), d loss/d weight (V, C) fp32) of one chunk.
+    scales: torch.Tensor,  # (E,) multiplier of each exit's summed (weighted) NLL in the loss
+    token_weights: torch.Tensor,  # (n,) each token's weight in the loss, 0 where it does not count
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(NLL sum per exit (E,), token-weighted NLL sum (E,), d loss/d x (E, n, C), d loss/d weight
+    (V, C) fp32) of one chunk; the loss is sum_e scales[e] * weighted NLL sum_e.
 
     A pure function of tensors, so it can be handed to torch.compile as is.
     """
@@ -174,31 +180,54 @@ def chunk_nll_and_grads(
     logits = (x @ weight.t()).float()  # (E, n, V)
     lse = torch.logsumexp(logits, dim=-1)  # (E, n)
     idx = targets.view(1, -1, 1).expand(E, -1, 1)
-    nll = ((lse - logits.gather(-1, idx).squeeze(-1)) * valid).sum(-1)  # (E,)
-    # d(scaled NLL)/d(logits) = (softmax - onehot) * valid * scale
+    token_nll = lse - logits.gather(-1, idx).squeeze(-1)  # (E, n)
+    nll, weighted_nll = (token_nll * valid).sum(-1), (token_nll * token_weights).sum(-1)  # (E,)
+    # d(scaled weighted NLL)/d(logits) = (softmax - onehot) * token weight * scale
     grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
     grad.scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=grad.dtype, device=grad.device))
-    grad = grad.mul_((valid.view(1, -1) * scales.view(-1, 1)).unsqueeze(-1)).to(x.dtype)
+    grad = grad.mul_((token_weights.view(1, -1) * scales.view(-1, 1)).unsqueeze(-1)).to(x.dtype)
     grad_x = grad @ weight  # (E, n, C)
     grad_w = (grad.flatten(0, 1).t() @ x.flatten(0, 1)).float()  # (V, C)
-    return nll, grad_x, grad_w
+    return nll, weighted_nll, grad_x, grad_w
+
+
+def focus_weights(
+    teacher: torch.Tensor,  # (N, C) the last exit's final-normed hidden states
+    weight: torch.Tensor,  # (V, C) the LM head
+    targets: torch.Tensor,  # (N,) token ids, IGNORE_INDEX for none
+    power: float,
+    chunk_size: int = 2048,
+) -> torch.Tensor:
+    """(N,) fp32 weights, no gradient: p_max^power of the last layer's distribution at each token,
+    normalised to mean 1 over the non-ignored tokens (0 at ignored ones); power 0 weighs all alike."""
+    valid = targets != IGNORE_INDEX
+    confidence = torch.empty(teacher.shape[0], dtype=torch.float32, device=teacher.device)
+    with torch.no_grad():
+        for s in range(0, teacher.shape[0], chunk_size):
+            logits = (teacher[s : s + chunk_size] @ weight.t()).float()  # (n, V)
+            confidence[s : s + chunk_size] = (logits.max(-1).values - torch.logsumexp(logits, -1)).exp()
+        raw = confidence.pow(power) * valid
+        return raw * (valid.sum().clamp(min=1) / raw.sum().clamp(min=torch.finfo(raw.dtype).tiny))
 
 
 def _over_chunks(
     normed: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, num_sums: int,
-    chunk: Callable[[slice, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
+    chunk: Callable[[slice, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(d loss/d normed, d loss/d weight in fp32, per-exit sums) of chunk(tokens, safe targets, valid)
-    run over chunks of tokens; chunk returns its num_sums per-exit (E,) sums, then its two gradients."""
+    """(d loss/d normed, d loss/d weight in fp32, per-exit sums) of chunk(tokens, safe targets, valid,
+    token weights) run over chunks of tokens; chunk returns its num_sums per-exit (E,) sums, then its
+    two gradients. Without token_weights (N,), each counted token weighs 1."""
     E, N, _ = normed.shape
     valid = (targets != IGNORE_INDEX).float()  # (N,)
+    weighted = valid if token_weights is None else valid * token_weights.float()
     safe = targets.clamp(min=0)
     grad_x = torch.empty_like(normed)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     sums = [torch.zeros(E, dtype=torch.float32, device=normed.device) for _ in range(num_sums)]
     for s in range(0, N, chunk_size):
         part = slice(s, s + chunk_size)
-        *chunk_sums, gx, gw = chunk(part, safe[part], valid[part])
+        *chunk_sums, gx, gw = chunk(part, safe[part], valid[part], weighted[part])
         for total, value in zip(sums, chunk_sums):
             total += value
         grad_x[:, part] = gx
@@ -207,21 +236,22 @@ def _over_chunks(
 
 
 class _ChunkedExitLoss(torch.autograd.Function):
-    """sum_e scales[e] * NLL_e for exits sharing one head; gradients computed chunk by chunk."""
+    """sum_e scales[e] * (token-weighted) NLL_e for exits sharing one head; gradients chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, normed, weight, targets, scales, chunk_size, chunk_fn):  # type: ignore[override]
-        grad_x, grad_w, (nll_sums,) = _over_chunks(
-            normed, weight, targets, chunk_size, 1,
-            lambda part, safe, valid: chunk_fn(normed[:, part], weight, safe, valid, scales))
+    def forward(ctx, normed, weight, targets, scales, chunk_size, chunk_fn, token_weights):  # type: ignore[override]
+        grad_x, grad_w, (nll_sums, weighted_sums) = _over_chunks(
+            normed, weight, targets, chunk_size, 2,
+            lambda part, safe, valid, weights: chunk_fn(normed[:, part], weight, safe, valid, scales, weights),
+            token_weights)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(nll_sums)
-        return (nll_sums * scales).sum(), nll_sums
+        return (weighted_sums * scales).sum(), nll_sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):  # type: ignore[override]
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None, None
 
 
 def exit_loss(
@@ -232,16 +262,18 @@ def exit_loss(
     *,
     chunk_size: int = 2048,
     chunk_fn=chunk_nll_and_grads,
+    token_weights: torch.Tensor | None = None,  # (N,) from `focus_weights`; None: every token alike
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted mean-NLL loss, per-exit mean NLL (E,) detached) of E exits in one pass.
 
-    The loss is sum_e weights[e] * mean NLL of exit e over the non-ignored targets; with
+    The loss is sum_e weights[e] * mean NLL of exit e over the non-ignored targets (each token's
+    NLL times its token weight, when given; the per-exit means returned stay unweighted); with
     every target ignored it is 0 (and so are its gradients), never NaN. chunk_fn may be a
     compiled ``chunk_nll_and_grads``.
     """
     count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     scales = torch.tensor(list(weights), dtype=torch.float32, device=normed.device) / count
-    loss, sums = _ChunkedExitLoss.apply(normed, weight, targets, scales, chunk_size, chunk_fn)
+    loss, sums = _ChunkedExitLoss.apply(normed, weight, targets, scales, chunk_size, chunk_fn, token_weights)
     return loss, sums / count
 
 
@@ -254,9 +286,12 @@ def chunk_distill_and_grads(
     ce_scales: torch.Tensor,  # (E,) multiplier of each exit's summed NLL in the loss
     kd_scales: torch.Tensor,  # (E,) multiplier of each exit's summed KL in the loss
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(NLL sum (E,), KL sum (E,), d loss/d x (E, n, C), d loss/d weight (V, C) fp32) of one chunk,
-    KL(p || q_e) with p = softmax(teacher logits / T) and q_e = softmax(exit e's logits / T).
+    token_weights: torch.Tensor,  # (n,) each token's weight in the loss, 0 where it does not count
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(NLL sum (E,), KL sum (E,), their token-weighted sums (E,) and (E,), d loss/d x (E, n, C),
+    d loss/d weight (V, C) fp32) of one chunk, KL(p || q_e) with p = softmax(teacher logits / T)
+    and q_e = softmax(exit e's logits / T); the loss is sum_e ce_scales[e] * weighted NLL sum_e +
+    kd_scales[e] * weighted KL sum_e.
 
     The cross-entropy part is chunk_nll_and_grads' arithmetic, step for step: with kd_scales 0
     the results are bit for bit its results. A pure function of tensors, compilable as is.
@@ -265,46 +300,49 @@ def chunk_distill_and_grads(
     logits = (x @ weight.t()).float()  # (E, n, V)
     lse = torch.logsumexp(logits, dim=-1)  # (E, n)
     idx = targets.view(1, -1, 1).expand(E, -1, 1)
-    nll = ((lse - logits.gather(-1, idx).squeeze(-1)) * valid).sum(-1)  # (E,)
+    token_nll = lse - logits.gather(-1, idx).squeeze(-1)  # (E, n)
+    nll, weighted_nll = (token_nll * valid).sum(-1), (token_nll * token_weights).sum(-1)  # (E,)
     log_p = torch.log_softmax((teacher @ weight.t()).float() / temperature, dim=-1)  # (n, V), a constant
     p = log_p.exp()
     # at T = 1 the student's tempered distribution is the softmax the cross-entropy needs anyway
     scaled = logits if temperature == 1.0 else logits / temperature  # (E, n, V)
     lse_t = lse if temperature == 1.0 else torch.logsumexp(scaled, dim=-1)  # (E, n)
     # KL(p || q) = sum p log p - sum p log q, and log q = scaled - lse_t with sum p = 1
-    kl = (((p * log_p).sum(-1) - (scaled * p).sum(-1) + lse_t) * valid).sum(-1)  # (E,)
-    # d(kd_scale * KL)/d(logits) = kd_scale / T * (q - p)
-    kd_coef = (valid.view(1, -1) * (kd_scales / temperature).view(-1, 1)).unsqueeze(-1)  # (E, n, 1)
+    token_kl = (p * log_p).sum(-1) - (scaled * p).sum(-1) + lse_t  # (E, n)
+    kl, weighted_kl = (token_kl * valid).sum(-1), (token_kl * token_weights).sum(-1)  # (E,)
+    # d(kd_scale * weighted KL)/d(logits) = token weight * kd_scale / T * (q - p)
+    kd_coef = (token_weights.view(1, -1) * (kd_scales / temperature).view(-1, 1)).unsqueeze(-1)  # (E, n, 1)
     if temperature != 1.0:
         kd = scaled.sub_(lse_t.unsqueeze(-1)).exp_().sub_(p).mul_(kd_coef)
     grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
     if temperature == 1.0:
         kd = (grad - p).mul_(kd_coef)
     grad.scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=grad.dtype, device=grad.device))
-    grad = grad.mul_((valid.view(1, -1) * ce_scales.view(-1, 1)).unsqueeze(-1)).add_(kd).to(x.dtype)
+    grad = grad.mul_((token_weights.view(1, -1) * ce_scales.view(-1, 1)).unsqueeze(-1)).add_(kd).to(x.dtype)
     grad_x = grad @ weight  # (E, n, C)
     grad_w = (grad.flatten(0, 1).t() @ x.flatten(0, 1)).float()  # (V, C)
-    return nll, kl, grad_x, grad_w
+    return nll, kl, weighted_nll, weighted_kl, grad_x, grad_w
 
 
 class _ChunkedDistillLoss(torch.autograd.Function):
-    """sum_e ce_scales[e] * NLL_e + kd_scales[e] * KL_e; gradients chunk by chunk, none to the teacher."""
+    """sum_e ce_scales[e] * NLL_e + kd_scales[e] * KL_e (token-weighted); gradients chunk by chunk,
+    none to the teacher."""
 
     @staticmethod
     def forward(ctx, normed, weight, targets, teacher, ce_scales, kd_scales, temperature, chunk_size,  # type: ignore[override]
-                chunk_fn):
-        grad_x, grad_w, (nll_sums, kl_sums) = _over_chunks(
-            normed, weight, targets, chunk_size, 2,
-            lambda part, safe, valid: chunk_fn(normed[:, part], weight, safe, valid, teacher[part], ce_scales,
-                                               kd_scales, temperature))
+                chunk_fn, token_weights):
+        grad_x, grad_w, (nll_sums, kl_sums, weighted_nll, weighted_kl) = _over_chunks(
+            normed, weight, targets, chunk_size, 4,
+            lambda part, safe, valid, weights: chunk_fn(normed[:, part], weight, safe, valid, teacher[part],
+                                                        ce_scales, kd_scales, temperature, weights), token_weights)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(nll_sums, kl_sums)
-        return (nll_sums * ce_scales + kl_sums * kd_scales).sum(), nll_sums, kl_sums
+        return (weighted_nll * ce_scales + weighted_kl * kd_scales).sum(), nll_sums, kl_sums
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_nll, _grad_kl):  # type: ignore[override]
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None, None, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None, None, None, None, None
 
 
 def distill_exit_loss(
@@ -318,18 +356,20 @@ def distill_exit_loss(
     temperature: float = 1.0,
     chunk_size: int = 2048,
     chunk_fn=chunk_distill_and_grads,
+    token_weights: torch.Tensor | None = None,  # (N,) from `focus_weights`; None: every token alike
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, per-exit mean NLL (E,), per-exit mean KL (E,), both detached) with self-distillation.
 
     loss = sum_e weights[e] * ((1 - W) * mean NLL_e + W * T^2 * mean KL(p_T || q_e,T)) over the
-    non-ignored tokens; the teacher distribution is a constant (no gradient reaches `teacher`, nor
-    the head through it). T^2 keeps the KL's gradient on the cross-entropy's scale (Hinton et al.).
+    non-ignored tokens (each token's terms times its token weight, when given; the per-exit means
+    returned stay unweighted); the teacher distribution is a constant (no gradient reaches `teacher`, nor the head through it). T^2 keeps
+    the KL's gradient on the cross-entropy's scale (Hinton et al.).
     """
     count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     scales = torch.tensor(list(weights), dtype=torch.float32, device=normed.device) / count
     ce_scales, kd_scales = scales * (1.0 - distill), scales * (distill * temperature**2)
     loss, nll, kl = _ChunkedDistillLoss.apply(normed, weight, targets, teacher.detach(), ce_scales, kd_scales,
-                                              float(temperature), chunk_size, chunk_fn)
+                                              float(temperature), chunk_size, chunk_fn, token_weights)
     return loss, nll / count, kl / count
 
 
@@ -338,12 +378,16 @@ def exit_loss_reference(
     unembed,
     targets: torch.Tensor,  # (B, T)
     weights: Sequence[float],
+    token_weights: torch.Tensor | None = None,  # (B*T,)
 ) -> torch.Tensor:
     """The plain loop the vectorised loss must equal (used by the tests)."""
+    valid = (targets != IGNORE_INDEX).flatten()
+    per_token = valid.float() if token_weights is None else token_weights * valid
     total = torch.zeros((), dtype=torch.float32)
     for (k, h), w in zip(sorted(hidden.items()), weights):
-        logits = unembed(h).float()
-        total = total + w * F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        logits = unembed(h).float().flatten(0, 1)
+        nll = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        total = total + w * (nll * per_token).sum() / valid.sum().clamp(min=1)
     return total
 
 
@@ -355,17 +399,20 @@ def distill_loss_reference(
     weights: Sequence[float],
     distill: float,
     temperature: float,
+    token_weights: torch.Tensor | None = None,  # (B*T,)
 ) -> torch.Tensor:
     """The plain loop the chunked distillation loss must equal (used by the tests)."""
     valid = (targets != IGNORE_INDEX).flatten()
+    per_token = valid.float() if token_weights is None else token_weights * valid
+    count = valid.sum().clamp(min=1)
     log_p = F.log_softmax(unembed(teacher_hidden).float().detach().flatten(0, 1) / temperature, dim=-1)
     total = torch.zeros((), dtype=torch.float32)
     for (k, h), w in zip(sorted(hidden.items()), weights):
         logits = unembed(h).float().flatten(0, 1)
-        ce = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX)
+        nll = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         log_q = F.log_softmax(logits / temperature, dim=-1)
         kl_per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # KL(p || q)
-        kl = (kl_per_token * valid).sum() / valid.sum().clamp(min=1)
+        ce, kl = (nll * per_token).sum() / count, (kl_per_token * per_token).sum() / count
         total = total + w * ((1 - distill) * ce + distill * temperature**2 * kl)
     return total
 

@@ -18,6 +18,7 @@ from layerskip.losses import (
     exit_loss_reference,
     exit_nll_sums,
     exit_weights,
+    focus_weights,
     layer_dropout_probs,
     lr_at,
     sample_layer_keep,
@@ -296,3 +297,70 @@ def test_distillation_weight_zero_is_the_plain_loss_bit_for_bit():
     assert torch.equal(loss, plain) and torch.equal(nll, plain_nll) and (kl > 0).all()
     for got, want in zip(torch.autograd.grad(loss, inputs), plain_grads):
         assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- focus on confident tokens
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 3.0])
+def test_focus_weights_are_the_last_layers_confidence_to_a_power_with_mean_one(power):
+    model, _, targets, _, last = _students_and_teacher()
+    teacher = model.norm(last).flatten(0, 1)
+    weights = focus_weights(teacher, model.lm_head.weight, targets.flatten(), power, chunk_size=7)
+    assert not weights.requires_grad
+    valid = (targets != IGNORE_INDEX).flatten()
+    confidence = torch.softmax(model.unembed(last).detach().float().flatten(0, 1), -1).max(-1).values  # direct
+    expected = confidence**power * valid
+    expected = expected * valid.sum() / expected.sum()
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-7)
+    assert weights[~valid].eq(0).all() and weights[valid].mean() == pytest.approx(1.0, rel=1e-5)
+    order = confidence[valid].argsort()
+    assert (weights[valid][order].diff() >= 0).all()  # the surer the last layer, the heavier the token
+    flat = focus_weights(teacher, model.lm_head.weight, targets.flatten(), 0.0)
+    assert torch.equal(flat, valid.float())  # power 0: every counted token alike
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.6])
+def test_token_weighted_exit_losses_equal_the_plain_loop_and_report_unweighted_means(distill):
+    model, _, targets, hidden, last = _students_and_teacher()
+    weights = exit_weights([1, 2, 3], 4, 0.7)[:3]
+    normed = model.norm(torch.stack([hidden[k] for k in (1, 2, 3)])).flatten(1, 2)
+    teacher = model.norm(last).flatten(0, 1)
+    token_weights = focus_weights(teacher, model.lm_head.weight, targets.flatten(), 2.0)
+    params = [p for p in model.parameters()]
+    ref = distill_loss_reference(hidden, last, model.unembed, targets, weights, distill, 1.0, token_weights)
+    ref_grads = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
+    if distill:
+        loss, nll, _ = distill_exit_loss(normed, model.lm_head.weight, targets.flatten(), teacher, weights,
+                                         distill=distill, chunk_size=9, token_weights=token_weights)
+        _, unweighted_nll, _ = distill_exit_loss(normed, model.lm_head.weight, targets.flatten(), teacher, weights,
+                                                 distill=distill, chunk_size=9)
+    else:
+        loss, nll = exit_loss(normed, model.lm_head.weight, targets.flatten(), weights, chunk_size=9,
+                              token_weights=token_weights)
+        unweighted_nll = exit_loss(normed, model.lm_head.weight, targets.flatten(), weights, chunk_size=9)[1]
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for got, want, (name, _) in zip(torch.autograd.grad(loss, params, allow_unused=True), ref_grads,
+                                    model.named_parameters()):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(nll, unweighted_nll)  # logged exit losses stay comparable with unfocused runs
+    unfocused = distill_loss_reference(hidden, last, model.unembed, targets, weights, distill, 1.0)
+    assert not torch.allclose(loss, unfocused)  # the weights do change the loss
+
+
+def test_focus_power_zero_is_the_unweighted_loss_bit_for_bit():
+    model, _, targets, hidden, last = _students_and_teacher()
+    weights = exit_weights([1, 2, 3], 4, 0.5)[:3]
+    normed = model.norm(torch.stack([hidden[k] for k in (1, 2, 3)])).flatten(1, 2)
+    teacher = model.norm(last).flatten(0, 1)
+    flat = focus_weights(teacher, model.lm_head.weight, targets.flatten(), 0.0)
+    inputs = [normed, model.lm_head.weight]
+    for fn, extra in ((exit_loss, {}), (distill_exit_loss, dict(teacher=teacher, distill=0.9))):
+        plain = fn(normed, model.lm_head.weight, targets.flatten(), weights=weights, chunk_size=11, **extra)
+        flat_loss = fn(normed, model.lm_head.weight, targets.flatten(), weights=weights, chunk_size=11,
+                       token_weights=flat, **extra)
+        assert all(torch.equal(a, b) for a, b in zip(plain, flat_loss))
+        grads = [torch.autograd.grad(loss[0], inputs, retain_graph=True) for loss in (flat_loss, plain)]
+        assert all(torch.equal(got, want) for got, want in zip(*grads))

@@ -36,6 +36,7 @@ def test_every_recipe_is_a_valid_training_config():
         assert recipe_config(flags).plain == (name == "plain"), name
     assert not recipe_config(search.RECIPES["default-headfree-e1to0.2"]).early_exit_trains_head
     assert recipe_config(search.RECIPES["default-e1to0.2"]).early_exit_scale_end == 0.2
+    assert recipe_config(search.RECIPES["default-focus3"]).early_exit_focus == 3.0
     for name, (first, share) in search.CONTINUAL.items():
         assert first in search.RECIPES and 0 < share < 1 and not recipe_config(search.RECIPES[name]).plain
 

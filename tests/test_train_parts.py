@@ -232,6 +232,46 @@ def test_early_exits_that_do_not_train_the_head_leave_its_gradient_to_the_last_l
     assert not torch.allclose(grads["layers.0.attn.q_proj.weight"], last_only["layers.0.attn.q_proj.weight"])
 
 
+@pytest.mark.parametrize("distill", [0.0, 0.6])
+def test_a_focused_step_weighs_each_early_exit_token_by_the_last_layers_confidence(distill):
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(dropout=0.0).model_config(50))
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    targets[1, :3] = -100
+    exits, weights = [1, 3, 4], exit_weights([1, 3, 4], 4, 1.0, "uniform")
+    positions = flat_positions(sample_early_positions(3, 16, 0.5, torch.Generator().manual_seed(3)), 16)
+    focused = ExitLossModel(model, chunk_size=5, distill=distill, focus=1.5)
+    loss, per_exit, _ = focused(idx, targets, exits, weights, None, positions)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    out = model(idx, exits=exits, compute_logits=False)
+    pick = lambda h: h.flatten(0, 1)[positions].unsqueeze(0)  # noqa: E731
+    early_targets = targets.flatten()[positions]
+    confidence = torch.softmax(model.unembed(pick(out.exit_hidden[4])).detach().flatten(0, 1), -1).max(-1).values
+    valid = early_targets != -100
+    token_weights = confidence**1.5 * valid
+    token_weights = token_weights * valid.sum() / token_weights.sum()  # mean 1 over the counted tokens
+    early = distill_loss_reference({k: pick(out.exit_hidden[k]) for k in exits[:-1]}, pick(out.exit_hidden[4]),
+                                   model.unembed, early_targets.unsqueeze(0), weights[:-1], distill, 1.0,
+                                   token_weights)
+    last = exit_loss_reference({4: out.exit_hidden[4]}, model.unembed, targets, weights[-1:])  # unweighted
+    torch.testing.assert_close(loss, early + last, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(early + last, list(model.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    unfocused = ExitLossModel(model, chunk_size=5, distill=distill)(idx, targets, exits, weights, None, positions)
+    torch.testing.assert_close(per_exit, unfocused.exit_nll)  # the logged exit losses stay unweighted
+    assert not torch.allclose(loss, unfocused.loss)
+
+
+def test_focus_is_validated_and_off_by_default():
+    assert tiny_cfg().early_exit_focus == 0.0
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ConfigError, match="early_exit_focus"):
+            tiny_cfg(early_exit_focus=bad)
+    cfg = tiny_cfg(early_exit_focus=2.0)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 

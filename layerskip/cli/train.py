@@ -58,6 +58,8 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("early_exit_distill", float, "self-distillation weight W in [0, 1]: each early exit's loss is (1 - W) x "
      "cross-entropy + W x T^2 x KL(last layer, detached || exit) on the same tokens (default 0.9; 0: cross-entropy only)"),
     ("early_exit_distill_temperature", float, "the distillation temperature T (default 1)"),
+    ("early_exit_focus", float, "weight each early-exit token's loss by the last layer's top-1 probability to "
+     "this power, normalised to mean 1, so the exits train where they could exit (default 0: every token alike)"),
     ("val_every", int, "also validate every N steps (default: each epoch only)"),
     ("val_tokens", int, "validate on the first N valid tokens only (default 65536; 0: all)"),
     ("eval_batch_size", int, "sequences per evaluation batch (default 16)"),

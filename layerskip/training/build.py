@@ -53,7 +53,7 @@ def training_module(model: Transformer, cfg: TrainConfig, dist: DistInfo, device
     """What a step calls: the model with its early-exit loss, in DDP when there are several processes."""
     module: nn.Module = ExitLossModel(model, cfg.loss_chunk, compile_loss=cfg.compile, distill=cfg.early_exit_distill,
                                       temperature=cfg.early_exit_distill_temperature,
-                                      trains_head=cfg.early_exit_trains_head)
+                                      trains_head=cfg.early_exit_trains_head, focus=cfg.early_exit_focus)
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 

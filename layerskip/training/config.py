@@ -93,6 +93,9 @@ class TrainConfig:
     # Whether the early exits' loss trains the shared final norm and LM head (tied embeddings still
     # learn as inputs); False: only the last layer's loss trains them, and the early exits learn to read them.
     early_exit_trains_head: bool = True
+    # Each early-exit token's loss weighted by the last layer's top-1 probability to this power,
+    # normalised to mean 1 (0: every token alike): the exits train where they could ever exit.
+    early_exit_focus: float = 0.0
     # speed
     precision: str = "bf16"
     compile: bool = True
@@ -143,6 +146,9 @@ class TrainConfig:
         self._check_exit_layers()
         _req(isinstance(self.early_exit_trains_head, bool),
              f"early_exit_trains_head must be true or false, got {self.early_exit_trains_head!r}")
+        focus = self.early_exit_focus
+        _req(isinstance(focus, (int, float)) and not isinstance(focus, bool) and math.isfinite(focus) and focus >= 0,
+             f"early_exit_focus must be a power >= 0 (0: every token alike), got {focus!r}")
         self._check_distillation()
         _req(self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"init_from must be a checkpoint path or None, got {self.init_from!r}")

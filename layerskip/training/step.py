@@ -22,6 +22,7 @@ from layerskip.losses import (
     enabled_exits,
     exit_loss,
     exit_weights,
+    focus_weights,
     layer_dropout_probs,
     sample_layer_keep,
 )
@@ -136,12 +137,13 @@ class ExitLossModel(nn.Module):
     """Trunk + weighted early-exit loss in one forward, so DDP sees every parameter's use."""
 
     def __init__(self, model: Transformer, chunk_size: int, *, compile_loss: bool = False, distill: float = 0.0,
-                 temperature: float = 1.0, trains_head: bool = True) -> None:
+                 temperature: float = 1.0, trains_head: bool = True, focus: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.distill, self.temperature = distill, temperature
         self.trains_head = trains_head
+        self.focus = focus
         # the head + loss of one chunk, compiled on its own (like each block) when asked
         self.chunk_fn = torch.compile(chunk_nll_and_grads, dynamic=True) if compile_loss else chunk_nll_and_grads
         self.distill_fn = (torch.compile(chunk_distill_and_grads, dynamic=True) if compile_loss and distill > 0
@@ -157,12 +159,13 @@ class ExitLossModel(nn.Module):
         early_positions: torch.Tensor | None = None,  # (n,) flat token indices for the early exits
     ) -> ExitLosses:
         """The last exit's loss over every token, the earlier ones' over `early_positions` only when
-        given (an unbiased, cheaper estimate of their loss), distilled from the last exit when asked."""
+        given (an unbiased, cheaper estimate of their loss), distilled from the last exit when asked,
+        each token weighted by the last exit's confidence when focus > 0."""
         out = self.model(idx, exits=exits, layer_keep=keep, compute_logits=False)
         flat_targets = targets.flatten()
         no_kl = torch.zeros(0, device=flat_targets.device)
         head = self.model.lm_head.weight
-        if len(exits) == 1 or (early_positions is None and not self.distill and self.trains_head):
+        if len(exits) == 1 or (early_positions is None and not self.distill and self.trains_head and not self.focus):
             hidden = torch.stack([out.exit_hidden[k] for k in exits])  # (E, B, T, C)
             normed = self.model.norm(hidden).flatten(1, 2)  # (E, B*T, C)
             return ExitLosses(*self._loss(normed, head, flat_targets, weights), no_kl)
@@ -170,13 +173,19 @@ class ExitLossModel(nn.Module):
         early = torch.stack([pick(out.exit_hidden[k].flatten(0, 1)) for k in exits[:-1]])  # (E-1, n, C)
         last = self.model.norm(out.exit_hidden[exits[-1]]).flatten(0, 1)  # (B*T, C)
         early_normed, early_head = self._early_head(early)
+        early_targets, teacher = pick(flat_targets), pick(last)
+        token_weights = (focus_weights(teacher, head, early_targets, self.focus, self.chunk_size)
+                         if self.focus else None)
         if self.distill:
             early_loss, early_nll, kl = distill_exit_loss(
-                early_normed, early_head, pick(flat_targets), pick(last), weights[:-1],
+                early_normed, early_head, early_targets, teacher, weights[:-1],
                 distill=self.distill, temperature=self.temperature, chunk_size=self.chunk_size,
-                chunk_fn=self.distill_fn)
+                chunk_fn=self.distill_fn, token_weights=token_weights)
         else:
-            (early_loss, early_nll), kl = self._loss(early_normed, early_head, pick(flat_targets), weights[:-1]), no_kl
+            early_loss, early_nll = exit_loss(early_normed, early_head, early_targets, weights[:-1],
+                                              chunk_size=self.chunk_size, chunk_fn=self.chunk_fn,
+                                              token_weights=token_weights)
+            kl = no_kl
         last_loss, last_nll = self._loss(last.unsqueeze(0), head, flat_targets, weights[-1:])
         return ExitLosses(early_loss + last_loss, torch.cat([early_nll, last_nll]), kl)
 
