@@ -182,10 +182,8 @@ class ExitLossModel(nn.Module):
                 distill=self.distill, temperature=self.temperature, chunk_size=self.chunk_size,
                 chunk_fn=self.distill_fn, token_weights=token_weights)
         else:
-            early_loss, early_nll = exit_loss(early_normed, early_head, early_targets, weights[:-1],
-                                              chunk_size=self.chunk_size, chunk_fn=self.chunk_fn,
-                                              token_weights=token_weights)
-            kl = no_kl
+            (early_loss, early_nll), kl = self._loss(early_normed, early_head, early_targets, weights[:-1],
+                                                     token_weights), no_kl
         last_loss, last_nll = self._loss(last.unsqueeze(0), head, flat_targets, weights[-1:])
         return ExitLosses(early_loss + last_loss, torch.cat([early_nll, last_nll]), kl)
 
@@ -197,6 +195,7 @@ class ExitLossModel(nn.Module):
             return norm(early), head
         return rms_norm(early, norm.weight.detach(), norm.eps), head.detach()
 
-    def _loss(self, normed: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
-              weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        return exit_loss(normed, head, targets, weights, chunk_size=self.chunk_size, chunk_fn=self.chunk_fn)
+    def _loss(self, normed: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, weights: list[float],
+              token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return exit_loss(normed, head, targets, weights, chunk_size=self.chunk_size, chunk_fn=self.chunk_fn,
+                         token_weights=token_weights)
