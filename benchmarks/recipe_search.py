@@ -109,6 +109,11 @@ RECIPES: dict[str, list[str]] = {
     # (p_max^G, mean 1), so the exits train where they could exit and leave hard tokens to the depth
     "default-focus1": [*DEFAULT, "--early_exit_focus", "1"],
     "default-focus3": [*DEFAULT, "--early_exit_focus", "3"],
+    # the twelfth round: more layer dropout (cheaper steps; the first round saw p_max 0.2 beat 0.1
+    # and 0), and the small levers stacked: exits 1-3 only, more layer dropout, half the exit tokens
+    "default-p0.4": [*DEFAULT, "--max_skip_prob", "0.4"],
+    "default-exits123-p0.4-t0.125": [*DEFAULT, "--early_exit_layers", "1", "2", "3", "--max_skip_prob", "0.4",
+                                     "--early_exit_tokens", "0.125"],
     # the sixth round: continual LayerSkip training (the paper's main use) inside the same budget: a
     # plain run first (CONTINUAL's share of the minutes), then the default recipe from it (--init-from)
     # with a short warm-up, at the full or a lower peak LR
