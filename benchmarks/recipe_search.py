@@ -114,6 +114,11 @@ RECIPES: dict[str, list[str]] = {
     "default-p0.4": [*DEFAULT, "--max_skip_prob", "0.4"],
     "default-exits123-p0.4-t0.125": [*DEFAULT, "--early_exit_layers", "1", "2", "3", "--max_skip_prob", "0.4",
                                      "--early_exit_tokens", "0.125"],
+    # the thirteenth round: the stack with still more layer dropout
+    "default-exits123-p0.6-t0.125": [*DEFAULT, "--early_exit_layers", "1", "2", "3", "--max_skip_prob", "0.6",
+                                     "--early_exit_tokens", "0.125"],
+    "default-exits123-p0.8-t0.125": [*DEFAULT, "--early_exit_layers", "1", "2", "3", "--max_skip_prob", "0.8",
+                                     "--early_exit_tokens", "0.125"],
     # the sixth round: continual LayerSkip training (the paper's main use) inside the same budget: a
     # plain run first (CONTINUAL's share of the minutes), then the default recipe from it (--init-from)
     # with a short warm-up, at the full or a lower peak LR
