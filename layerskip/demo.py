@@ -18,15 +18,24 @@ from typing import Any
 from layerskip.console import log
 from layerskip.errors import ConfigError, LayerskipError
 from layerskip.jsonfile import write_json
+from layerskip.training.config import TrainConfig
 
 STATE_FILE = "demo.json"
 # Shares of the budget: the two trainings get most of it, equally.
 TRAIN_SHARE = 0.36
-# LayerSkip recipe of the demo: the seed study's layer dropout, the paper's rotational exit loss,
-# every early exit weighted alike and distilled from the last layer (the recipe search's winner,
-# benchmarks/recipe_search.py; docs/results.md).
-LAYERSKIP_FLAGS = ["--max_skip_prob", "0.2", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational",
-                   "--early_exit_tokens", "0.25", "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9"]
+# LayerSkip recipe of the demo (the recipe search's winner, benchmarks/recipe_search.py;
+# docs/results.md): heavy layer dropout (the last block skipped 80% of the time: cheaper steps,
+# so more of them in the budget), the paper's rotational exit loss on the first half's exits
+# only, on an eighth of the tokens, every early exit weighted alike and distilled from the last layer.
+def layerskip_flags(num_layers: int) -> list[str]:
+    """`layerskip train` flags of the demo's LayerSkip recipe for a model `num_layers` blocks deep."""
+    first_half = [str(k) for k in range(1, num_layers // 2 + 1)]
+    return ["--max_skip_prob", "0.8", "--early_exit_scale", "1.0", "--early_exit_curriculum", "rotational",
+            "--early_exit_tokens", "0.125", "--early_exit_weighting", "uniform", "--early_exit_distill", "0.9",
+            *(["--early_exit_layers", *first_half] if first_half else [])]
+
+
+LAYERSKIP_FLAGS = layerskip_flags(TrainConfig.num_layers)  # at the default depth
 PLAIN_FLAGS = ["--max_skip_prob", "0", "--early_exit_scale", "0"]
 # Drafts and early exits read the short head of the most frequent tokens (see docs/design.md).
 SHORT_HEAD = "1024"
@@ -53,6 +62,12 @@ class DemoSettings:
     num_prompts: int = 16
     new_tokens: int = 64
     bench_flags: list[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        """The trained models' depth: --num_layers among model_flags, else `layerskip train`'s default."""
+        flags = self.model_flags
+        return int(flags[flags.index("--num_layers") + 1]) if "--num_layers" in flags else TrainConfig.num_layers
 
     def __post_init__(self) -> None:
         if not (self.budget_minutes > 0):
@@ -96,7 +111,7 @@ def plan_stages(s: DemoSettings) -> list[Stage]:
     results = out / "results.json"
     report = out / "report"
     return [
-        train("layerskip", LAYERSKIP_FLAGS),
+        train("layerskip", layerskip_flags(s.num_layers)),
         train("plain", PLAIN_FLAGS),
         calibrate("calibrate", "softmax", thresholds),
         calibrate("calibrate-classifier", "classifier", learned),

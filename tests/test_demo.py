@@ -76,3 +76,19 @@ def test_smoke_alone_means_a_tiny_model_and_short_runs(tmp_path):
     assert (sized.max_steps, sized.num_prompts, sized.new_tokens) == (5, 3, 8)
     full = settings()
     assert (full.model_flags, full.max_steps, full.num_prompts, full.new_tokens) == ([], None, 16, 64)
+
+
+@pytest.mark.parametrize("num_layers, exits", [(None, (1, 2, 3)), (3, (1,)), (2, (1,)), (1, None)])
+def test_the_demo_gives_the_first_half_of_a_models_exits_the_early_exit_loss(tmp_path, num_layers, exits):
+    import argparse
+
+    from layerskip.cli import train as train_cli
+    from layerskip.training import TrainConfig
+
+    depth = [] if num_layers is None else ["--num_layers", str(num_layers)]
+    [stage] = [s for s in plan_stages(DemoSettings(out=tmp_path, model_flags=depth)) if s.name == "train-layerskip"]
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    cfg = TrainConfig(**train_cli.explicit_settings(parser.parse_args(stage.argv[1:])))  # a valid config
+    assert cfg.num_layers == (num_layers or 6) and cfg.early_exit_layers == exits
+    assert cfg.max_skip_prob == 0.8 and cfg.early_exit_tokens == 0.125

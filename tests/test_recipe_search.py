@@ -148,8 +148,8 @@ def test_summary_without_measured_runs_is_one_clear_error(tmp_path):
 def test_the_demo_trains_the_recipe_the_search_chose():
     from layerskip.demo import LAYERSKIP_FLAGS
 
-    assert recipe_config(LAYERSKIP_FLAGS) == recipe_config(search.RECIPES["uniform-distill0.9"])
-    assert recipe_config(search.RECIPES["current"]) != recipe_config(LAYERSKIP_FLAGS)
+    assert recipe_config(LAYERSKIP_FLAGS) == recipe_config(search.RECIPES["default-exits123-p0.8-t0.125"])
+    assert recipe_config(search.DEFAULT) == recipe_config(search.RECIPES["uniform-distill0.9"])  # the one before
 
 
 def trained(out, seed, *recipes):
