@@ -362,8 +362,9 @@ def distill_exit_loss(
 
     loss = sum_e weights[e] * ((1 - W) * mean NLL_e + W * T^2 * mean KL(p_T || q_e,T)) over the
     non-ignored tokens (each token's terms times its token weight, when given; the per-exit means
-    returned stay unweighted); the teacher distribution is a constant (no gradient reaches `teacher`, nor the head through it). T^2 keeps
-    the KL's gradient on the cross-entropy's scale (Hinton et al.).
+    returned stay unweighted); the teacher distribution is a constant (no gradient reaches
+    `teacher`, nor the head through it). T^2 keeps the KL's gradient on the cross-entropy's scale
+    (Hinton et al.).
     """
     count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     scales = torch.tensor(list(weights), dtype=torch.float32, device=normed.device) / count
