@@ -23,7 +23,8 @@
 - ``focus_weights``: per-token weights of the early exits' loss, the last layer's top-1
   probability to a power, normalised to mean 1: the exits' share of the trunk is spent on
   the tokens the last layer is sure of, where an early exit can ever be confident enough to
-  exit, and less on the hard ones only the full depth gets right.
+  exit, and less on the hard ones only the full depth gets right. (Measured, it made the exits
+  and the last layer worse; docs/results.md, the eleventh round.)
 """
 
 from __future__ import annotations
